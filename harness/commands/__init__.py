@@ -1,0 +1,5 @@
+"""Subcommands of bitnet-xval, in the order `--help` lists them."""
+
+from . import compat_check, download_model, synth
+
+COMMANDS = [compat_check, synth, download_model]
