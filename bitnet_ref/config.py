@@ -1,0 +1,134 @@
+"""Model hyper-parameters from GGUF metadata, and the tensor shapes they imply."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from .errors import model_error
+
+# architecture -> FFN activation (FORMATS.md): mainline's `bitnet` is SiLU-gated; bitnet.cpp's 2B-4T
+# names (`bitnet-b1.58`, formerly `bitnet-25`) are ReLU^2-gated.
+ARCHITECTURES = {"bitnet": "silu", "bitnet-b1.58": "relu2", "bitnet-25": "relu2"}
+
+# keys every reference requires, without the "<arch>." prefix
+REQUIRED_KEYS = (
+    "context_length",
+    "embedding_length",
+    "block_count",
+    "attention.layer_norm_rms_epsilon",
+    "feed_forward_length",
+    "attention.head_count",
+    "attention.head_count_kv",
+)
+LAYER_TENSORS = ("attn_norm", "attn_q", "attn_k", "attn_v", "attn_output", "attn_sub_norm",
+                 "ffn_norm", "ffn_gate", "ffn_up", "ffn_down", "ffn_sub_norm")
+PROJECTIONS = ("attn_q", "attn_k", "attn_v", "attn_output", "ffn_gate", "ffn_up", "ffn_down")
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    arch: str
+    hidden: int
+    ffn: int
+    layers: int
+    heads: int
+    kv_heads: int
+    vocab: int
+    context: int
+    rms_eps: float
+    rope_theta: float = 10000.0
+
+    @property
+    def head_dim(self) -> int:
+        return self.hidden // self.heads
+
+    @property
+    def activation(self) -> str:
+        return ARCHITECTURES[self.arch]
+
+    def tensor_shapes(self) -> dict[str, tuple[int, ...]]:
+        """numpy-order shapes of every tensor the architecture uses (output tied to token_embd)."""
+        kv = self.kv_heads * self.head_dim
+        shapes = {"token_embd.weight": (self.vocab, self.hidden), "output_norm.weight": (self.hidden,)}
+        per_layer = {
+            "attn_norm": (self.hidden,), "attn_q": (self.hidden, self.hidden), "attn_k": (kv, self.hidden),
+            "attn_v": (kv, self.hidden), "attn_output": (self.hidden, self.hidden),
+            "attn_sub_norm": (self.hidden,), "ffn_norm": (self.hidden,), "ffn_gate": (self.ffn, self.hidden),
+            "ffn_up": (self.ffn, self.hidden), "ffn_down": (self.hidden, self.ffn),
+            "ffn_sub_norm": (self.ffn,),
+        }
+        for i in range(self.layers):
+            for name, shape in per_layer.items():
+                shapes[f"blk.{i}.{name}.weight"] = shape
+        return shapes
+
+    def n_params(self) -> int:
+        total = 0
+        for shape in self.tensor_shapes().values():
+            n = 1
+            for d in shape:
+                n *= d
+            total += n
+        return total
+
+    def metadata(self) -> dict[str, object]:
+        """The hyper-parameter keys as written into GGUF (values typed as the references read them)."""
+        a = self.arch
+        return {
+            "general.architecture": a,
+            f"{a}.vocab_size": self.vocab,
+            f"{a}.context_length": self.context,
+            f"{a}.embedding_length": self.hidden,
+            f"{a}.block_count": self.layers,
+            f"{a}.feed_forward_length": self.ffn,
+            f"{a}.attention.head_count": self.heads,
+            f"{a}.attention.head_count_kv": self.kv_heads,
+            f"{a}.attention.layer_norm_rms_epsilon": float(self.rms_eps),
+            f"{a}.rope.freq_base": float(self.rope_theta),
+            f"{a}.rope.dimension_count": self.head_dim,
+        }
+
+    @classmethod
+    def from_metadata(cls, meta: dict, path: str | None = None) -> ModelConfig:
+        """`meta` maps keys to plain values. Raises ModelError naming the first missing or bad key."""
+        arch = meta.get("general.architecture")
+        if arch is None:
+            raise model_error("missing-metadata", "general.architecture is missing",
+                              "the file is not a model GGUF, or its converter is broken",
+                              path=path, key="general.architecture")
+        if arch not in ARCHITECTURES:
+            raise model_error("unsupported-architecture",
+                              f"architecture {arch!r} is not a BitNet architecture "
+                              f"({', '.join(ARCHITECTURES)})",
+                              "use a BitNet b1.58 model", path=path, key="general.architecture")
+        values = {}
+        for k in REQUIRED_KEYS:
+            key = f"{arch}.{k}"
+            v = meta.get(key)
+            if v is None:
+                raise model_error("missing-metadata", f"{key} is missing (the references require it)",
+                                  "add the key with the converter (see FORMATS.md's required list)",
+                                  path=path, key=key)
+            if isinstance(v, bool) or not isinstance(v, (int, float)) or v <= 0:
+                raise model_error("bad-metadata", f"{key} = {v!r} is not a positive number",
+                                  "fix the converter that wrote this file", path=path, key=key)
+            values[k] = v
+        tokens = meta.get("tokenizer.ggml.tokens")
+        vocab = meta.get(f"{arch}.vocab_size") or (len(tokens) if tokens is not None else 0)
+        heads = int(values["attention.head_count"])
+        kv_heads = int(values["attention.head_count_kv"])
+        hidden = int(values["embedding_length"])
+        if hidden % heads or heads % kv_heads:
+            raise model_error(
+                "bad-metadata",
+                f"embedding_length {hidden}, head_count {heads}, head_count_kv {kv_heads}: the hidden size "
+                f"must divide by the heads and the heads by the KV heads",
+                "fix the hyper-parameters", path=path, key=f"{arch}.attention.head_count",
+            )
+        return cls(
+            arch=arch, hidden=hidden, ffn=int(values["feed_forward_length"]),
+            layers=int(values["block_count"]), heads=heads, kv_heads=kv_heads, vocab=int(vocab),
+            context=int(values["context_length"]),
+            rms_eps=float(values["attention.layer_norm_rms_epsilon"]),
+            rope_theta=float(meta.get(f"{arch}.rope.freq_base", 10000.0)),
+        )
