@@ -52,7 +52,7 @@ def validate(gf: GGUFFile) -> list[Finding]:
     cfg = _check_metadata(gf, out)
     if cfg is not None:
         _check_tensors(gf, cfg, out)
-    _check_tokenizer(gf, cfg, out)
+    _check_tokenizer(gf, out)
     _check_values(gf, out)
     return list(out)
 
@@ -213,7 +213,7 @@ def _check_tl_shape(t: TensorInfo, out: _Findings) -> None:
 
 
 # -- tokenizer ------------------------------------------------------------------------------------------
-def _check_tokenizer(gf: GGUFFile, cfg: ModelConfig | None, out: _Findings) -> None:
+def _check_tokenizer(gf: GGUFFile, out: _Findings) -> None:
     model = gf.get("tokenizer.ggml.model")
     if model is None:
         out.add("missing-tokenizer", ERROR, "tokenizer.ggml.model is missing (the references require it)",
@@ -227,8 +227,8 @@ def _check_tokenizer(gf: GGUFFile, cfg: ModelConfig | None, out: _Findings) -> N
                 "add the vocabulary with the converter", key="tokenizer.ggml.tokens")
         return
     n = len(tokens)
-    if cfg is not None and cfg.vocab != n and gf.has_tensor("token_embd.weight"):
-        rows = gf.tensor("token_embd.weight").shape[0]
+    if gf.has_tensor("token_embd.weight"):
+        rows = gf.tensor("token_embd.weight").shape[-2:][0]
         if rows != n:
             out.add("tokenizer-size-mismatch", ERROR,
                     f"the tokenizer has {n} tokens but token_embd has {rows} rows",

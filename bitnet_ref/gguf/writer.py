@@ -85,11 +85,11 @@ def _item_vtype(value) -> GGUFValueType:
     first = value[0]
     if isinstance(first, str):
         return GGUFValueType.STRING
-    if isinstance(first, bool):
+    if isinstance(first, (bool, np.bool_)):
         return GGUFValueType.BOOL
-    if isinstance(first, int):
+    if isinstance(first, (int, np.integer)):
         return GGUFValueType.INT32
-    if isinstance(first, float):
+    if isinstance(first, (float, np.floating)):
         return GGUFValueType.FLOAT32
     raise TypeError(f"cannot store a list of {type(first).__name__} in GGUF metadata")
 
