@@ -69,6 +69,9 @@ mutation = st.one_of(
 
 def apply(raw: bytes, m, limit: int) -> bytes:
     b = bytearray(raw)
+    limit = min(limit, len(b))
+    if limit < 8:  # already cut to almost nothing: only truncation still applies
+        return bytes(b[: m[1] % (limit + 1)])
     kind, pos = m[0], m[1] % limit
     if kind == "truncate":
         return bytes(b[:pos])
