@@ -28,7 +28,7 @@ def tests(session: nox.Session) -> None:
 def fuzz(session: nox.Session) -> None:
     """The malformed-file property tests with many more examples than the default run."""
     _install(session)
-    session.run("pytest", "-q", "tests/test_fuzz_gguf.py", env={"BITNET_FUZZ_EXAMPLES": "3000"}, *session.posargs)
+    session.run("pytest", "-q", "tests/test_fuzz_gguf.py", *session.posargs, env={"BITNET_FUZZ_EXAMPLES": "3000"})
 
 
 @nox.session

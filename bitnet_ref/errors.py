@@ -9,7 +9,6 @@ from __future__ import annotations
 
 from dataclasses import asdict, dataclass
 
-
 ERROR = "error"
 WARNING = "warning"
 INFO = "info"

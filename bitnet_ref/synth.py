@@ -22,7 +22,7 @@ import numpy as np
 
 from .config import PROJECTIONS, ModelConfig
 from .errors import FormatError
-from .formats import F16, F32, get_format
+from .formats import F16, F32, I2S_FLAVOUR_KEY, get_format
 from .formats.base import absmean_quantize
 from .gguf import TensorSpec, write_gguf
 
@@ -181,6 +181,6 @@ def synthesize(spec: SynthSpec, out: str | Path) -> Path:
         ("bitnet_crossval.synth.seed", spec.seed, None),
     ]
     if spec.format == "i2_s":
-        metadata.append(("bitnet_crossval.i2_s.block", 128, None))
+        metadata.append((I2S_FLAVOUR_KEY, get_format("i2_s").block, None))
     metadata += vocab.gguf_metadata()
     return write_gguf(path, metadata, tensors)

@@ -224,7 +224,7 @@ def load_tiktoken_ranks(path: str | Path) -> dict[bytes, int]:
     """Read a tiktoken BPE file: one `base64(token) rank` per line."""
     ranks: dict[bytes, int] = {}
     with open(path, "rb") as f:
-        for lineno, line in enumerate(f, 1):
+        for line in f:
             line = line.strip()
             if not line:
                 continue

@@ -143,3 +143,17 @@ def test_registry_by_name_and_type_id():
         get_format("q4_0")
     with pytest.raises(FormatError, match="type id 2"):
         get_format(2)
+
+
+def test_i2s_flavour_resolution(monkeypatch):
+    from bitnet_ref.formats import i2s_flavour
+
+    monkeypatch.delenv("BITNET_I2S_FLAVOUR", raising=False)
+    assert i2s_flavour() is I2S_X86 and i2s_flavour(64) is I2S_ARM and i2s_flavour(128) is I2S_X86
+    monkeypatch.setenv("BITNET_I2S_FLAVOUR", "arm")
+    assert i2s_flavour() is I2S_ARM and i2s_flavour(128) is I2S_X86  # the file's key wins
+    monkeypatch.setenv("BITNET_I2S_FLAVOUR", "riscv")
+    with pytest.raises(FormatError, match="x86 or arm"):
+        i2s_flavour()
+    with pytest.raises(FormatError, match="128 .x86. or 64"):
+        i2s_flavour(32)

@@ -7,15 +7,14 @@ from __future__ import annotations
 import struct
 
 import pytest
+from gguf_edit import tiny_model
 from hypothesis import given
 from hypothesis import strategies as st
 
 from bitnet_ref.errors import Finding, FormatError, ModelError
-from bitnet_ref.formats import get_format
+from bitnet_ref.formats import format_for
 from bitnet_ref.gguf import open_gguf
 from bitnet_ref.gguf.validate import validate
-
-from gguf_edit import tiny_model
 
 _MODEL: dict[str, bytes] = {}
 
@@ -54,7 +53,7 @@ def exercise(raw: bytes, tmp_path) -> None:
         for t in gf.tensors[:6]:
             try:
                 data = gf.tensor_bytes(t)
-                get_format(t.type_id).decode(data, t.shape)
+                format_for(gf, t).decode(data, t.shape)
             except (ModelError, FormatError):
                 pass
 

@@ -239,7 +239,7 @@ def test_checksum_mismatch_against_lock_leaves_nothing_trusted(env, server, tmp_
     # headers, so only the lock can tell).
     server.file(REPO, "model.gguf").data = bad
     other = tmp_path / "machine2"
-    for attempt in range(2):  # a rerun fails the same way rather than trusting anything cached
+    for _attempt in range(2):  # a rerun fails the same way rather than trusting anything cached
         with pytest.raises(ModelError) as e:
             dl(tmp_path, models_dir=other)
         assert e.value.code == "download-checksum-mismatch"

@@ -100,3 +100,24 @@ def test_mainline_llama_cpp_loads_and_logits_look_trained(tmp_path, fmt):
             assert np.isfinite(np.exp(nll))
     finally:
         llm.close()
+
+
+@pytest.mark.llama_cpp
+@pytest.mark.parametrize("fmt,ftype", [("tq1_0", 36), ("tq2_0", 37)])
+def test_mainline_quantizer_writes_our_tq_bytes(tmp_path, fmt, ftype):
+    """llama.cpp's own llama_model_quantize turns our F32 model into TQ1_0/TQ2_0: compat-check accepts its
+    file and its ternary tensors are byte-identical to what we write for the same model."""
+    llama_cpp = pytest.importorskip("llama_cpp", reason="llama-cpp-python (mainline llama.cpp) is not installed")
+    src = synthesize(SynthSpec(arch="bitnet", format="f32", layers=1), tmp_path)
+    ours = synthesize(SynthSpec(arch="bitnet", format=fmt, layers=1), tmp_path)
+    theirs = tmp_path / f"llama-quantized-{fmt}.gguf"
+    params = llama_cpp.llama_model_quantize_default_params()
+    params.ftype = ftype
+    params.nthread = 2
+    assert llama_cpp.llama_model_quantize(str(src).encode(), str(theirs).encode(), params) == 0
+    assert [f for f in validate_file(theirs) if f.severity == "error"] == []
+    with open_gguf(ours) as a, open_gguf(theirs) as b:
+        assert b.get("general.file_type") == ftype
+        for name in ("blk.0.attn_q.weight", "blk.0.ffn_down.weight", "blk.0.ffn_gate.weight"):
+            assert b.tensor(name).type_name == fmt.upper()
+            np.testing.assert_array_equal(a.tensor_bytes(name), b.tensor_bytes(name))

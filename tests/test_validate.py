@@ -6,12 +6,11 @@ import shutil
 
 import numpy as np
 import pytest
+from gguf_edit import directory_field, nan_like, patch, rewrite, tiny_model
 
 from bitnet_ref.errors import ModelError
 from bitnet_ref.gguf import TensorSpec, open_gguf, write_gguf
 from bitnet_ref.gguf.validate import errors, validate_file
-
-from gguf_edit import directory_field, nan_like, patch, rewrite, tiny_model
 
 
 @pytest.fixture(scope="module")

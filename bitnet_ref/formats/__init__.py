@@ -6,6 +6,8 @@ flavours under one type id: `i2_s` (x86, 128-value blocks, the default) and `i2_
 
 from __future__ import annotations
 
+import os
+
 from ..errors import FormatError
 from .base import Ternary, WeightFormat, absmean_quantize
 from .floats import BF16, F16, F32
@@ -40,5 +42,39 @@ def get_format(key: str | int) -> WeightFormat:
     raise FormatError(f"unknown weight format {key!r}; known: {', '.join(FORMATS)}")
 
 
-__all__ = ["FORMATS", "BY_TYPE_ID", "I2S_FLAVOURS", "get_format", "Ternary", "WeightFormat",
-           "absmean_quantize", "FormatError"]
+I2S_FLAVOUR_KEY = "bitnet_crossval.i2_s.block"
+
+
+def i2s_flavour(block_key: int | None = None) -> WeightFormat:
+    """The I2_S flavour to read a file with: the file's own block-size key (written by our synth), else
+    BITNET_I2S_FLAVOUR (x86 or arm), else x86. The bytes cannot tell (validation warns)."""
+    if block_key is not None:
+        for fmt in I2S_FLAVOURS.values():
+            if fmt.block == block_key:
+                return fmt
+        raise FormatError(f"{I2S_FLAVOUR_KEY} = {block_key}: I2_S blocks are 128 (x86) or 64 (arm) values")
+    name = os.environ.get("BITNET_I2S_FLAVOUR", "x86").lower()
+    if name not in I2S_FLAVOURS:
+        raise FormatError(f"BITNET_I2S_FLAVOUR={name!r}: use x86 or arm")
+    return I2S_FLAVOURS[name]
+
+
+def format_for(gf, tensor) -> WeightFormat:
+    """The format that decodes `tensor` of the open GGUF file `gf`."""
+    if tensor.type_id == I2S_X86.type_id:
+        return i2s_flavour(gf.get(I2S_FLAVOUR_KEY))
+    return get_format(tensor.type_id)
+
+
+__all__ = [
+    "BY_TYPE_ID",
+    "FORMATS",
+    "I2S_FLAVOURS",
+    "FormatError",
+    "Ternary",
+    "WeightFormat",
+    "absmean_quantize",
+    "format_for",
+    "get_format",
+    "i2s_flavour",
+]

@@ -4,5 +4,16 @@ from .reader import GGUFFile, MetaValue, TensorInfo, open_gguf
 from .types import I2_S, TL1, TL2, tensor_nbytes, type_name
 from .writer import TensorSpec, write_gguf
 
-__all__ = ["GGUFFile", "MetaValue", "TensorInfo", "open_gguf", "TensorSpec", "write_gguf",
-           "tensor_nbytes", "type_name", "I2_S", "TL1", "TL2"]
+__all__ = [
+           "I2_S",
+           "TL1",
+           "TL2",
+           "GGUFFile",
+           "MetaValue",
+           "TensorInfo",
+           "TensorSpec",
+           "open_gguf",
+           "tensor_nbytes",
+           "type_name",
+           "write_gguf",
+]

@@ -164,6 +164,9 @@ class _Cursor:
     def value(self, vtype: GGUFValueType, key: str):
         if vtype == GGUFValueType.STRING:
             return self.string(f"the value of {key!r}"), None
+        if vtype == GGUFValueType.FLOAT32:
+            # the shortest decimal that is this float32 (1e-05, not 9.999999747378752e-06)
+            return float(str(np.float32(self.scalar(vtype, f"the value of {key!r}")))), None
         if vtype != GGUFValueType.ARRAY:
             return self.scalar(vtype, f"the value of {key!r}"), None
         item = self.value_type(f"the item type of {key!r}", key)

@@ -20,10 +20,10 @@ import numpy as np
 
 from ..config import ARCHITECTURES, REQUIRED_KEYS, ModelConfig
 from ..errors import ERROR, INFO, WARNING, Finding, FormatError, ModelError
+from ..formats import I2S_FLAVOUR_KEY
 from .reader import GGUFFile, TensorInfo, open_gguf
-from .types import I2_S, TL1, TL2, block_size, is_known, tensor_nbytes, type_name
+from .types import I2_S, TL1, TL2, block_size, is_known, tensor_nbytes
 
-I2S_FLAVOUR_KEY = "bitnet_crossval.i2_s.block"
 NORM_SUFFIXES = ("_norm.weight",)
 
 

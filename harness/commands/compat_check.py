@@ -94,7 +94,7 @@ def _text(r: dict) -> str:
     lines.append("tensors:")
     for t in r["tensors"]:
         size = "?" if t["nbytes"] is None else f"{t['nbytes']:,}"
-        lines.append(f"  {t['name']:<32} {t['type']:<8} {str(tuple(t['shape'])):<16} {size} bytes")
+        lines.append(f"  {t['name']:<32} {t['type']:<8} {tuple(t['shape'])!s:<16} {size} bytes")
     if r["findings"]:
         lines.append("findings:")
         for f in r["findings"]:

@@ -1,0 +1,89 @@
+"""bitnet-xval: compat-check, synth and their exit codes, run as a user runs them."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import gguf
+import numpy as np
+import pytest
+from gguf_edit import rewrite, tiny_model
+
+from harness.cli import main
+
+
+@pytest.fixture(scope="module")
+def model(tmp_path_factory):
+    return tiny_model(tmp_path_factory.mktemp("m"), fmt="i2_s", arch="bitnet-b1.58")
+
+
+def test_compat_check_text(model, capsys):
+    assert main(["compat-check", str(model)]) == 0
+    out = capsys.readouterr().out
+    assert "architecture: bitnet-b1.58" in out and "compatible: yes" in out
+    assert "blk.0.attn_q.weight" in out and "I2_S" in out and "tokenizer: model gpt2" in out
+
+
+def test_compat_check_json_schema(model, capsys):
+    assert main(["compat-check", str(model), "--format", "json"]) == 0
+    r = json.loads(capsys.readouterr().out)
+    assert r["schema_version"] == 1 and r["compatible"] is True and r["findings"] == []
+    hp = r["hyperparameters"]
+    shape = (hp["hidden"], hp["ffn"], hp["layers"], hp["heads"], hp["kv_heads"], hp["head_dim"])
+    assert shape == (256, 512, 1, 4, 2, 64)
+    assert hp["activation"] == "relu2"
+    assert r["parameters"] == sum(int(np.prod(t["shape"])) for t in r["tensors"])
+    assert r["tensor_types"] == {"F16": 1, "F32": 5, "I2_S": 7}
+    assert r["tokenizer"]["tokens"] == 512 and r["tokenizer"]["pre"] == "llama-bpe"
+
+
+def test_compat_check_exit_1_on_errors(model, tmp_path, capsys):
+    bad = rewrite(model, tmp_path / "bad.gguf", drop_tensors={"blk.0.ffn_up.weight"})
+    assert main(["compat-check", str(bad), "--format", "json"]) == 1
+    r = json.loads(capsys.readouterr().out)
+    assert r["compatible"] is False
+    assert {"code": "missing-tensor", "tensor": "blk.0.ffn_up.weight"}.items() <= r["findings"][0].items()
+
+
+def test_compat_check_exit_2_when_unreadable(tmp_path, capsys):
+    p = tmp_path / "x.gguf"
+    p.write_bytes(b"not a gguf at all")
+    assert main(["compat-check", str(p)]) == 2
+    assert "bad-magic" in capsys.readouterr().err
+    assert main(["compat-check", str(p), "--format", "json"]) == 2
+    assert json.loads(capsys.readouterr().out)["findings"][0]["code"] == "bad-magic"
+
+
+def test_compat_check_uses_bitnet_gguf(model, monkeypatch, capsys):
+    monkeypatch.setenv("BITNET_GGUF", str(model))
+    assert main(["compat-check"]) == 0
+    assert str(model) in capsys.readouterr().out
+
+
+def test_compat_check_on_a_file_from_another_tool(tmp_path, capsys):
+    """A file written by the gguf package (llama.cpp's own writer): a non-BitNet architecture is named."""
+    p = tmp_path / "llama.gguf"
+    w = gguf.GGUFWriter(str(p), "llama")
+    w.add_tensor("token_embd.weight", np.zeros((8, 32), np.float32))
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+    assert main(["compat-check", str(p), "--format", "json"]) == 1
+    codes = {f["code"] for f in json.loads(capsys.readouterr().out)["findings"]}
+    assert "unsupported-architecture" in codes and "missing-tokenizer" in codes
+
+
+def test_synth_command_and_console_script(tmp_path):
+    r = subprocess.run([sys.executable, "-m", "harness", "synth", "--format", "tq1_0", "--layers", "1",
+                        "-o", str(tmp_path)], capture_output=True, text=True, check=True)
+    path = r.stdout.strip()
+    assert path.endswith("synth-tiny-bitnet-tq1_0-tiny-L1-s0.gguf")
+    assert main(["compat-check", path]) == 0
+
+
+def test_synth_refuses_a_format_the_preset_cannot_hold(tmp_path, capsys):
+    assert main(["synth", "--format", "tl2", "-o", str(tmp_path)]) == 2
+    assert "cannot be stored as tl2" in capsys.readouterr().err
