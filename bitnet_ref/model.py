@@ -281,7 +281,8 @@ class Model:
         if bad.any():
             j = int(np.argmax(bad))
             raise model_error("token-out-of-range",
-                              f"token id {int(arr[j])} at index {j} is outside the vocabulary (0..{self.cfg.vocab - 1})",
+                              f"token id {int(arr[j])} at index {j} is outside the vocabulary "
+                              f"(0..{self.cfg.vocab - 1})",
                               "use the model's own tokenizer", path=self.path)
         if state.pos + arr.size > self.cfg.context:
             raise model_error("context-overflow",

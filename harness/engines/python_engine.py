@@ -1,0 +1,90 @@
+"""The Python engine (bitnet_ref) behind the Engine protocol: the default system under test."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import numpy as np
+
+import bitnet_ref
+from bitnet_ref.config import ARCHITECTURES
+from bitnet_ref.errors import ModelError
+from bitnet_ref.generate import SamplingParams, generate, perplexity_llama, perplexity_sliding
+from bitnet_ref.model import Model
+from bitnet_ref.tokenizer import load_tokenizer
+
+from .base import Engine, EngineError, EngineInfo, Perplexity, Receipt, Sampling, file_sha256
+
+FORMATS = ("f32", "f16", "bf16", "tq1_0", "tq2_0", "i2_s", "i2_s_arm", "tl1", "tl2", "iq2_s")
+
+
+def _threads() -> int:
+    return int(os.environ.get("BITNET_CPU_THREADS", "2"))
+
+
+class PythonEngine(Engine):
+    def __init__(self, model_path: str | os.PathLike, profile: str = "exact"):
+        path = Path(model_path)
+        try:
+            self.model = Model.load(path, profile)
+        except ModelError as e:
+            raise EngineError(f"bitnet_ref cannot load {path}: {e}") from e
+        meta = {k: mv.value for k, mv in self.model._gf.metadata.items()}
+        self.tokenizer = load_tokenizer(meta)
+        stop = [t for t in (meta.get("tokenizer.ggml.eos_token_id"), meta.get("tokenizer.ggml.eot_token_id"))
+                if isinstance(t, int)]
+        self.stop_ids = tuple(stop)
+        self.bos_id = self.tokenizer.bos_id if self.tokenizer else meta.get("tokenizer.ggml.bos_token_id")
+        package = Path(bitnet_ref.__file__).parent
+        self.receipt = Receipt(
+            engine="bitnet_ref", version=bitnet_ref.__version__, model=str(path.resolve()),
+            model_sha256=file_sha256(path), artifact=str(package), artifact_sha256=file_sha256(package / "model.py"),
+            profile=self.model.profile.name, threads=_threads(), device="cpu",
+        )
+
+    def info(self) -> EngineInfo:
+        return EngineInfo(name="bitnet_ref", version=bitnet_ref.__version__, archs=tuple(ARCHITECTURES),
+                          formats=FORMATS, operations=("tokenize", "logits", "generate", "perplexity"))
+
+    def _need_tokenizer(self):
+        if self.tokenizer is None:
+            raise EngineError(f"{self.receipt.model} has no usable tokenizer: pass token ids, or set "
+                              "BITNET_TOKENIZER to a tokenizer.json")
+        return self.tokenizer
+
+    def tokenize(self, text: str, add_bos: bool = True) -> list[int]:
+        with self.timed("tokenize"):
+            return self._need_tokenizer().encode(text, add_bos=add_bos)
+
+    def detokenize(self, ids: list[int]) -> str:
+        return self._need_tokenizer().decode(ids)
+
+    def logits(self, ids: list[int]) -> np.ndarray:
+        with self.timed("logits"):
+            return self._run(self.model.logits, ids)
+
+    def generate(self, ids: list[int], n: int, sampling: Sampling = Sampling()) -> list[int]:
+        params = SamplingParams(sampling.temperature, sampling.top_k, sampling.top_p, sampling.seed)
+        with self.timed("generate"):
+            return self._run(lambda i: generate(self.model, i, n, params, self.stop_ids), ids)
+
+    def perplexity(self, ids: list[int], ctx: int, convention: str = "llama-perplexity") -> Perplexity:
+        with self.timed("perplexity"):
+            if convention == "llama-perplexity":
+                s = self._run(lambda i: perplexity_llama(self.model, i, ctx, self.bos_id), ids)
+            elif convention == "sliding":
+                s = self._run(lambda i: perplexity_sliding(self.model, i, ctx), ids)
+            else:
+                raise EngineError(f"unknown perplexity convention {convention!r} (llama-perplexity, sliding)")
+        return Perplexity(ppl=s.ppl, nll=s.nll, n_scored=s.n_scored, convention=s.convention, ctx=ctx,
+                          per_chunk=s.per_chunk)
+
+    def _run(self, fn, ids):
+        try:
+            return fn(list(ids))
+        except ModelError as e:
+            raise EngineError(f"bitnet_ref: {e}") from e
+
+    def close(self) -> None:
+        self.model.close()
