@@ -82,6 +82,9 @@ class Sampling:
     seed: int | None = None
 
 
+GREEDY = Sampling()
+
+
 @dataclass
 class Perplexity:
     ppl: float
@@ -111,7 +114,7 @@ class Engine(ABC):
         """float32 [T, vocab]: the logits at every position, teacher-forced."""
 
     @abstractmethod
-    def generate(self, ids: list[int], n: int, sampling: Sampling = Sampling()) -> list[int]:
+    def generate(self, ids: list[int], n: int, sampling: Sampling = GREEDY) -> list[int]:
         """The n tokens that follow `ids` (fewer if an end token comes)."""
 
     def perplexity(self, ids: list[int], ctx: int, convention: str = "llama-perplexity") -> Perplexity:
@@ -121,7 +124,8 @@ class Engine(ABC):
         raise NotSupported(f"{self.info().name} does not expose intermediate tensors")
 
     def close(self) -> None:
-        """Release the model and any child process."""
+        """Release the model and any child process (engines that hold nothing inherit this)."""
+        return None
 
     def __enter__(self):
         return self

@@ -14,7 +14,7 @@ from bitnet_ref.generate import SamplingParams, generate, perplexity_llama, perp
 from bitnet_ref.model import Model
 from bitnet_ref.tokenizer import load_tokenizer
 
-from .base import Engine, EngineError, EngineInfo, Perplexity, Receipt, Sampling, file_sha256
+from .base import GREEDY, Engine, EngineError, EngineInfo, Perplexity, Receipt, Sampling, file_sha256
 
 FORMATS = ("f32", "f16", "bf16", "tq1_0", "tq2_0", "i2_s", "i2_s_arm", "tl1", "tl2", "iq2_s")
 
@@ -64,7 +64,7 @@ class PythonEngine(Engine):
         with self.timed("logits"):
             return self._run(self.model.logits, ids)
 
-    def generate(self, ids: list[int], n: int, sampling: Sampling = Sampling()) -> list[int]:
+    def generate(self, ids: list[int], n: int, sampling: Sampling = GREEDY) -> list[int]:
         params = SamplingParams(sampling.temperature, sampling.top_k, sampling.top_p, sampling.seed)
         with self.timed("generate"):
             return self._run(lambda i: generate(self.model, i, n, params, self.stop_ids), ids)
