@@ -33,9 +33,11 @@ def fuzz(session: nox.Session) -> None:
 
 @nox.session
 def bench(session: nox.Session) -> None:
-    """Benchmarks (not tests): writes the 2b-4t synthetic file once, then times open + validate."""
+    """Benchmarks (measured, never asserted): the engine against llama.cpp on the same files (tokens/s and
+    their ratio), then the model layer on the full-size 2b-4t file (written once; open + validate)."""
     _install(session)
-    session.run("python", "-m", "benchmarks.bench_gguf", *session.posargs)
+    session.run("python", "-m", "benchmarks.bench_engine", *session.posargs)
+    session.run("python", "-m", "benchmarks.bench_gguf")
 
 
 @nox.session
