@@ -428,13 +428,13 @@ class LlamaLibEngine(Engine):
     """In-process libllama (mainline or bitnet.cpp's fork) on one model.
 
     Deterministic settings: `threads` (BITNET_CPU_THREADS, default 2), flash attention off, KV cache
-    `kv_type` (f32 by default; "f16" is what bitnet.cpp's tools use), n_batch = n_ubatch = n_ctx unless
+    `kv_type` (mainline: f32 by default; the fork: f16, see below), n_batch = n_ubatch = n_ctx unless
     given (a prompt that fits the context is one batch), logits for every position, no mmap.
     """
 
     def __init__(self, model: str | os.PathLike, library: str | os.PathLike | None = None, *,
                  name: str = "llama.cpp", variable: str | None = None, threads: int | None = None,
-                 n_ctx: int = 0, n_batch: int | None = None, n_ubatch: int | None = None, kv_type: str = "f32"):
+                 n_ctx: int = 0, n_batch: int | None = None, n_ubatch: int | None = None, kv_type: str | None = None):
         self.name = name
         if variable is None:
             variable = "BITNET_CPP_DIR" if name == "bitnet.cpp" else "LLAMA_CPP_LIB"
@@ -454,7 +454,14 @@ class LlamaLibEngine(Engine):
         self.L = L = _Library.get(Path(library), variable)
         self.generation = L.generation
         self.threads = threads or threads_default()
-        self.kv_type = {"f32": GGML_TYPE_F32, "f16": GGML_TYPE_F16}[kv_type]
+        # KV cache: f32 where the library allows. The fork refuses a non-f16 V cache without flash
+        # attention, so there the default is f16/f16 (what bitnet.cpp's own tools use) and "f32" means
+        # an f32 K cache with an f16 V cache.
+        kv_type = kv_type or ("f16" if L.generation == FORK else "f32")
+        if kv_type not in ("f32", "f16"):
+            raise EngineError(f"kv_type must be 'f32' or 'f16', got {kv_type!r}")
+        k = GGML_TYPE_F32 if kv_type == "f32" else GGML_TYPE_F16
+        self.kv_types = (k, GGML_TYPE_F16 if L.generation == FORK else k)
         self._n_ctx, self._n_batch, self._n_ubatch = n_ctx, n_batch, n_ubatch
         self.receipt = Receipt(engine=name, version=f"{L.generation} {L.version}; {L.system_info}",
                                model=str(self.model_path), model_sha256=file_sha256(self.model_path),
@@ -511,7 +518,7 @@ class LlamaLibEngine(Engine):
         cp.n_ubatch = self._n_ubatch or self.n_batch
         cp.n_seq_max = 1
         cp.n_threads = cp.n_threads_batch = self.threads
-        cp.type_k = cp.type_v = self.kv_type
+        cp.type_k, cp.type_v = self.kv_types
         cp.no_perf = True
         if L.generation == MAINLINE:
             cp.flash_attn_type = 0  # LLAMA_FLASH_ATTN_TYPE_DISABLED
