@@ -506,7 +506,11 @@ class LlamaLibEngine(Engine):
             else lib.llama_n_ctx_train(self.model)
         self.n_ctx = self._n_ctx or int(n_train)
         self.n_batch = self._n_batch or self.n_ctx  # default: a prompt that fits is one batch
-        self.ctx = self._new_context()
+        try:
+            self.ctx = self._new_context()
+        except EngineError:
+            self.close()
+            raise
         self.n_ctx = int(lib.llama_n_ctx(self.ctx))
 
     def _new_context(self, cb_eval=None):
