@@ -54,9 +54,93 @@ class State:
     v: list = field(default_factory=list)
 
 
-def _rms(x: np.ndarray, gain: np.ndarray, eps: float) -> np.ndarray:
+def _rms(x: np.ndarray, gain: np.ndarray, eps: float, ggml: bool = False) -> np.ndarray:
+    if ggml:
+        # ggml's rms_norm: float32 squares summed in double; mean rounded to float; scale = 1/sqrtf(mean + eps)
+        # in float; y = x * scale * gain, float32 left to right
+        f32 = np.float32
+        ms = (np.square(x, dtype=f32).astype(np.float64).sum(axis=-1, keepdims=True) / x.shape[-1]).astype(f32)
+        scale = f32(1) / np.sqrt(ms + f32(eps))
+        return (x * scale) * gain.astype(f32)
     ms = np.mean(np.square(x, dtype=np.float64), axis=-1, keepdims=True)
     return (x * (1.0 / np.sqrt(ms + eps)).astype(x.dtype)) * gain.astype(x.dtype)
+
+
+def _fma32(a: np.ndarray, b: np.ndarray, c: np.ndarray) -> np.ndarray:
+    """float32 fused multiply-add: a*b is exact in float64 for the small integers a here; one rounding
+    (two, through float64, which differs from one only on a float32 tie: not modelled)."""
+    return (a.astype(np.float64) * b.astype(np.float64) + c.astype(np.float64)).astype(np.float32)
+
+
+def _fma(a, b, c) -> np.ndarray:
+    """float32 fma of float32 operands: the product is exact in float64; the sum rounds twice (float64, then
+    float32), which differs from one rounding only in double-rounding corner cases (not modelled)."""
+    f64 = np.float64
+    return (np.asarray(a, dtype=f64) * np.asarray(b, dtype=f64) + np.asarray(c, dtype=f64)).astype(np.float32)
+
+
+# ggml's vectorized expf (x86 AVX-512 build): the argument is reduced with n = round(x*log2(e)) (the
+# 1.5*2^23 shift trick) and b = x - n*ln2 (two-part ln2); exp(b) ~ a degree-5 polynomial evaluated with
+# FMAs; the result is scaled by 2^n, and |n| > 192 gives 0 (n <= 0) or inf.
+_EXPF_C = tuple(np.float32(float.fromhex(h)) for h in
+                ("0x1.715476p+0", "0x1.62e4p-1", "0x1.7f7d1cp-20",
+                 "0x1.0e4020p-7", "0x1.573e2ep-5", "0x1.555e66p-3", "0x1.fffdb6p-2", "0x1.ffffecp-1"))
+
+
+def ggml_expf(x: np.ndarray) -> np.ndarray:
+    """float32 exp as ggml's CPU vector code computes it (within one ulp of expf; differs from it often)."""
+    log2e, ln2_hi, ln2_lo, c5, c4, c3, c2, c1 = _EXPF_C
+    x = np.asarray(x, dtype=np.float32)
+    shift = np.float32(1.5 * 2 ** 23)
+    with np.errstate(invalid="ignore", over="ignore"):
+        n = _fma(x, log2e, shift) - shift
+        b = _fma(-n, ln2_lo, _fma(-n, ln2_hi, x))
+        u = b * b
+        j = _fma(_fma(_fma(c5, b, c4), u, _fma(c3, b, c2)), u, _fma(c1, b, np.float32(1)))
+        big = ~(np.abs(n) <= 192)  # NaN (from -inf inputs) counts as big, as the ordered compare does
+        res = np.ldexp(j, np.where(big, 0, n).astype(np.int32)).astype(np.float32)
+    return np.where(big, np.where(n <= 0, np.float32(0), np.float32(np.inf)), res).astype(np.float32)
+
+
+def _reduce16(s: np.ndarray) -> np.ndarray:
+    """_mm512_reduce_add_ps over the last axis (16 lanes), float32: halves added, then quarters, then pairs."""
+    a = s[..., 8:] + s[..., :8]
+    b = a[..., 4:] + a[..., :4]
+    return (b[..., 0] + b[..., 2]) + (b[..., 1] + b[..., 3])
+
+
+def _ggml_hsum8(s: np.ndarray) -> np.ndarray:
+    """ggml's x86 hsum_float_8 over the last axis (8 lanes): (s0+s4)+(s2+s6) + ((s1+s5)+(s3+s7)), float32."""
+    r = s[..., 4:] + s[..., :4]
+    return (r[..., 0] + r[..., 2]) + (r[..., 1] + r[..., 3])
+
+
+def tq_dot_q8_k_ggml(q: np.ndarray, dy: np.ndarray, values: np.ndarray, dw: np.ndarray) -> np.ndarray:
+    """ggml's x86 AVX2 `ggml_vec_dot_tq{1,2}_0_q8_K` for every (token, row): float32 (T, R).
+
+    q int8 (T, K) and dy float32 (T, K/256): the Q8_K activations; values int8 (R, K) in {-1,0,1} and
+    dw float32 (R, K/256): the TQ weights. Both kernels keep 8 int32 lanes per block: lane l holds
+    sum((w+1)*q) over the values v with v % 32 in [4l, 4l+4), minus the block sums of q over
+    [32l, 32l+32) (bsums subtracted lane-wise); each lane is converted to float and accumulated over the
+    blocks with an FMA by d = y.d * x.d (float32); the 8 lanes are reduced by hsum_float_8.
+    """
+    t, k = q.shape
+    r = values.shape[0]
+    nb = k // QK_K
+    # (nb, lane, T, 32): value v = 256b + 32c + 4l + e
+    qb = q.reshape(t, nb, 8, 8, 4).astype(np.float32)
+    wb = values.reshape(r, nb, 8, 8, 4).astype(np.float32)
+    qs = qb.transpose(1, 3, 0, 2, 4).reshape(nb, 8, t, 32)
+    ws = wb.transpose(1, 3, 0, 2, 4).reshape(nb, 8, r, 32)
+    dots = np.matmul(qs, ws.transpose(0, 1, 3, 2))  # (nb, 8, T, R): exact integers (|.| < 2^13)
+    inter = qs.sum(axis=-1)  # (nb, 8, T): q over this lane's interleaved positions
+    contig = q.reshape(t, nb, 8, 32).astype(np.float32).sum(axis=-1).transpose(1, 2, 0)  # (nb, 8, T)
+    lanes = dots + (inter - contig)[..., None]  # (w+1)*q summed, minus bsums
+    acc = np.zeros((t, r, 8), dtype=np.float32)
+    for b in range(nb):
+        d = (dy[:, b][:, None] * dw[:, b][None, :]).astype(np.float32)  # (T, R)
+        acc = _fma32(lanes[b].transpose(1, 2, 0), d[:, :, None], acc)
+    return _ggml_hsum8(acc)
 
 
 class Model:
@@ -179,6 +263,8 @@ class Model:
 
     def _mm(self, x: np.ndarray, lin: Linear) -> np.ndarray:
         dt = self.dtype
+        if self.profile.ggml_cpu:
+            return self._mm_ggml(x, lin)
         if lin.values is not None:
             rows, k = lin.values.shape
             a = self._quantized(x, k) if self.profile.quantizes(lin.fmt) else x
@@ -197,6 +283,23 @@ class Model:
             out = out * dt.type(lin.out_scale)
         return out
 
+    def _mm_ggml(self, x: np.ndarray, lin: Linear) -> np.ndarray:
+        """ggml_mul_mat on x86 CPU, float32 out: TQ x Q8_K as the kernel computes it; float weights as
+        the exact product of the (f16-rounded for F16 weights) activations, rounded once to float32."""
+        f32 = np.float32
+        if lin.values is not None:
+            if not self.profile.quantizes(lin.fmt):
+                raise model_error("unsupported-format", f"{lin.name}: {lin.fmt} is not a ggml CPU format",
+                                  "use a profile made for this format", path=self.path)
+            q, dy = quantize_q8_k_blocks(x.astype(f32))
+            out = tq_dot_q8_k_ggml(q, dy, lin.values, lin.scale.astype(f32))
+        else:
+            a = x.astype(np.float16) if lin.fmt == "f16" and self.profile.f16_acts_for_f16_weights else x
+            out = (a.astype(np.float64) @ lin.weight.T.astype(np.float64)).astype(f32)
+        if lin.out_scale is not None:
+            out = out * f32(lin.out_scale)
+        return out
+
     def _lm_head(self, h: np.ndarray) -> np.ndarray:
         dt = self.dtype
         p = self.profile
@@ -205,7 +308,10 @@ class Model:
         out = np.empty((h.shape[0], self.cfg.vocab), dtype=np.float32)
         for start in range(0, self.cfg.vocab, LM_HEAD_CHUNK_ROWS):
             stop = min(start + LM_HEAD_CHUNK_ROWS, self.cfg.vocab)
-            out[:, start:stop] = h @ self._embedding_rows(start, stop).T.astype(dt)
+            if p.ggml_cpu:
+                out[:, start:stop] = h.astype(np.float64) @ self._embedding_rows(start, stop).T.astype(np.float64)
+            else:
+                out[:, start:stop] = h @ self._embedding_rows(start, stop).T.astype(dt)
         return out
 
     # -- rope and attention ----------------------------------------------------------------------
@@ -220,7 +326,9 @@ class Model:
             for i in range(half):
                 theta[:, i] = cur
                 cur = (cur * ts).astype(np.float32)
-            return np.cos(theta).astype(self.dtype), np.sin(theta).astype(self.dtype)
+            # cosf/sinf of the float32 angle: correctly rounded through float64
+            th = theta.astype(np.float64)
+            return np.cos(th).astype(np.float32).astype(self.dtype), np.sin(th).astype(np.float32).astype(self.dtype)
         inv = self.cfg.rope_theta ** (-2.0 * np.arange(half, dtype=np.float64) / self.cfg.head_dim)
         theta = pos.astype(np.float64)[:, None] * inv[None, :]
         return np.cos(theta).astype(self.dtype), np.sin(theta).astype(self.dtype)
@@ -255,6 +363,8 @@ class Model:
         t, kvh, d = q.shape[0], cfg.kv_heads, cfg.head_dim
         g = cfg.heads // kvh
         qg = q.reshape(t, kvh, g, d)
+        if self.profile.ggml_cpu:
+            return self._attention_ggml(qg, k, v, pos)
         scores = np.einsum("tkgd,skd->kgts", qg, k) * self.dtype.type(1.0 / np.sqrt(d))
         mask = np.arange(k.shape[0])[None, :] > pos[:, None]  # (T, S): future keys
         scores = np.where(mask, -np.inf, scores)
@@ -263,6 +373,50 @@ class Model:
         w = w / w.sum(axis=-1, keepdims=True)
         out = np.einsum("kgts,skd->tkgd", w, v)
         return out.reshape(t, cfg.heads * d)
+
+    def _attention_ggml(self, qg: np.ndarray, k: np.ndarray, v: np.ndarray, pos: np.ndarray) -> np.ndarray:
+        """ggml's non-flash attention on x86 AVX-512, float32. KQ: ggml_vec_dot_f32 (4 accumulators of 16
+        lanes, products rounded, (a0+a2)+(a1+a3), then _mm512_reduce_add_ps). soft_max_ext: x*scale + mask,
+        max, ggml's vector expf of x - max, 16-value float32 reductions summed in double, times
+        (float)(1/sum). KQV: llamafile sgemm (16-lane FMA accumulation over the keys, then reduce_add).
+        Keys are zero-padded to a multiple of 16 (ggml's padded cache: zeros change no sum)."""
+        f32, f64 = np.float32, np.float64
+        t, kvh, g, d = qg.shape
+        s_len = k.shape[0]
+        sp = -(-s_len // 16) * 16
+        kp = np.zeros((sp, kvh, d), f32)
+        vp = np.zeros((sp, kvh, d), f32)
+        kp[:s_len], vp[:s_len] = k, v
+        if d % 64 == 0:
+            prod = (qg.astype(f64)[:, :, :, None, :] * kp.transpose(1, 0, 2).astype(f64)[None, :, None, :, :])
+            prod = prod.reshape(t, kvh, g, sp, d // 64, 4, 16)  # exact float64 products
+            accs = prod[..., 0, :, :].astype(f32)  # the first FMA into zeroed accumulators
+            for c in range(1, d // 64):
+                accs = (prod[..., c, :, :] + accs).astype(f32)
+            acc = (accs[..., 0, :] + accs[..., 2, :]) + (accs[..., 1, :] + accs[..., 3, :])
+            kq = _reduce16(acc).transpose(1, 2, 0, 3)  # (kvh, g, t, sp)
+        else:
+            kq = np.einsum("tkgd,skd->kgts", qg.astype(f64), kp.astype(f64)).astype(f32)
+        scale = f32(1.0) / np.sqrt(f32(d))
+        mask = np.arange(sp)[None, :] > pos[:, None]
+        w = np.where(mask, f32(-np.inf), kq * scale)
+        e = ggml_expf(w - w.max(axis=-1, keepdims=True))
+        inv = (1.0 / _reduce16(e.reshape(*e.shape[:-1], sp // 16, 16)).astype(f64).sum(axis=-1, keepdims=True))
+        p = e * inv.astype(f32)
+        pc = p.reshape(kvh, g, t, 1, sp // 16, 16)
+        vc = vp.transpose(1, 2, 0).reshape(kvh, 1, 1, d, sp // 16, 16)
+        acc = np.zeros((kvh, g, t, d, 16), f32)
+        for c in range(sp // 16):
+            acc = _fma(pc[..., c, :], vc[..., c, :], acc)
+        out = _reduce16(acc).transpose(2, 0, 1, 3)  # (t, kvh, g, d)
+        return out.reshape(t, self.cfg.heads * d)
+
+    def _ffn_act(self, gate: np.ndarray, up: np.ndarray) -> np.ndarray:
+        if self.cfg.activation == "silu":
+            if self.profile.ggml_cpu:  # ggml_vec_swiglu_f32: x / (1 + expf(-x)) * g, float32 steps
+                return (gate / (np.float32(1) + ggml_expf(-gate))) * up
+            return gate / (1.0 + np.exp(-gate)) * up
+        return np.square(np.maximum(gate, 0)) * up
 
     # -- the forward pass ------------------------------------------------------------------------
     def new_state(self) -> State:
@@ -293,32 +447,26 @@ class Model:
     def forward(self, ids, state: State) -> np.ndarray:
         """Run `ids` after the positions already in `state` (which is updated); float32 logits (T, vocab)."""
         ids = self._check_ids(ids, state)
-        cfg, eps = self.cfg, self.cfg.rms_eps
+        cfg, eps, g = self.cfg, self.cfg.rms_eps, self.profile.ggml_cpu
         t = ids.size
         pos = np.arange(state.pos, state.pos + t)
         cos, sin = self._rope_angles(pos)
         x = self.embed(ids)
         for i, layer in enumerate(self.layers):
             n, p = layer.norms, layer.proj
-            h = _rms(x, n["attn_norm"], eps)
+            h = _rms(x, n["attn_norm"], eps, g)
             q = self._mm(h, p["attn_q"]).reshape(t, cfg.heads, cfg.head_dim)
             k = self._mm(h, p["attn_k"]).reshape(t, cfg.kv_heads, cfg.head_dim)
             v = self._mm(h, p["attn_v"]).reshape(t, cfg.kv_heads, cfg.head_dim)
             q, k = self._rope(q, cos, sin), self._rope(k, cos, sin)
             keys, values = self._cache(state, i, k, v)
             a = self._attention(q, keys, values, pos)
-            x = x + self._mm(_rms(a, n["attn_sub_norm"], eps), p["attn_output"])
-            h = _rms(x, n["ffn_norm"], eps)
-            gate = self._mm(h, p["ffn_gate"])
-            up = self._mm(h, p["ffn_up"])
-            if cfg.activation == "silu":
-                act = gate / (1.0 + np.exp(-gate))
-            else:
-                act = np.square(np.maximum(gate, 0))
-            f = _rms(act * up, n["ffn_sub_norm"], eps)
-            x = x + self._mm(f, p["ffn_down"])
+            x = x + self._mm(_rms(a, n["attn_sub_norm"], eps, g), p["attn_output"])
+            h = _rms(x, n["ffn_norm"], eps, g)
+            act = self._ffn_act(self._mm(h, p["ffn_gate"]), self._mm(h, p["ffn_up"]))
+            x = x + self._mm(_rms(act, n["ffn_sub_norm"], eps, g), p["ffn_down"])
         state.pos += t
-        return self._lm_head(_rms(x, self.output_norm, eps))
+        return self._lm_head(_rms(x, self.output_norm, eps, g))
 
     def logits(self, ids) -> np.ndarray:
         """Teacher-forced logits for every position of `ids`: float32 (T, vocab)."""

@@ -28,6 +28,10 @@ class Profile:
     f16_acts_for_f16_weights: bool = False
     math: str = "float64"  # "float64" | "float32": the dtype of everything between the products
     rope: str = "exact"  # "exact": angles p*base^(-2i/d) in float64; "ggml": float32 running product
+    # emulate ggml's x86 CPU kernels in float32, in their order, up to every activation quantization point
+    # (rms_norm, the TQ1_0/TQ2_0 x Q8_K dot products' lanes and FMA, residual adds, soft_max, SwiGLU);
+    # needs math="float32". Float sums (attention, F32/F16 products) are taken in float64 and rounded once.
+    ggml_cpu: bool = False
 
     def __post_init__(self):
         if self.activations not in ACTIVATIONS:
@@ -37,6 +41,8 @@ class Profile:
                 raise ValueError(f"profile {self.name}: {field} must be one of {PRECISIONS}")
         if self.math not in ("float64", "float32") or self.rope not in ("exact", "ggml"):
             raise ValueError(f"profile {self.name}: bad math {self.math!r} or rope {self.rope!r}")
+        if self.ggml_cpu and self.math != "float32":
+            raise ValueError(f"profile {self.name}: ggml_cpu emulation needs math='float32'")
 
     def quantizes(self, fmt_name: str) -> bool:
         return self.activations != "none" and fmt_name in self.quantized_formats
@@ -49,9 +55,11 @@ PROFILES: dict[str, Profile] = {
         Profile("exact"),
         # mainline llama.cpp on CPU with flash attention off and an F32 KV cache (the comparison setting):
         # Q8_K activations for TQ1_0/TQ2_0 products, f16 activations for F16 weights (incl. a F16
-        # token_embd used as lm_head), ggml's float32 RoPE angle recurrence
+        # token_embd used as lm_head), ggml's float32 RoPE angle recurrence, and ggml's float32 kernels
+        # emulated up to each Q8_K quantization point (a float64 pass flips Q8_K roundings)
         Profile("llama-cpp", activations="q8_k", kv_cache="f32", lm_head="f32",
-                quantized_formats=("tq1_0", "tq2_0"), f16_acts_for_f16_weights=True, rope="ggml"),
+                quantized_formats=("tq1_0", "tq2_0"), f16_acts_for_f16_weights=True, math="float32",
+                rope="ggml", ggml_cpu=True),
         # bitnet.cpp: i8_s per-token activations for its I2_S/TL kernels, f16 KV cache, F16 x F16 lm_head.
         # (Not yet checked against bitnet.cpp; the I2_S int16 accumulation is not modelled.)
         Profile("bitnet-cpp", activations="i8_s", kv_cache="f16", lm_head="f16",

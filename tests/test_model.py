@@ -3,18 +3,10 @@
 llama.cpp is run with flash attention off and an F32 KV cache (type_k = type_v = GGML_TYPE_F32 = 0),
 so that its attention is plain float32 math; n_threads=2, logits for every position.
 
-Measured on the tiny synthetic `bitnet` models, 128-token prompt (profile "llama-cpp"):
-- f32 weights: max |Δlogit| ~6e-6 at every position (asserted <= 1e-4).
-- tq1_0 / tq2_0: most positions agree to ~1e-6 (median 1.4e-6), but a minority do not: 7/128 positions
-  above 1e-4, max 7.4e-4 on this prompt; on another 128-token prompt 34/128, max 0.22. Those are Q8_K
-  rounding-boundary flips: an activation that ggml computes in float32 and we compute in float64 lands
-  on the other side of a .5 rounding boundary in `nearest_int(iscale * x)`, and the one-step change in
-  an 8-bit activation is amplified by the following layers. llama.cpp itself is not consistent at this
-  level: its batched prefill and its one-token-at-a-time evaluation of the same prompt differ at
-  similar positions by similar amounts (measured and printed below). Reaching 1e-4 everywhere needs
-  bit-exact float32 emulation of ggml's kernels up to every quantization point (not done yet). So for
-  TQ we assert that the majority of positions are within 1e-4, that the worst position is within the
-  reference's own batch-vs-incremental spread (times 2, floor 0.05), and that greedy decoding agrees.
+Measured (profile "llama-cpp", which now emulates ggml's x86 AVX-512 float32 kernels): rms_norm, TQ x Q8_K
+dots, residual adds, SwiGLU, KQ, soft_max and KQV are bit-exact against llama.cpp's own intermediates
+(dumped through cb_eval); f32 max |Δlogit| ~6e-6. TQ: 3/128 positions per prompt still exceed 1e-4
+(max 1.2e-3 prose, 1.3e-2 code): RoPE is not yet bit-exact, which flips a few Q8_K roundings downstream.
 Profile "exact" (no activation quantization) differences are printed, not asserted.
 """
 
@@ -29,17 +21,21 @@ from bitnet_ref.model import Model
 from bitnet_ref.numerics import PROFILES, Profile
 from bitnet_ref.synth import SynthSpec, synthesize
 
-TEXT = ("The quick brown fox jumps over the lazy dog. In 1905, Albert Einstein published four papers "
-        "that changed physics. def add(a, b): return a + b. ") * 6
+PROMPTS = {
+    "prose": ("The quick brown fox jumps over the lazy dog. In 1905, Albert Einstein published four papers "
+              "that changed physics. def add(a, b): return a + b. ") * 6,
+    "code": ("for (int i = 0; i < n; ++i) { sum += x[i] * y[i]; }  // Grüße, 東京, Привет мир! "
+             "import numpy as np; print(np.arange(10).sum()) # ¿Qué tal? ") * 6,
+}
 N_PROMPT = 128
-N_GREEDY = 32
+N_GREEDY = 64
 
 
-def _llama_run(llama_cpp, path):
+def _llama_run(llama_cpp, path, text):
     llm = llama_cpp.Llama(model_path=str(path), logits_all=True, n_ctx=256, n_threads=2, verbose=False,
                           flash_attn=False, type_k=0, type_v=0)
     try:
-        toks = llm.tokenize(TEXT.encode(), add_bos=True)[:N_PROMPT]
+        toks = llm.tokenize(text.encode(), add_bos=True)[:N_PROMPT]
         llm.eval(toks)
         batch = np.asarray(llm.scores[: len(toks)], dtype=np.float32).copy()
         greedy = []
@@ -48,13 +44,9 @@ def _llama_run(llama_cpp, path):
             greedy.append(nxt)
             llm.eval([nxt])
             nxt = int(np.argmax(llm.scores[llm.n_tokens - 1]))
-        llm.reset()
-        for t in toks:
-            llm.eval([t])
-        one_by_one = np.asarray(llm.scores[: len(toks)], dtype=np.float32).copy()
     finally:
         llm.close()
-    return {"path": path, "tokens": toks, "logits": batch, "greedy": greedy, "incremental": one_by_one}
+    return {"path": path, "tokens": toks, "logits": batch, "greedy": greedy}
 
 
 @pytest.fixture(scope="module")
@@ -62,11 +54,12 @@ def reference(tmp_path_factory):
     llama_cpp = pytest.importorskip("llama_cpp", reason="llama-cpp-python (mainline llama.cpp) is not installed")
     cache = {}
 
-    def get(fmt):
+    def get(fmt, prompt):
         if fmt not in cache:
-            p = synthesize(SynthSpec(arch="bitnet", format=fmt), tmp_path_factory.mktemp(fmt))
-            cache[fmt] = _llama_run(llama_cpp, p)
-        return cache[fmt]
+            cache[fmt] = synthesize(SynthSpec(arch="bitnet", format=fmt), tmp_path_factory.mktemp(fmt))
+        if (fmt, prompt) not in cache:
+            cache[fmt, prompt] = _llama_run(llama_cpp, cache[fmt], PROMPTS[prompt])
+        return cache[fmt, prompt]
 
     return get
 
@@ -83,9 +76,10 @@ def _greedy(model, tokens, n):
 
 
 @pytest.mark.llama_cpp
+@pytest.mark.parametrize("prompt", sorted(PROMPTS))
 @pytest.mark.parametrize("fmt", ["f32", "tq1_0", "tq2_0"])
-def test_logits_and_greedy_match_llama_cpp(reference, fmt):
-    ref = reference(fmt)
+def test_logits_and_greedy_match_llama_cpp(reference, fmt, prompt):
+    ref = reference(fmt, prompt)
     toks, want = ref["tokens"], ref["logits"]
     assert len(toks) == N_PROMPT
     with Model.load(ref["path"], "llama-cpp") as m:
@@ -94,18 +88,17 @@ def test_logits_and_greedy_match_llama_cpp(reference, fmt):
     with Model.load(ref["path"], "exact") as m:
         exact = m.logits(toks)
     per_pos = np.abs(got - want).max(axis=1)
-    self_spread = np.abs(ref["incremental"] - want).max()
-    print(f"\n{fmt}: llama-cpp profile max|Δ| {per_pos.max():.3g} (median {np.median(per_pos):.3g}, "
-          f"{int((per_pos > 1e-4).sum())}/{len(per_pos)} positions > 1e-4); exact profile max|Δ| "
-          f"{np.abs(exact - want).max():.3g}; llama.cpp batch vs one-by-one {self_spread:.3g}")
+    bad = np.nonzero(per_pos > 1e-4)[0]
+    print(f"\n{fmt}/{prompt}: llama-cpp profile max|Δ| {per_pos.max():.3g} (median {np.median(per_pos):.3g}, "
+          f"positions > 1e-4: {bad.tolist()}); exact profile max|Δ| {np.abs(exact - want).max():.3g}")
     assert got.shape == want.shape and got.dtype == np.float32
     assert greedy == ref["greedy"]
     if fmt == "f32":
         assert per_pos.max() <= 1e-4
     else:
-        # see the module docstring: Q8_K rounding-boundary flips, which llama.cpp shows against itself too
-        assert (per_pos <= 1e-4).mean() >= 0.5
-        assert per_pos.max() <= max(2 * self_spread, 0.05)
+        # see the module docstring: a few remaining Q8_K rounding flips (RoPE not yet bit-exact)
+        assert len(bad) <= 8
+        assert per_pos.max() <= 0.05
 
 
 @pytest.mark.parametrize("profile", ["exact", "llama-cpp", "bitnet-cpp"])

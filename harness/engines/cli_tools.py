@@ -16,6 +16,9 @@ What a CLI can and cannot give:
   not a token-level comparison. Token-level comparison needs the FFI adapter (libllama through ctypes).
 - `tokenize` runs `llama-tokenize --ids` when that tool sits next to llama-cli (NotSupported otherwise).
 - `perplexity` takes text (or a text file), not ids: llama-perplexity tokenizes it itself.
+- Mainline builds: newer llama-cli starts a chat for models with a chat template; pass
+  `extra_args={"llama-cli": ["-no-cnv"]}` (extra arguments are per tool name). A llama-cli that rejects
+  `--logdir` is retried once without it (then `ids` is None).
 
 Every call runs the tool in its own process group (a new session), with a per-call timeout; on timeout,
 on KeyboardInterrupt or any other exception, the whole group is SIGKILLed and reaped, so no child
@@ -349,6 +352,7 @@ class Generation:
     command: list[str]
 
 
+GREEDY = Sampling()
 BITNET_ARCHS = ("bitnet", "bitnet-b1.58", "bitnet-25", "llama")
 BITNET_FORMATS = ("f32", "f16", "q8_0", "tq1_0", "tq2_0", "i2_s", "tl1", "tl2")
 
@@ -356,7 +360,8 @@ BITNET_FORMATS = ("f32", "f16", "q8_0", "tq1_0", "tq2_0", "i2_s", "tl1", "tl2")
 class CliToolsEngine(Engine):
     def __init__(self, model: str | os.PathLike, build: NativeBuild | None = None, *,
                  tools: dict[str, str | os.PathLike] | None = None, threads: int | None = None,
-                 timeout: float = DEFAULT_TIMEOUT, name: str = "bitnet.cpp", extra_args: dict[str, list[str]] | None = None,
+                 timeout: float = DEFAULT_TIMEOUT, name: str = "bitnet.cpp",
+                 extra_args: dict[str, list[str]] | None = None,
                  archs: tuple[str, ...] = BITNET_ARCHS, formats: tuple[str, ...] = BITNET_FORMATS):
         if build is None and not tools:
             raise EngineError("CliToolsEngine needs a NativeBuild or explicit tool paths")
@@ -448,11 +453,11 @@ class CliToolsEngine(Engine):
     def logits(self, ids: list[int]):
         raise NotSupported(f"{self.name} CLI tools do not print logits: use the FFI adapter")
 
-    def generate(self, ids: list[int], n: int, sampling: Sampling = Sampling()) -> list[int]:
-        raise NotSupported(f"llama-cli takes a prompt text, not token ids: use generate_text(prompt, n), or the FFI "
-                           f"adapter for token-level comparison")
+    def generate(self, ids: list[int], n: int, sampling: Sampling = GREEDY) -> list[int]:
+        raise NotSupported("llama-cli takes a prompt text, not token ids: use generate_text(prompt, n), or the FFI "
+                           "adapter for token-level comparison")
 
-    def generate_text(self, prompt: str, n: int, sampling: Sampling = Sampling(), ctx: int | None = None,
+    def generate_text(self, prompt: str, n: int, sampling: Sampling = GREEDY, ctx: int | None = None,
                       timeout: float | None = None) -> Generation:
         """llama-cli on `prompt` (BOS added by the tool), n new tokens; greedy unless sampling says otherwise."""
         if sampling.temperature > 0:
