@@ -6,13 +6,12 @@ import json
 
 import numpy as np
 import pytest
+from gguf_edit import rewrite
 
 from bitnet_ref.synth import SynthSpec, synthesize
 from harness.cli import main
 from harness.engines.base import EngineError, Sampling, file_sha256, require_receipt
 from harness.engines.python_engine import PythonEngine
-
-from gguf_edit import rewrite
 
 TEXT = "The quick brown fox jumps over the lazy dog. " * 30
 
