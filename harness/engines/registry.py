@@ -1,0 +1,104 @@
+"""Engines by name: what `--engine` / `--reference` and `bitnet-xval engines` accept.
+
+  bitnet_ref       the Python engine (numpy; the default system under test)
+  llama_cpp        mainline llama.cpp in-process (libllama from llama-cpp-python, or LLAMA_CPP_LIB)
+  bitnet_cpp       bitnet.cpp in-process (libllama of the build named by BITNET_CPP_DIR)
+  bitnet_cpp_cli   bitnet.cpp's tools (llama-cli, llama-perplexity, llama-bench in BITNET_CPP_DIR/bin)
+  jsonl:COMMAND    any engine that speaks the JSON-lines protocol (harness/engines/jsonl.py); "{model}"
+                   in COMMAND is replaced by the model's path
+"""
+
+from __future__ import annotations
+
+import shlex
+from dataclasses import dataclass
+
+from .base import Engine, EngineError
+
+NAMES = ("bitnet_ref", "llama_cpp", "bitnet_cpp", "bitnet_cpp_cli")
+
+
+@dataclass
+class EngineStatus:
+    name: str
+    available: bool
+    version: str = ""
+    detail: str = ""  # where it is and what it supports, or what to set when it is missing
+
+
+def open_engine(spec: str, model, profile: str = "exact") -> Engine:
+    """An engine on `model`. `profile` applies to bitnet_ref; references compute as they do."""
+    if spec == "bitnet_ref":
+        from .python_engine import PythonEngine
+
+        return PythonEngine(model, profile)
+    if spec == "llama_cpp":
+        from .llama_ffi import LlamaLibEngine
+
+        return LlamaLibEngine(model, name="llama.cpp")
+    if spec == "bitnet_cpp":
+        from .llama_ffi import LlamaLibEngine
+
+        return LlamaLibEngine(model, name="bitnet.cpp")
+    if spec == "bitnet_cpp_cli":
+        from .cli_tools import CliToolsEngine
+        from .discovery import ReferenceMissing, find_build
+
+        try:
+            return CliToolsEngine(model, find_build())
+        except ReferenceMissing as e:
+            raise EngineError(str(e)) from e
+    if spec.startswith("jsonl:"):
+        from .jsonl import JsonlEngine
+
+        command = [a.replace("{model}", str(model)) for a in shlex.split(spec[len("jsonl:"):])]
+        if not command:
+            raise EngineError("jsonl: needs a command line, e.g. 'jsonl:./my-engine --threads 2'")
+        return JsonlEngine(command, model)
+    raise EngineError(f"unknown engine {spec!r}; known: {', '.join(NAMES)}, jsonl:COMMAND")
+
+
+def _library_status(name: str, find) -> EngineStatus:
+    from .llama_ffi import _Library
+
+    try:
+        path, variable = find()
+        lib = _Library.get(path, variable)
+    except EngineError as e:
+        return EngineStatus(name, False, detail=str(e))
+    return EngineStatus(name, True, f"{lib.generation} {lib.version}", f"{lib.path}")
+
+
+def _mainline():
+    from .llama_ffi import mainline_library
+
+    return mainline_library(), "LLAMA_CPP_LIB"
+
+
+def _fork():
+    from .discovery import ReferenceMissing, find_build
+
+    try:
+        return find_build().library("llama"), "BITNET_CPP_DIR"
+    except ReferenceMissing as e:
+        raise EngineError(str(e)) from e
+
+
+def probe_all() -> list[EngineStatus]:
+    """Every named engine: found or not, its version, and for a missing one the variable to set."""
+    import bitnet_ref
+
+    from .discovery import TOOLS, ReferenceMissing, find_build
+
+    out = [EngineStatus("bitnet_ref", True, bitnet_ref.__version__,
+                        "numpy kernels; profiles exact, llama-cpp, bitnet-cpp")]
+    out.append(_library_status("llama_cpp", _mainline))
+    out.append(_library_status("bitnet_cpp", _fork))
+    try:
+        build = find_build()
+        tools = [t for t in TOOLS if t in build.tools]
+        out.append(EngineStatus("bitnet_cpp_cli", "llama-cli" in build.tools, "",
+                                f"{build.root}/bin: {', '.join(tools) or 'no tools'}"))
+    except ReferenceMissing as e:
+        out.append(EngineStatus("bitnet_cpp_cli", False, detail=str(e)))
+    return out
