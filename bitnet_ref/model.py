@@ -13,6 +13,8 @@ chunk of rows for the lm_head), straight from the memory-mapped file.
 
 from __future__ import annotations
 
+import ctypes
+import ctypes.util
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -100,6 +102,33 @@ def ggml_expf(x: np.ndarray) -> np.ndarray:
         big = ~(np.abs(n) <= 192)  # NaN (from -inf inputs) counts as big, as the ordered compare does
         res = np.ldexp(j, np.where(big, 0, n).astype(np.int32)).astype(np.float32)
     return np.where(big, np.where(n <= 0, np.float32(0), np.float32(np.inf)), res).astype(np.float32)
+
+
+def _libm_f32(name: str):
+    """The C library's float32 function `name` (cosf, sinf) through ctypes, or None where none loads."""
+    try:
+        lib = ctypes.CDLL(ctypes.util.find_library("m") or "libm.so.6")
+        fn = getattr(lib, name)
+    except (OSError, AttributeError):
+        return None
+    fn.restype, fn.argtypes = ctypes.c_float, [ctypes.c_float]
+    return fn
+
+
+_COSF, _SINF = _libm_f32("cosf"), _libm_f32("sinf")
+
+
+def cos_sin_f32(theta: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """cosf/sinf of float32 angles as ggml's CPU rope takes them: from the C math library, which (glibc)
+    is not correctly rounded (about 2% of results differ by one ulp from cos/sin rounded from float64);
+    the float64 rounding where no libm loads."""
+    th = np.asarray(theta, dtype=np.float32)
+    if _COSF is None or _SINF is None:
+        return np.cos(th.astype(np.float64)).astype(np.float32), np.sin(th.astype(np.float64)).astype(np.float32)
+    flat = th.ravel().tolist()
+    c = np.fromiter((_COSF(v) for v in flat), dtype=np.float32, count=len(flat)).reshape(th.shape)
+    s = np.fromiter((_SINF(v) for v in flat), dtype=np.float32, count=len(flat)).reshape(th.shape)
+    return c, s
 
 
 def _reduce16(s: np.ndarray) -> np.ndarray:
@@ -326,19 +355,22 @@ class Model:
             for i in range(half):
                 theta[:, i] = cur
                 cur = (cur * ts).astype(np.float32)
-            # cosf/sinf of the float32 angle: correctly rounded through float64
-            th = theta.astype(np.float64)
-            return np.cos(th).astype(np.float32).astype(self.dtype), np.sin(th).astype(np.float32).astype(self.dtype)
+            # cosf/sinf of the float32 angle, from the C math library as ggml calls them
+            c, s = cos_sin_f32(theta)
+            return c.astype(self.dtype), s.astype(self.dtype)
         inv = self.cfg.rope_theta ** (-2.0 * np.arange(half, dtype=np.float64) / self.cfg.head_dim)
         theta = pos.astype(np.float64)[:, None] * inv[None, :]
         return np.cos(theta).astype(self.dtype), np.sin(theta).astype(self.dtype)
 
-    @staticmethod
-    def _rope(x: np.ndarray, cos: np.ndarray, sin: np.ndarray) -> np.ndarray:
+    def _rope(self, x: np.ndarray, cos: np.ndarray, sin: np.ndarray) -> np.ndarray:
         """NeoX rotation: pairs (i, i + d/2). x is (T, heads, d); cos/sin are (T, d/2)."""
         half = x.shape[-1] // 2
         x0, x1 = x[..., :half], x[..., half:]
         c, s = cos[:, None, :], sin[:, None, :]
+        if self.profile.ggml_cpu:
+            # ggml's rotate_pairs as GCC contracts it on an FMA target (-ffp-contract=fast, the GNU default):
+            # fma(x0, cos, -(x1*sin)) and fma(x0, sin, x1*cos), the second products rounded to float32
+            return np.concatenate([_fma(x0, c, -(x1 * s)), _fma(x0, s, x1 * c)], axis=-1)
         return np.concatenate([x0 * c - x1 * s, x0 * s + x1 * c], axis=-1)
 
     def _cache(self, state: State, i: int, k: np.ndarray, v: np.ndarray) -> tuple[np.ndarray, np.ndarray]:

@@ -27,9 +27,11 @@ class Profile:
     # ggml's CPU matmul converts activations to f16 for F16-stored weights (its vec_dot type for F16)
     f16_acts_for_f16_weights: bool = False
     math: str = "float64"  # "float64" | "float32": the dtype of everything between the products
-    rope: str = "exact"  # "exact": angles p*base^(-2i/d) in float64; "ggml": float32 running product
+    # "exact": angles p*base^(-2i/d) in float64; "ggml": float32 running product, libm cosf/sinf
+    rope: str = "exact"
     # emulate ggml's x86 CPU kernels in float32, in their order, up to every activation quantization point
-    # (rms_norm, the TQ1_0/TQ2_0 x Q8_K dot products' lanes and FMA, residual adds, soft_max, SwiGLU);
+    # (rms_norm, the TQ1_0/TQ2_0 x Q8_K dot products' lanes and FMA, the FMA-contracted RoPE rotation,
+    # residual adds, soft_max, SwiGLU);
     # needs math="float32". Float sums (attention, F32/F16 products) are taken in float64 and rounded once.
     ggml_cpu: bool = False
 
