@@ -172,6 +172,91 @@ def tq_dot_q8_k_ggml(q: np.ndarray, dy: np.ndarray, values: np.ndarray, dw: np.n
     return _ggml_hsum8(acc)
 
 
+QK_I2_S = 128
+
+
+def _i2s_raw_int16(q: np.ndarray, codes: np.ndarray) -> np.ndarray:
+    """The I2_S kernel's raw sum with its int16 lanes wrapping: (T, R) int64.
+
+    `maddubs` products of codes (w+1, 0..2) and q are added pairwise into 16 int16 lanes (lane l: bytes
+    2l, 2l+1 of each 32-value group of a 128-value block) over up to 32 blocks (4096 values), wrapping
+    modulo 2^16, then widened to int32 (exact from there). q (T, K') and codes (R, K'), K' = whole blocks.
+    """
+    t, k = q.shape
+    nb = k // QK_I2_S
+    raw = np.zeros((t, codes.shape[0]), np.int64)
+    for b0 in range(0, nb, 32):
+        b1 = min(b0 + 32, nb)
+        n = b1 - b0
+        # value index 128*blk + 32*g + 2*l + e  ->  (lane, rows, blk*g*e)
+        qs = q[:, b0 * 128:b1 * 128].reshape(t, n, 4, 16, 2).transpose(3, 0, 1, 2, 4).reshape(16, t, -1)
+        cs = codes[:, b0 * 128:b1 * 128].reshape(-1, n, 4, 16, 2).transpose(3, 0, 1, 2, 4).reshape(16, -1, n * 8)
+        lanes = np.matmul(qs.astype(np.float64), cs.transpose(0, 2, 1).astype(np.float64)).astype(np.int64)
+        raw += ((lanes + 32768) % 65536 - 32768).sum(axis=0)
+    return raw
+
+
+def i2s_dot_i8_s_ggml(q: np.ndarray, s: np.ndarray, values: np.ndarray, w_scale, int16_wrap: bool = False):
+    """bitnet.cpp's x86 I2_S x I8_S mul_mat (ACT_PARALLEL build) for every (token, row): float32 (T, R).
+
+    q int8 (T, K) and s float32 (T,): `quantize_row_i8_s` activations; values int8 (R, K) in {-1,0,1};
+    w_scale: the float32 scale stored after the I2_S codes (per tensor; a per-row array broadcasts).
+    The kernels (gemm for the first T - T%4 tokens, gemv for the rest: the same sum) return the raw integer
+    Σ code·q (code = w+1) over whole 128-value blocks as float; ggml.c then computes
+    ((float)raw - (float)act_sum) / act_scale * w_scale in float32, in that order, where act_sum is the sum
+    of the whole row's q. Both integers are exact in float32 (|.| < 2^24). `int16_wrap` models the
+    kernel's int16 lane accumulation (see `_i2s_raw_int16`); without it the lanes are taken as exact.
+    """
+    f32 = np.float32
+    kk = q.shape[1] // QK_I2_S * QK_I2_S  # the kernel drops a partial block
+    codes = values[:, :kk].astype(np.int16) + 1
+    if int16_wrap:
+        raw = _i2s_raw_int16(q[:, :kk], codes)
+    else:
+        raw = (q[:, :kk].astype(np.float64) @ codes.T.astype(np.float64)).astype(np.int64)  # exact integers
+    act_sum = q.astype(np.int64).sum(axis=1)
+    diff = raw.astype(f32) - act_sum.astype(f32)[:, None]
+    return (diff / s.astype(f32)[:, None]) * np.asarray(w_scale, dtype=f32).reshape(1, -1)
+
+
+def f16_gemm_ggml(a: np.ndarray, w: np.ndarray) -> np.ndarray:
+    """llamafile's tinyBLAS on AVX-512 for F16 weights x F32 activations (the 2024 `llamafile_sgemm`,
+    which takes an F32 B for an F16 A, so the activations are not rounded to f16): float32 (T, R).
+
+    Each output keeps one 16-lane float32 accumulator, an FMA per 16 values of K (f16 widened to f32;
+    the product of a float32 and an f16 is exact in float64), then `_mm512_reduce_add_ps`.
+    a (T, K) float32; w (R, K) holding f16 values; K % 16 == 0.
+    """
+    f32, f64 = np.float32, np.float64
+    t, k = a.shape
+    a64 = a.astype(f64).reshape(t, 1, k // 16, 16)
+    w64 = w.astype(f64).reshape(1, w.shape[0], k // 16, 16)
+    acc = np.zeros((t, w.shape[0], 16), f32)
+    for c in range(k // 16):
+        acc = (a64[:, :, c, :] * w64[:, :, c, :] + acc).astype(f32)
+    return _reduce16(acc)
+
+
+def vec_dot_f16_ggml(x: np.ndarray, y: np.ndarray) -> np.ndarray:
+    """ggml_vec_dot_f16 on AVX-512 (F32Cx16, GGML_F16_STEP 64) over the last axis of f16-valued x and y
+    (broadcast against each other): float32. Four 16-lane float32 accumulators take FMAs of the first
+    n & ~63 products (exact in float32), are combined (a0+a2)+(a1+a3) and reduced by _mm512_reduce_add_ps
+    into a double, which adds the remaining products one at a time; the result is rounded to float."""
+    f32, f64 = np.float32, np.float64
+    n = x.shape[-1]
+    body = n & ~63
+    prod = x.astype(f64) * y.astype(f64)
+    lead = prod.shape[:-1]
+    acc = np.zeros(lead + (4, 16), f32)
+    chunks = prod[..., :body].reshape(lead + (body // 64, 4, 16))
+    for c in range(body // 64):
+        acc = (chunks[..., c, :, :] + acc).astype(f32)
+    s = _reduce16((acc[..., 0, :] + acc[..., 2, :]) + (acc[..., 1, :] + acc[..., 3, :])).astype(f64)
+    for i in range(body, n):
+        s = s + prod[..., i]
+    return s.astype(f32)
+
+
 class Model:
     def __init__(self, cfg: ModelConfig, profile: Profile, layers: list[Layer], output_norm: np.ndarray,
                  gf, embd_info, embd_fmt, path: str):
@@ -317,11 +402,26 @@ class Model:
         the exact product of the (f16-rounded for F16 weights) activations, rounded once to float32."""
         f32 = np.float32
         if lin.values is not None:
-            if not self.profile.quantizes(lin.fmt):
+            if not self.profile.quantizes(lin.fmt) and self.profile.activations == "i8_s":
+                # bitnet-cpp on a format that is not bitnet.cpp's own (TQ1_0/TQ2_0): float activations times
+                # the dequantized weights, rounded once (the fork's Q8_K kernels are not emulated)
+                group = lin.values.shape[1] // lin.scale.shape[1]
+                w = lin.values.astype(f32) * np.repeat(lin.scale.astype(f32), group, axis=1)
+                out = (x.astype(np.float64) @ w.T.astype(np.float64)).astype(f32)
+            elif not self.profile.quantizes(lin.fmt):
                 raise model_error("unsupported-format", f"{lin.name}: {lin.fmt} is not a ggml CPU format",
                                   "use a profile made for this format", path=self.path)
-            q, dy = quantize_q8_k_blocks(x.astype(f32))
-            out = tq_dot_q8_k_ggml(q, dy, lin.values, lin.scale.astype(f32))
+            elif self.profile.activations == "i8_s":
+                # bitnet.cpp: I2_S x I8_S (TL1/TL2 are computed the same way: their LUT kernels, which
+                # quantize the activations slightly differently, are not emulated)
+                if lin.scale.shape[1] != 1:
+                    raise model_error("unsupported-format", f"{lin.name}: {lin.fmt} has block scales",
+                                      "bitnet.cpp's kernels take one scale per tensor", path=self.path)
+                q, s = quantize_i8_s(x.astype(f32))
+                out = i2s_dot_i8_s_ggml(q, s, lin.values, lin.scale[:, 0], self.profile.i2s_int16_wrap)
+            else:
+                q, dy = quantize_q8_k_blocks(x.astype(f32))
+                out = tq_dot_q8_k_ggml(q, dy, lin.values, lin.scale.astype(f32))
         else:
             a = x.astype(np.float16) if lin.fmt == "f16" and self.profile.f16_acts_for_f16_weights else x
             out = (a.astype(np.float64) @ lin.weight.T.astype(np.float64)).astype(f32)
@@ -337,7 +437,15 @@ class Model:
         out = np.empty((h.shape[0], self.cfg.vocab), dtype=np.float32)
         for start in range(0, self.cfg.vocab, LM_HEAD_CHUNK_ROWS):
             stop = min(start + LM_HEAD_CHUNK_ROWS, self.cfg.vocab)
-            if p.ggml_cpu:
+            if p.ggml_cpu and p.activations == "i8_s" and self._embd_fmt.name == "f16" and h.shape[1] % 16 == 0:
+                # bitnet.cpp's 2024 ggml, F16 token_embd: two or more output rows go to llamafile's tinyBLAS on
+                # the float32 activations; one row (sgemm declines n < 2) to ggml_vec_dot_f16 on f16 ones
+                rows = self._embedding_rows(start, stop)
+                if h.shape[0] == 1:
+                    out[:, start:stop] = vec_dot_f16_ggml(h.astype(np.float16)[:, None, :], rows[None, :, :])
+                else:
+                    out[:, start:stop] = f16_gemm_ggml(h.astype(np.float32), rows)
+            elif p.ggml_cpu:
                 out[:, start:stop] = h.astype(np.float64) @ self._embedding_rows(start, stop).T.astype(np.float64)
             else:
                 out[:, start:stop] = h @ self._embedding_rows(start, stop).T.astype(dt)
@@ -396,6 +504,11 @@ class Model:
         g = cfg.heads // kvh
         qg = q.reshape(t, kvh, g, d)
         if self.profile.ggml_cpu:
+            if self.profile.kv_cache == "f16":
+                # K·Q against an F16 K cache: q (a non-contiguous permute, so no llamafile F16 x F32 path) is
+                # converted to f16, F16's vec_dot type, and ggml_vec_dot_f16 has ggml_vec_dot_f32's 4x16-lane
+                # structure on exact f16 products. V·softmax keeps the probabilities in float32 (tinyBLAS).
+                qg = qg.astype(np.float16).astype(np.float32)
             return self._attention_ggml(qg, k, v, pos)
         scores = np.einsum("tkgd,skd->kgts", qg, k) * self.dtype.type(1.0 / np.sqrt(d))
         mask = np.arange(k.shape[0])[None, :] > pos[:, None]  # (T, S): future keys
@@ -419,7 +532,10 @@ class Model:
         kp = np.zeros((sp, kvh, d), f32)
         vp = np.zeros((sp, kvh, d), f32)
         kp[:s_len], vp[:s_len] = k, v
-        if d % 64 == 0:
+        if self.profile.kv_cache == "f16":  # ggml_vec_dot_f16 on f16 q and K, any head size
+            kq = vec_dot_f16_ggml(qg[:, :, :, None, :], kp.transpose(1, 0, 2)[None, :, None, :, :])
+            kq = kq.transpose(1, 2, 0, 3)  # (kvh, g, t, sp)
+        elif d % 64 == 0:
             prod = (qg.astype(f64)[:, :, :, None, :] * kp.transpose(1, 0, 2).astype(f64)[None, :, None, :, :])
             prod = prod.reshape(t, kvh, g, sp, d // 64, 4, 16)  # exact float64 products
             accs = prod[..., 0, :, :].astype(f32)  # the first FMA into zeroed accumulators
@@ -435,6 +551,16 @@ class Model:
         e = ggml_expf(w - w.max(axis=-1, keepdims=True))
         inv = (1.0 / _reduce16(e.reshape(*e.shape[:-1], sp // 16, 16)).astype(f64).sum(axis=-1, keepdims=True))
         p = e * inv.astype(f32)
+        if t == 1 and self.profile.kv_cache == "f16":
+            # one query row against an F16 V cache: llamafile's sgemm declines n < 2, so V·softmax is
+            # ggml_vec_dot_f16 over the n_kv cells the graph sees (cells used, padded to 32) with the
+            # probabilities rounded to f16
+            n_kv = min(-(-s_len // 32) * 32, -(-self.cfg.context // 32) * 32)
+            pf = np.zeros((kvh, g, 1, 1, n_kv), f32)
+            vf = np.zeros((kvh, 1, 1, d, n_kv), f32)
+            pf[..., 0, 0, :s_len] = p[..., 0, :s_len].astype(np.float16)
+            vf[:, 0, 0, :, :s_len] = v.transpose(1, 2, 0)
+            return vec_dot_f16_ggml(pf, vf).reshape(t, self.cfg.heads * d)
         pc = p.reshape(kvh, g, t, 1, sp // 16, 16)
         vc = vp.transpose(1, 2, 0).reshape(kvh, 1, 1, d, sp // 16, 16)
         acc = np.zeros((kvh, g, t, d, 16), f32)

@@ -34,6 +34,10 @@ class Profile:
     # residual adds, soft_max, SwiGLU);
     # needs math="float32". Float sums (attention, F32/F16 products) are taken in float64 and rounded once.
     ggml_cpu: bool = False
+    # bitnet.cpp's I2_S kernel adds its maddubs products in int16 lanes over 4096 values before widening:
+    # True wraps those lane sums modulo 2^16 as the hardware does (only extreme activations reach it);
+    # False takes the integer dot product exactly. Only read by ggml_cpu profiles with i8_s activations.
+    i2s_int16_wrap: bool = False
 
     def __post_init__(self):
         if self.activations not in ACTIVATIONS:
@@ -62,11 +66,14 @@ PROFILES: dict[str, Profile] = {
         Profile("llama-cpp", activations="q8_k", kv_cache="f32", lm_head="f32",
                 quantized_formats=("tq1_0", "tq2_0"), f16_acts_for_f16_weights=True, math="float32",
                 rope="ggml", ggml_cpu=True),
-        # bitnet.cpp: i8_s per-token activations for its I2_S/TL kernels, f16 KV cache, F16 x F16 lm_head.
-        # (Not yet checked against bitnet.cpp; the I2_S int16 accumulation is not modelled.)
-        Profile("bitnet-cpp", activations="i8_s", kv_cache="f16", lm_head="f16",
-                quantized_formats=("i2_s", "i2_s_arm", "tl1", "tl2"), f16_acts_for_f16_weights=True,
-                math="float32", rope="ggml"),
+        # bitnet.cpp (its 2024 ggml fork, x86, flash attention off): quantize_row_i8_s per-token activations
+        # and the I2_S kernel's ((float)raw - act_sum) / act_scale * w_scale; an f16 KV cache (q rounded to
+        # f16 for K·Q); the F16 token_embd lm_head through llamafile's tinyBLAS on float32 activations (that
+        # sgemm takes F32 B for F16 A: nothing is rounded to f16); ggml's float32 kernels as in llama-cpp.
+        # TL1/TL2 products are computed as I2_S ones (their LUT kernels are not emulated).
+        Profile("bitnet-cpp", activations="i8_s", kv_cache="f16", lm_head="f32",
+                quantized_formats=("i2_s", "i2_s_arm", "tl1", "tl2"), f16_acts_for_f16_weights=False,
+                math="float32", rope="ggml", ggml_cpu=True),
     )
 }
 

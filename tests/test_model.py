@@ -105,9 +105,12 @@ def test_kv_cache_decode_equals_prefill(tmp_path, profile):
         state = m.new_state()
         parts = [m.forward(ids[:10], state)] + [m.forward(ids[i:i + 1], state) for i in range(10, 24)]
         assert state.pos == 24
-    # bitnet-cpp keeps K and V in f16 and does float32 math: the float32 products of a batch and of one
-    # token differ in the last bit, which can move a cached value by one f16 step (~5e-4 relative)
-    atol = 2e-3 if PROFILES[profile].kv_cache == "f16" else 1e-4
+    # bitnet-cpp computes a one-token step differently from a batch, as bitnet.cpp does (its sgemm refuses
+    # one-row products, so decode rounds probabilities and lm_head activations to f16; bitnet.cpp itself
+    # moves by 0.29 between the two on this model). Each path is checked against bitnet.cpp in
+    # test_bitnet_cpp_profile.py; here the bound only proves the cache carries the context (a broken
+    # cache moves logits by whole units).
+    atol = 2e-2 if profile == "bitnet-cpp" else 1e-4
     np.testing.assert_allclose(np.concatenate(parts), full, atol=atol, rtol=0)
 
 
