@@ -73,10 +73,15 @@ def generate(model, ids: list[int], n: int, params: SamplingParams = SamplingPar
     return list(stream(model, ids, n, params, stop_ids))
 
 
-def _log_softmax(logits: np.ndarray) -> np.ndarray:
-    z = logits.astype(np.float64)
-    m = z.max(axis=-1, keepdims=True)
-    return z - m - np.log(np.exp(z - m).sum(axis=-1, keepdims=True))
+def _target_logprobs(logits: np.ndarray, targets: np.ndarray) -> np.ndarray:
+    """log p(target) per row, computed as llama-perplexity computes it, so that perplexities agree to
+    its printed precision: float32 logit - max, expf of that (glibc's expf is matched by float64 exp
+    rounded once to float32), summed in double in vocabulary order, log in double."""
+    x = np.asarray(logits, dtype=np.float32)
+    d = x - x.max(axis=-1, keepdims=True)
+    e = np.exp(d.astype(np.float64)).astype(np.float32).astype(np.float64)
+    sums = np.cumsum(e, axis=-1)[:, -1]  # sequential, as the tool's loop adds
+    return d[np.arange(len(targets)), targets].astype(np.float64) - np.log(sums)
 
 
 @dataclass
@@ -110,9 +115,10 @@ def perplexity_llama(model, ids: list[int], ctx: int, bos_id: int | None) -> Sco
         chunk = list(ids[c * ctx : (c + 1) * ctx])
         if bos_id is not None:
             chunk[0] = bos_id
-        logp = _log_softmax(model.forward(chunk, model.new_state()))
+        logits = model.forward(chunk, model.new_state())
         targets = np.asarray(ids[c * ctx + first + 1 : (c + 1) * ctx])
-        total -= float(logp[np.arange(first, ctx - 1), targets].sum())
+        for lp in _target_logprobs(logits[first : ctx - 1], targets):  # in order, as the tool sums
+            total -= float(lp)
         count += len(targets)
         running.append(math.exp(total / count))
     return Score(ppl=running[-1], nll=total / count, n_scored=count, convention="llama-perplexity", ctx=ctx,
@@ -131,10 +137,10 @@ def perplexity_sliding(model, ids: list[int], ctx: int, stride: int | None = Non
     start = 0
     while scored_to < len(ids) - 1:
         end = min(start + ctx, len(ids))
-        logp = _log_softmax(model.forward(list(ids[start:end]), model.new_state()))
+        logits = model.forward(list(ids[start:end]), model.new_state())
         positions = np.arange(max(scored_to, start), end - 1)  # predict token p + 1 from position p
         targets = np.asarray(ids)[positions + 1]
-        total -= float(logp[positions - start, targets].sum())
+        total -= float(_target_logprobs(logits[positions - start], targets).sum())
         count += len(positions)
         scored_to = end - 1
         start += stride

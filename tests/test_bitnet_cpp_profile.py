@@ -99,3 +99,25 @@ def test_i2s_int16_wrap_option():
     assert exact[0, 0] == 4096 * 127
     lane = (65024 + 32768) % 65536 - 32768  # -512
     assert wrap[0, 0] == 16 * lane - 4096 * 127
+
+
+@pytest.mark.bitnet_cpp
+def test_perplexity_equals_llama_perplexity_to_its_printed_precision(fork, tmp_path):
+    """`score` in the llama-perplexity convention prints the same number as bitnet.cpp's llama-perplexity
+    on the same file and text (4 decimals; this tiny model's PPL is ~3e5, so that is ~1e-9 relative)."""
+    from pathlib import Path
+
+    from harness.engines.cli_tools import CliToolsEngine
+    from harness.engines.python_engine import PythonEngine
+
+    model, _, _ = fork
+    text = (Path(__file__).parents[1] / "README.md").read_text() * 2
+    with CliToolsEngine(model, find_build("BITNET_CPP_DIR")) as tool:
+        theirs = tool.perplexity(text, 128)
+    with PythonEngine(model, "bitnet-cpp") as ours:
+        mine = ours.perplexity(ours.tokenize(text), 128)
+    assert mine.n_scored == theirs.n_scored
+    assert f"{mine.ppl:.4f}" == f"{theirs.ppl:.4f}"
+    assert len(mine.per_chunk) == len(theirs.per_chunk)
+    # running values: at most one unit in the last printed digit (a sum order away from a rounding tie)
+    assert np.abs(np.array(mine.per_chunk) - np.array(theirs.per_chunk)).max() <= 1.5e-4

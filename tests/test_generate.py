@@ -103,7 +103,7 @@ def test_llama_perplexity_convention_by_hand():
             total -= logp(m.table, chunk[j], ids[c * ctx + j + 1])
             count += 1
     assert s.n_scored == count == 5 * 3
-    assert s.ppl == pytest.approx(math.exp(total / count), rel=1e-12)
+    assert s.ppl == pytest.approx(math.exp(total / count), rel=1e-6)  # float32 logits, as the tool
     assert len(s.per_chunk) == 5 and s.per_chunk[-1] == s.ppl
 
 
@@ -120,7 +120,7 @@ def test_sliding_scores_every_token_once(ctx, stride):
     assert s.n_scored == len(ids) - 1
     # a bigram model's perplexity does not depend on context: the exact full-sequence value
     exact = -sum(logp(m.table, a, b) for a, b in zip(ids, ids[1:])) / (len(ids) - 1)
-    assert s.nll == pytest.approx(exact, rel=1e-12)
+    assert s.nll == pytest.approx(exact, rel=1e-6)  # float32 logits, as the tool
     assert s.bits_per_byte(100) == pytest.approx(exact * (len(ids) - 1) / math.log(2) / 100)
 
 
