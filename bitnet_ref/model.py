@@ -290,9 +290,17 @@ class Model:
                                       path=str(path), tensor=name)
                 return t
 
+            def fmt_of(t):
+                try:
+                    return format_for(gf, t)
+                except FormatError as e:
+                    raise model_error("unsupported-type", f"tensor {t.name!r}: {e}",
+                                      "this engine reads f32, f16, bf16, tq1_0, tq2_0, i2_s, tl1, tl2 and iq2_s",
+                                      path=str(path), tensor=t.name) from None
+
             def floats(name):
                 t = info(name)
-                return format_for(gf, t).decode(gf.tensor_bytes(t), t.shape).astype(np.float32)
+                return fmt_of(t).decode(gf.tensor_bytes(t), t.shape).astype(np.float32)
 
             layers = []
             for i in range(cfg.layers):
@@ -303,7 +311,7 @@ class Model:
                         norms[n] = floats(name)
                         continue
                     t = info(name)
-                    fmt = format_for(gf, t)
+                    fmt = fmt_of(t)
                     lin = Linear(name, fmt.name)
                     data = gf.tensor_bytes(t)
                     try:
@@ -321,13 +329,13 @@ class Model:
                     sname = f"blk.{i}.{n}.scale"
                     if gf.has_tensor(sname):
                         st = gf.tensor(sname)
-                        sv = format_for(gf, st).decode(gf.tensor_bytes(st), st.shape).reshape(-1)
+                        sv = fmt_of(st).decode(gf.tensor_bytes(st), st.shape).reshape(-1)
                         lin.out_scale = float(sv[0])
                     proj[n] = lin
                 layers.append(Layer(norms, proj))
             output_norm = floats("output_norm.weight")
             embd = info("token_embd.weight")
-            embd_fmt = format_for(gf, embd)
+            embd_fmt = fmt_of(embd)
             if embd_fmt.ternary:
                 raise model_error("unsupported-embedding", f"token_embd is stored as {embd_fmt.name}",
                                   "store the embedding as f32/f16/bf16", path=str(path), tensor=embd.name)

@@ -97,3 +97,15 @@ def test_score_command(model, tmp_path, capsys):
     assert doc["convention"] == "llama-perplexity" and np.isfinite(doc["ppl"]) and doc["per_chunk"][-1] == doc["ppl"]
     assert main(["score", "--model", str(model), "--file", str(corpus), "--ctx", "4096"]) == 2
     assert "at least 8192 tokens" in capsys.readouterr().err
+
+
+def test_unknown_tensor_type_is_named(model, tmp_path):
+    import shutil
+
+    from gguf_edit import directory_field, patch
+
+    p = tmp_path / "t99.gguf"
+    shutil.copy(model, p)
+    patch(p, directory_field(p, "blk.0.attn_v.weight", "type"), "<I", 99)
+    with pytest.raises(EngineError, match="blk.0.attn_v.weight.*type id 99"):
+        PythonEngine(p)
