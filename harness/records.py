@@ -1,0 +1,114 @@
+"""The record of one cross-validation: one case, one system under test, one reference.
+
+Records are what the check ladder produces, what pytest reports, what is written as JSON beside the
+HTML report (one file per record), and what baselines summarize. Schema (version RECORD_SCHEMA):
+
+{
+  "schema_version": 1,
+  "case_id": "tq2_0-bitnet-tiny",              # from the case file
+  "test_id": "test_crossval[tq2_0-bitnet-tiny-vs-llama_cpp]",
+  "sut": "bitnet_ref", "reference": "llama_cpp", "profile": "llama-cpp",
+  "status": "pass" | "fail" | "skip" | "error",
+  "failed_rung": null | "file" | "weights" | "tokens" | "first_logits" | "all_logits" | "greedy" | "perplexity",
+  "reason": "...",                              # why it failed / skipped / errored (one line)
+  "rungs": [ {"rung": "...", "status": "...", "detail": "...",
+              "metrics": {"max_abs": 1.2e-6, ...},
+              "checks": [ {"metric": "max_abs", "value": 1.2e-6, "limit": 1e-4, "op": "<=",
+                           "source": "default:llama-cpp" | "case:FILE" | "platform:ID" | "cli:--tolerance",
+                           "passed": true} ],
+              "series": {"max_abs_per_position": [...], "kl_per_position": [...]},   # for plots, optional
+              "histogram": {"edges": [...], "counts": [...]},                          # |Δ| histogram, optional
+              "first_bad_position": null | int,
+              "localization": null | {"layer": 0, "op": "ffn_sub_norm-0", "max_abs": 0.3, "nodes": [...]}} ],
+  "baseline": {"status": "match" | "regression" | "new" | "none" | "updated", "platform": "linux-x86_64-avx512",
+               "regressions": [ {"metric": "...", "baseline": x, "now": y} ]},
+  "receipts": {"sut": {...Receipt...}, "reference": {...Receipt...} | null},
+  "model": {"path": "...", "sha256": "...", "spec": {...} | null},
+  "environment": {"python": "...", "platform": "...", "hostname": "..."},
+  "seconds": 1.23
+}
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+RECORD_SCHEMA = 1
+RUNGS = ("file", "weights", "tokens", "first_logits", "all_logits", "greedy", "perplexity")
+STATUSES = ("pass", "fail", "skip", "error")
+
+
+@dataclass
+class Check:
+    metric: str
+    value: float
+    limit: float
+    op: str  # "<=" or ">="
+    source: str  # where the limit came from
+    passed: bool
+
+
+@dataclass
+class RungResult:
+    rung: str
+    status: str
+    detail: str = ""
+    metrics: dict[str, float] = field(default_factory=dict)
+    checks: list[Check] = field(default_factory=list)
+    series: dict[str, list[float]] = field(default_factory=dict)
+    histogram: dict[str, list[float]] | None = None
+    first_bad_position: int | None = None
+    localization: dict | None = None
+
+
+@dataclass
+class Record:
+    case_id: str
+    sut: str
+    reference: str
+    profile: str
+    status: str
+    test_id: str = ""
+    failed_rung: str | None = None
+    reason: str = ""
+    rungs: list[RungResult] = field(default_factory=list)
+    baseline: dict = field(default_factory=lambda: {"status": "none"})
+    receipts: dict = field(default_factory=dict)
+    model: dict = field(default_factory=dict)
+    environment: dict = field(default_factory=dict)
+    seconds: float = 0.0
+    schema_version: int = RECORD_SCHEMA
+
+    def to_json(self) -> dict:
+        return asdict(self)
+
+
+def write_json_atomic(path: str | os.PathLike, doc) -> Path:
+    """Write JSON to a temp file beside `path`, then rename: readers never see a half-written file."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".partial", dir=path.parent)
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as f:
+            json.dump(doc, f, indent=2, sort_keys=True, default=float)
+            f.write("\n")
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+    return path
+
+
+def read_records(directory: str | os.PathLike) -> list[dict]:
+    """Every record JSON in a directory (as written by the plugin, one file per test), sorted by test id."""
+    out = []
+    for p in sorted(Path(directory).glob("*.json")):
+        doc = json.loads(p.read_text(encoding="utf-8"))
+        if isinstance(doc, dict) and "case_id" in doc:
+            out.append(doc)
+    return sorted(out, key=lambda d: d.get("test_id") or d["case_id"])
