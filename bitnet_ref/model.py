@@ -54,6 +54,9 @@ class State:
     pos: int = 0
     k: list = field(default_factory=list)  # per layer: (capacity, kv_heads, head_dim)
     v: list = field(default_factory=list)
+    # when a dict: forward() stores named intermediates in it, under llama.cpp's graph node names
+    # (attn_norm-N, attn_sub_norm-N, ffn_sub_norm-N, l_out-N, result_norm), for localizing differences
+    taps: dict | None = None
 
 
 def _rms(x: np.ndarray, gain: np.ndarray, eps: float, ggml: bool = False) -> np.ndarray:
@@ -627,12 +630,21 @@ class Model:
             q, k = self._rope(q, cos, sin), self._rope(k, cos, sin)
             keys, values = self._cache(state, i, k, v)
             a = self._attention(q, keys, values, pos)
-            x = x + self._mm(_rms(a, n["attn_sub_norm"], eps, g), p["attn_output"])
-            h = _rms(x, n["ffn_norm"], eps, g)
-            act = self._ffn_act(self._mm(h, p["ffn_gate"]), self._mm(h, p["ffn_up"]))
-            x = x + self._mm(_rms(act, n["ffn_sub_norm"], eps, g), p["ffn_down"])
+            a_norm = _rms(a, n["attn_sub_norm"], eps, g)
+            x = x + self._mm(a_norm, p["attn_output"])
+            h2 = _rms(x, n["ffn_norm"], eps, g)
+            act = self._ffn_act(self._mm(h2, p["ffn_gate"]), self._mm(h2, p["ffn_up"]))
+            f_norm = _rms(act, n["ffn_sub_norm"], eps, g)
+            x = x + self._mm(f_norm, p["ffn_down"])
+            if state.taps is not None:
+                for name, val in (("attn_norm", h), ("attn_sub_norm", a_norm), ("ffn_sub_norm", f_norm),
+                                  ("l_out", x)):
+                    state.taps[f"{name}-{i}"] = np.array(val, dtype=np.float32)
         state.pos += t
-        return self._lm_head(_rms(x, self.output_norm, eps, g))
+        out = _rms(x, self.output_norm, eps, g)
+        if state.taps is not None:
+            state.taps["result_norm"] = np.array(out, dtype=np.float32)
+        return self._lm_head(out)
 
     def logits(self, ids) -> np.ndarray:
         """Teacher-forced logits for every position of `ids`: float32 (T, vocab)."""

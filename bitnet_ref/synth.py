@@ -71,6 +71,9 @@ class SynthSpec:
     tokenizer: str | None = None  # None: the preset's default
     layers: int | None = None  # None: the preset's default
     seed: int = 0
+    # token ids whose embedding rows are all zero: their first activation row is all zero, the case
+    # where an activation quantizer divides by its floor (bitnet.cpp's 1e-5) or by nothing
+    zero_tokens: tuple[int, ...] = ()
 
     def resolved(self) -> SynthSpec:
         if self.preset not in PRESETS:
@@ -86,11 +89,12 @@ class SynthSpec:
         layers = p.layers if self.layers is None else self.layers
         if layers < 1:
             raise ValueError(f"--layers must be at least 1, got {layers}")
-        return replace(self, tokenizer=tok, layers=layers)
+        return replace(self, tokenizer=tok, layers=layers, zero_tokens=tuple(sorted(set(self.zero_tokens))))
 
     def filename(self) -> str:
         s = self.resolved()
-        return f"synth-{s.preset}-{s.arch}-{s.format}-{s.tokenizer}-L{s.layers}-s{s.seed}.gguf"
+        zero = "-z" + "_".join(map(str, s.zero_tokens)) if s.zero_tokens else ""
+        return f"synth-{s.preset}-{s.arch}-{s.format}-{s.tokenizer}-L{s.layers}-s{s.seed}{zero}.gguf"
 
 
 def _vocab(name: str):
@@ -135,6 +139,9 @@ def _tensors(spec: SynthSpec, cfg: ModelConfig) -> list[TensorSpec]:
         for c, start in enumerate(range(0, cfg.vocab, EMBED_CHUNK_ROWS)):
             rows = min(EMBED_CHUNK_ROWS, cfg.vocab - start)
             e = _rng(seed, "token_embd.weight", c).standard_normal((rows, cfg.hidden), dtype=np.float32)
+            for t in spec.zero_tokens:
+                if start <= t < start + rows:
+                    e[t - start] = 0
             yield emb_fmt.encode(e * np.float32(EMBED_STD))
 
     def projection(name, shape):
@@ -165,6 +172,8 @@ def synthesize(spec: SynthSpec, out: str | Path) -> Path:
     """Write the model `spec` describes to `out` (a directory: the spec's file name is used)."""
     spec = spec.resolved()
     out = Path(out)
+    if spec.zero_tokens and max(spec.zero_tokens) >= len(_vocab(spec.tokenizer).tokens):
+        raise ValueError(f"zero_tokens {spec.zero_tokens}: ids must be inside the vocabulary")
     path = out / spec.filename() if out.is_dir() or out.suffix != ".gguf" else out
     vocab = _vocab(spec.tokenizer)
     cfg = config_for(spec, len(vocab.tokens))

@@ -45,7 +45,8 @@ class PythonEngine(Engine):
 
     def info(self) -> EngineInfo:
         return EngineInfo(name="bitnet_ref", version=bitnet_ref.__version__, archs=tuple(ARCHITECTURES),
-                          formats=FORMATS, operations=("tokenize", "logits", "generate", "perplexity"))
+                          formats=FORMATS,
+                          operations=("tokenize", "logits", "generate", "perplexity", "intermediates"))
 
     def _need_tokenizer(self):
         if self.tokenizer is None:
@@ -79,6 +80,17 @@ class PythonEngine(Engine):
                 raise EngineError(f"unknown perplexity convention {convention!r} (llama-perplexity, sliding)")
         return Perplexity(ppl=s.ppl, nll=s.nll, n_scored=s.n_scored, convention=s.convention, ctx=ctx,
                           per_chunk=s.per_chunk)
+
+    def intermediates(self, ids: list[int], names: list[str]) -> dict[str, np.ndarray]:
+        """Named tensors of one teacher-forced pass, under llama.cpp's node names (see State.taps)."""
+        state = self.model.new_state()
+        state.taps = {}
+        with self.timed("intermediates"):
+            self._run(lambda i: self.model.forward(i, state), ids)
+        missing = [n for n in names if n not in state.taps]
+        if missing:
+            raise EngineError(f"bitnet_ref has no tensor named {missing[0]!r}; it exposes {', '.join(state.taps)}")
+        return {n: state.taps[n] for n in names}
 
     def _run(self, fn, ids):
         try:

@@ -3,6 +3,7 @@
   bitnet_ref       the Python engine (numpy; the default system under test)
   llama_cpp        mainline llama.cpp in-process (libllama from llama-cpp-python, or LLAMA_CPP_LIB)
   bitnet_cpp       bitnet.cpp in-process (libllama of the build named by BITNET_CPP_DIR)
+  bitnet_cpp_tl2   bitnet.cpp in-process, from a build with TL2 kernels (BITNET_CPP_TL2_DIR)
   bitnet_cpp_cli   bitnet.cpp's tools (llama-cli, llama-perplexity, llama-bench in BITNET_CPP_DIR/bin)
   jsonl:COMMAND    any engine that speaks the JSON-lines protocol (harness/engines/jsonl.py); "{model}"
                    in COMMAND is replaced by the model's path
@@ -15,7 +16,7 @@ from dataclasses import dataclass
 
 from .base import Engine, EngineError
 
-NAMES = ("bitnet_ref", "llama_cpp", "bitnet_cpp", "bitnet_cpp_cli")
+NAMES = ("bitnet_ref", "llama_cpp", "bitnet_cpp", "bitnet_cpp_tl2", "bitnet_cpp_cli")
 
 
 @dataclass
@@ -26,8 +27,10 @@ class EngineStatus:
     detail: str = ""  # where it is and what it supports, or what to set when it is missing
 
 
-def open_engine(spec: str, model, profile: str = "exact") -> Engine:
-    """An engine on `model`. `profile` applies to bitnet_ref; references compute as they do."""
+def open_engine(spec: str, model, profile: str = "exact", options: dict | None = None) -> Engine:
+    """An engine on `model`. `profile` applies to bitnet_ref; references compute as they do. `options`
+    go to the in-process adapters (e.g. n_ubatch, n_batch, kv_type)."""
+    options = options or {}
     if spec == "bitnet_ref":
         from .python_engine import PythonEngine
 
@@ -35,11 +38,17 @@ def open_engine(spec: str, model, profile: str = "exact") -> Engine:
     if spec == "llama_cpp":
         from .llama_ffi import LlamaLibEngine
 
-        return LlamaLibEngine(model, name="llama.cpp")
-    if spec == "bitnet_cpp":
+        return LlamaLibEngine(model, name="llama.cpp", **options)
+    if spec in ("bitnet_cpp", "bitnet_cpp_tl2"):
+        from .discovery import ReferenceMissing, find_build
         from .llama_ffi import LlamaLibEngine
 
-        return LlamaLibEngine(model, name="bitnet.cpp")
+        variable = "BITNET_CPP_TL2_DIR" if spec == "bitnet_cpp_tl2" else "BITNET_CPP_DIR"
+        try:
+            library = find_build(variable).library("llama")
+        except ReferenceMissing as e:
+            raise EngineError(str(e)) from e
+        return LlamaLibEngine(model, library, name="bitnet.cpp", variable=variable, **options)
     if spec == "bitnet_cpp_cli":
         from .cli_tools import CliToolsEngine
         from .discovery import ReferenceMissing, find_build
@@ -75,11 +84,11 @@ def _mainline():
     return mainline_library(), "LLAMA_CPP_LIB"
 
 
-def _fork():
+def _fork(variable: str):
     from .discovery import ReferenceMissing, find_build
 
     try:
-        return find_build().library("llama"), "BITNET_CPP_DIR"
+        return find_build(variable).library("llama"), variable
     except ReferenceMissing as e:
         raise EngineError(str(e)) from e
 
@@ -93,7 +102,8 @@ def probe_all() -> list[EngineStatus]:
     out = [EngineStatus("bitnet_ref", True, bitnet_ref.__version__,
                         "numpy kernels; profiles exact, llama-cpp, bitnet-cpp")]
     out.append(_library_status("llama_cpp", _mainline))
-    out.append(_library_status("bitnet_cpp", _fork))
+    out.append(_library_status("bitnet_cpp", lambda: _fork("BITNET_CPP_DIR")))
+    out.append(_library_status("bitnet_cpp_tl2", lambda: _fork("BITNET_CPP_TL2_DIR")))
     try:
         build = find_build()
         tools = [t for t in TOOLS if t in build.tools]

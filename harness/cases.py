@@ -1,0 +1,186 @@
+"""Case files (`cases/*.toml`): what to cross-validate.
+
+    [[case]]
+    id = "tq2_0-bitnet-tiny"                      # unique; becomes part of the pytest id
+    model = { synth = { preset = "tiny", arch = "bitnet", format = "tq2_0" } }
+        # or { lock = "org/repo:file.gguf" } (an entry of models.lock) or { path = "model.gguf" }
+    references = ["llama_cpp"]                    # engines to compare the system under test against
+    profile = "llama-cpp"                         # numerics profile of the system under test
+    prompts = ["The quick brown fox ...", "..."]
+    prompt_ids = [[128000, 5, 5, 5]]              # optional: prompts given as token ids
+    corpus = "corpus/small.txt"                   # optional, relative to the case file: perplexity rung
+    ctx = 128                                     # perplexity context
+    greedy_tokens = 32
+    rungs = ["file", "weights", "tokens", "first_logits", "all_logits", "greedy", "perplexity"]
+    markers = ["slow"]                            # extra pytest markers (format and arch markers are added)
+    reference_options = { n_ubatch = 1 }          # passed to the reference adapters that accept them
+    [case.tolerances]                             # overrides of the defaults, by metric
+    max_abs = 1e-4
+
+A malformed file raises CaseError naming the file, the case and the field.
+"""
+
+from __future__ import annotations
+
+import math
+import tomllib
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from .records import RUNGS
+
+CASES_DIR = Path(__file__).resolve().parent.parent / "cases"
+KNOWN_REFERENCES = ("llama_cpp", "bitnet_cpp", "bitnet_cpp_cli", "bitnet_cpp_tl2")
+FORMAT_MARKERS = {"i2_s": "i2s", "tl1": "tl1", "tl2": "tl2", "tq1_0": "tq1", "tq2_0": "tq2", "f16": "f16",
+                  "f32": "f32"}
+CASE_KEYS = {"id", "model", "references", "profile", "prompts", "prompt_ids", "corpus", "ctx", "greedy_tokens",
+             "rungs", "markers", "tolerances", "reference_options", "description"}
+
+
+class CaseError(ValueError):
+    """A case file that cannot be used; the message names the file, the case and the field."""
+
+
+@dataclass
+class Case:
+    id: str
+    file: str
+    model: dict  # {"synth": {...}} | {"lock": "repo:file"} | {"path": "..."}
+    references: list[str]
+    profile: str = "exact"
+    prompts: list[str] = field(default_factory=list)
+    prompt_ids: list[list[int]] = field(default_factory=list)
+    corpus: str | None = None
+    ctx: int = 128
+    greedy_tokens: int = 32
+    rungs: list[str] = field(default_factory=lambda: list(RUNGS))
+    markers: list[str] = field(default_factory=list)
+    tolerances: dict[str, float] = field(default_factory=dict)
+    reference_options: dict = field(default_factory=dict)
+    description: str = ""
+
+    @property
+    def format(self) -> str | None:
+        return self.model.get("synth", {}).get("format")
+
+    @property
+    def arch(self) -> str | None:
+        return self.model.get("synth", {}).get("arch")
+
+    def all_markers(self) -> list[str]:
+        out = list(self.markers)
+        if self.format in FORMAT_MARKERS:
+            out.append(FORMAT_MARKERS[self.format])
+        if self.arch:
+            out.append(self.arch.replace("-", "_").replace(".", "_"))
+        return out
+
+    def param_id(self, reference: str) -> str:
+        return f"{self.id}-vs-{reference}"
+
+
+def _fail(path, case_id, fld, message) -> CaseError:
+    where = f"{path}" + (f", case {case_id!r}" if case_id else "") + (f", field {fld!r}" if fld else "")
+    return CaseError(f"{where}: {message}")
+
+
+def _expect(value, kind, path, case_id, fld):
+    if not isinstance(value, kind) or isinstance(value, bool) and kind is not bool:
+        names = kind.__name__ if isinstance(kind, type) else " or ".join(k.__name__ for k in kind)
+        raise _fail(path, case_id, fld, f"must be {names}, got {type(value).__name__} {value!r}")
+    return value
+
+
+def load_case_file(path: str | Path) -> list[Case]:
+    path = Path(path)
+    try:
+        doc = tomllib.loads(path.read_text(encoding="utf-8"))
+    except OSError as e:
+        raise _fail(path, None, None, f"cannot read: {e}") from None
+    except tomllib.TOMLDecodeError as e:
+        raise _fail(path, None, None, f"not valid TOML: {e}") from None
+    raw_cases = doc.get("case")
+    if not isinstance(raw_cases, list) or not raw_cases:
+        raise _fail(path, None, "case", "needs at least one [[case]] table")
+    return [_parse_case(path, i, c) for i, c in enumerate(raw_cases)]
+
+
+def _parse_case(path: Path, index: int, c) -> Case:
+    if not isinstance(c, dict):
+        raise _fail(path, f"#{index}", None, "each [[case]] must be a table")
+    cid = c.get("id")
+    if not isinstance(cid, str) or not cid or any(ch.isspace() or ch in "[]" for ch in cid):
+        raise _fail(path, f"#{index}", "id", "needs a non-empty id without spaces or brackets")
+    unknown = set(c) - CASE_KEYS
+    if unknown:
+        raise _fail(path, cid, sorted(unknown)[0], f"unknown field (known: {', '.join(sorted(CASE_KEYS))})")
+    model = _expect(c.get("model"), dict, path, cid, "model")
+    if len(model) != 1 or next(iter(model)) not in ("synth", "lock", "path"):
+        raise _fail(path, cid, "model", "must be exactly one of {synth = {...}}, {lock = \"repo:file\"}, {path = ...}")
+    if "synth" in model:
+        from bitnet_ref.synth import SynthSpec
+
+        try:
+            SynthSpec(**_expect(model["synth"], dict, path, cid, "model.synth")).resolved()
+        except (TypeError, ValueError) as e:
+            raise _fail(path, cid, "model.synth", str(e)) from None
+    elif "path" in model:
+        model = {"path": str((path.parent / _expect(model["path"], str, path, cid, "model.path")).resolve())}
+    refs = _expect(c.get("references", []), list, path, cid, "references")
+    for r in refs:
+        if not (isinstance(r, str) and (r in KNOWN_REFERENCES or r.startswith("jsonl:"))):
+            raise _fail(path, cid, "references", f"unknown engine {r!r} (known: {', '.join(KNOWN_REFERENCES)}, "
+                                                 "jsonl:COMMAND)")
+    from bitnet_ref.numerics import PROFILES
+
+    profile = c.get("profile", "exact")
+    if profile not in PROFILES:
+        raise _fail(path, cid, "profile", f"unknown profile {profile!r} (known: {', '.join(PROFILES)})")
+    prompts = _expect(c.get("prompts", []), list, path, cid, "prompts")
+    if not all(isinstance(p, str) and p for p in prompts):
+        raise _fail(path, cid, "prompts", "must be a list of non-empty strings")
+    prompt_ids = _expect(c.get("prompt_ids", []), list, path, cid, "prompt_ids")
+    if not all(isinstance(p, list) and p and all(isinstance(i, int) and i >= 0 for i in p) for p in prompt_ids):
+        raise _fail(path, cid, "prompt_ids", "must be a list of non-empty lists of token ids")
+    if not prompts and not prompt_ids:
+        raise _fail(path, cid, "prompts", "a case needs prompts or prompt_ids")
+    rungs = _expect(c.get("rungs", list(RUNGS)), list, path, cid, "rungs")
+    bad = [r for r in rungs if r not in RUNGS]
+    if bad:
+        raise _fail(path, cid, "rungs", f"unknown rung {bad[0]!r} (known: {', '.join(RUNGS)})")
+    tol = _expect(c.get("tolerances", {}), dict, path, cid, "tolerances")
+    for k, v in tol.items():
+        if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v) or v < 0:
+            raise _fail(path, cid, f"tolerances.{k}", f"must be a non-negative number, got {v!r}")
+    corpus = c.get("corpus")
+    if corpus is not None:
+        cpath = path.parent / _expect(corpus, str, path, cid, "corpus")
+        if not cpath.is_file():
+            raise _fail(path, cid, "corpus", f"no file at {cpath}")
+        corpus = str(cpath.resolve())
+    ints = {}
+    for k, default in (("ctx", 128), ("greedy_tokens", 32)):
+        v = c.get(k, default)
+        if isinstance(v, bool) or not isinstance(v, int) or v < 1:
+            raise _fail(path, cid, k, f"must be a positive integer, got {v!r}")
+        ints[k] = v
+    markers = _expect(c.get("markers", []), list, path, cid, "markers")
+    return Case(id=cid, file=str(path), model=model, references=list(refs), profile=profile, prompts=prompts,
+                prompt_ids=prompt_ids, corpus=corpus, rungs=rungs, markers=[str(m) for m in markers],
+                tolerances={k: float(v) for k, v in tol.items()},
+                reference_options=_expect(c.get("reference_options", {}), dict, path, cid, "reference_options"),
+                description=str(c.get("description", "")), **ints)
+
+
+def load_cases(paths: list[str | Path] | None = None) -> list[Case]:
+    """All cases of the given files (default: every cases/*.toml); ids must be unique across files."""
+    files = [Path(p) for p in paths] if paths else sorted(CASES_DIR.glob("*.toml"))
+    cases: list[Case] = []
+    seen: dict[str, str] = {}
+    for f in files:
+        for case in load_case_file(f):
+            if case.id in seen:
+                raise _fail(f, case.id, "id", f"duplicate id (also in {seen[case.id]})")
+            seen[case.id] = str(f)
+            cases.append(case)
+    return cases
