@@ -23,9 +23,10 @@ A malformed file raises CaseError naming the file, the case and the field.
 from __future__ import annotations
 
 import math
-import tomllib
 from dataclasses import dataclass, field
 from pathlib import Path
+
+import tomllib
 
 from .records import RUNGS
 

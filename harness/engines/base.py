@@ -25,6 +25,11 @@ class EngineError(Exception):
     carries the context (command, the tail of stderr, the reference's own message)."""
 
 
+class ReferenceUnavailable(EngineError):
+    """The engine is not present or not configured here; the message names what to install or set.
+    A comparison against it is a skip with that reason, never a pass."""
+
+
 class NotSupported(EngineError):
     """The engine does not offer this operation (e.g. intermediates from a CLI tool)."""
 

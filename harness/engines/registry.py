@@ -14,7 +14,7 @@ from __future__ import annotations
 import shlex
 from dataclasses import dataclass
 
-from .base import Engine, EngineError
+from .base import Engine, EngineError, ReferenceUnavailable
 
 NAMES = ("bitnet_ref", "llama_cpp", "bitnet_cpp", "bitnet_cpp_tl2", "bitnet_cpp_cli")
 
@@ -36,9 +36,13 @@ def open_engine(spec: str, model, profile: str = "exact", options: dict | None =
 
         return PythonEngine(model, profile)
     if spec == "llama_cpp":
-        from .llama_ffi import LlamaLibEngine
+        from .llama_ffi import LlamaLibEngine, mainline_library
 
-        return LlamaLibEngine(model, name="llama.cpp", **options)
+        try:
+            library = mainline_library()
+        except EngineError as e:
+            raise ReferenceUnavailable(str(e)) from e
+        return LlamaLibEngine(model, library, name="llama.cpp", **options)
     if spec in ("bitnet_cpp", "bitnet_cpp_tl2"):
         from .discovery import ReferenceMissing, find_build
         from .llama_ffi import LlamaLibEngine
@@ -47,7 +51,7 @@ def open_engine(spec: str, model, profile: str = "exact", options: dict | None =
         try:
             library = find_build(variable).library("llama")
         except ReferenceMissing as e:
-            raise EngineError(str(e)) from e
+            raise ReferenceUnavailable(str(e)) from e
         return LlamaLibEngine(model, library, name="bitnet.cpp", variable=variable, **options)
     if spec == "bitnet_cpp_cli":
         from .cli_tools import CliToolsEngine
@@ -56,7 +60,7 @@ def open_engine(spec: str, model, profile: str = "exact", options: dict | None =
         try:
             return CliToolsEngine(model, find_build())
         except ReferenceMissing as e:
-            raise EngineError(str(e)) from e
+            raise ReferenceUnavailable(str(e)) from e
     if spec.startswith("jsonl:"):
         from .jsonl import JsonlEngine
 

@@ -1,0 +1,271 @@
+"""The check ladder for one case and one engine pair (system under test vs reference).
+
+file → weights → tokens → first logits → all positions → greedy → perplexity, stopping at the first
+rung that fails and naming it. When a logits rung fails and both engines expose intermediate tensors,
+the difference is localized to the first layer and operation that diverges.
+
+A reference that is not available here makes the record a skip with the reason (the variable to set);
+a reference that ran without a receipt, or an engine that breaks, makes it an error. Never a pass.
+"""
+
+from __future__ import annotations
+
+import platform as _platform
+import sys
+import time
+from dataclasses import asdict
+from pathlib import Path
+
+import numpy as np
+
+from bitnet_ref.errors import ERROR
+from bitnet_ref.formats import format_for
+from bitnet_ref.gguf import open_gguf
+from bitnet_ref.gguf.validate import validate_file
+from bitnet_ref.synth import SynthSpec, synthesize, ternary_weights
+
+from . import metrics as M
+from .cases import Case
+from .engines.base import EngineError, NotSupported, ReferenceUnavailable, require_receipt
+from .engines.registry import open_engine
+from .records import Check, Record, RungResult
+from .tolerances import Tolerances
+
+LOCALIZE_OPS = ("attn_norm", "attn_sub_norm", "ffn_sub_norm", "l_out")
+
+
+class RungFailed(Exception):
+    def __init__(self, result: RungResult):
+        super().__init__(result.detail)
+        self.result = result
+
+
+def model_path_for(case: Case, models_dir: Path) -> Path:
+    """The case's model file: synthesized into models_dir (deterministic, so reused), a locked download,
+    or a path."""
+    if "synth" in case.model:
+        spec = SynthSpec(**case.model["synth"]).resolved()
+        path = models_dir / spec.filename()
+        return path if path.exists() else synthesize(spec, models_dir)
+    if "lock" in case.model:
+        from bitnet_ref.hub import download_model
+
+        repo, _, file = case.model["lock"].partition(":")
+        return download_model(repo, filename=file or None)
+    return Path(case.model["path"])
+
+
+def unavailable_reason(case: Case, reference: str) -> str | None:
+    """Why this pair cannot run on this machine, before anything is loaded (None: it can be tried)."""
+    if case.format == "tl1" and reference.startswith("bitnet_cpp") and _platform.machine() not in ("aarch64", "arm64"):
+        return ("TL1 kernels are ARM-only: bitnet.cpp compiles them for aarch64 (GGML_BITNET_ARM_TL1); this "
+                f"machine is {_platform.machine()}")
+    return None
+
+
+def environment() -> dict:
+    return {"python": sys.version.split()[0], "platform": _platform.platform(), "machine": _platform.machine(),
+            "hostname": _platform.node()}
+
+
+# -- the rungs ------------------------------------------------------------------------------------------
+def _checks(tol: Tolerances, metrics: dict) -> tuple[list[Check], bool]:
+    checks = tol.check(metrics)
+    return checks, all(c.passed for c in checks)
+
+
+def rung_file(path: Path) -> RungResult:
+    bad = [f for f in validate_file(path) if f.severity == ERROR]
+    if bad:
+        return RungResult("file", "fail", f"{len(bad)} validation errors; first: {bad[0]}")
+    return RungResult("file", "pass", "validation clean")
+
+
+def rung_weights(case: Case, path: Path) -> RungResult:
+    """Ternary values and scales as stored. For a synthesized model, bit-exact against the generator;
+    otherwise every ternary tensor must decode to values in {-1, 0, 1} with finite scales."""
+    spec = SynthSpec(**case.model["synth"]).resolved() if "synth" in case.model else None
+    n = 0
+    with open_gguf(path) as gf:
+        for t in gf.tensors:
+            fmt = format_for(gf, t)
+            if not fmt.ternary:
+                continue
+            tern = fmt.unpack(gf.tensor_bytes(t), t.shape)
+            n += 1
+            if spec is not None:
+                values, scale = ternary_weights(spec.seed, t.name, t.shape)
+                if not np.array_equal(tern.values, values):
+                    i = tuple(int(x) for x in np.argwhere(tern.values != values)[0])
+                    return RungResult("weights", "fail", f"{t.name}: ternary value at {i} is {tern.values[i]}, "
+                                                         f"the generator wrote {values[i]}")
+                stored = np.unique(tern.scale[tern.scale != 0]) if tern.scale.ndim else np.array([tern.scale])
+                if not (stored.size == 1 and stored[0] == np.float32(scale)):
+                    return RungResult("weights", "fail", f"{t.name}: scales {stored[:4]} differ from {scale}")
+            elif not np.isfinite(tern.scale).all():
+                return RungResult("weights", "fail", f"{t.name}: non-finite scale")
+    how = "bit-exact against the generator" if spec else "ternary with finite scales"
+    return RungResult("weights", "pass", f"{n} ternary tensors {how}", metrics={"ternary_tensors": n})
+
+
+def rung_tokens(case: Case, sut, ref) -> RungResult:
+    for i, prompt in enumerate(case.prompts):
+        a, b = sut.tokenize(prompt), ref.tokenize(prompt)
+        if a != b:
+            j = next((k for k, (x, y) in enumerate(zip(a, b)) if x != y), min(len(a), len(b)))
+            return RungResult("tokens", "fail",
+                              f"prompt {i}: token {j} differs: {a[j:j + 4]} (sut) vs {b[j:j + 4]} (reference); "
+                              f"lengths {len(a)} / {len(b)}", first_bad_position=j)
+    return RungResult("tokens", "pass", f"{len(case.prompts)} prompts tokenized identically")
+
+
+def _logits_rung(name: str, a: np.ndarray, b: np.ndarray, targets, tol: Tolerances) -> RungResult:
+    m = M.compare_logits(a, b, targets=targets)
+    scalars = {k: float(v) for k, v in m.items() if np.isscalar(v)}
+    checks, ok = _checks(tol, scalars)
+    per_pos = np.asarray(m["max_abs_per_position"])
+    limit = tol.limit("max_abs")
+    bad = np.nonzero(per_pos > limit)[0] if limit is not None else np.array([], int)
+    series = {"max_abs_per_position": per_pos.tolist()}
+    if "kl_per_position" in m:
+        series["kl_per_position"] = np.asarray(m["kl_per_position"]).tolist()
+    failed = [c for c in checks if not c.passed]
+    detail = (f"{len(per_pos)} positions, max |Δ| {scalars.get('max_abs', float('nan')):.3g}" if ok else
+              f"{failed[0].metric} = {failed[0].value:.4g} against {failed[0].op} {failed[0].limit:g} "
+              f"({failed[0].source})" + (f"; first position over max_abs: {int(bad[0])}" if bad.size else ""))
+    return RungResult(name, "pass" if ok else "fail", detail, metrics=scalars, checks=checks, series=series,
+                      histogram=m.get("histogram"), first_bad_position=int(bad[0]) if bad.size else None)
+
+
+def localize(sut, ref, ids: list[int], n_layers: int, limit: float) -> dict | None:
+    """The first layer and operation where the two engines' intermediates differ by more than `limit`."""
+    names = [f"{op}-{i}" for i in range(n_layers) for op in LOCALIZE_OPS]
+    try:
+        a = sut.intermediates(ids, names)
+        b = ref.intermediates(ids, names)
+    except NotSupported:
+        return None
+    nodes = []
+    for name in names:
+        x, y = a[name], b[name].reshape(a[name].shape)
+        d = float(np.abs(x - y).max())
+        nodes.append({"name": name, "max_abs": d})
+        if d > limit:
+            op, _, layer = name.rpartition("-")
+            return {"layer": int(layer), "op": name, "max_abs": d, "nodes": nodes}
+    return {"layer": None, "op": None, "max_abs": 0.0, "nodes": nodes,
+            "note": "no intermediate over the limit: the difference arises in the output norm or lm_head"}
+
+
+def rung_greedy(case: Case, sut, ref, ids: list[int], tol: Tolerances) -> RungResult:
+    n = case.greedy_tokens
+    a, b = sut.generate(ids, n), ref.generate(ids, n)
+    at_a = at_b = None
+    j = next((k for k, (x, y) in enumerate(zip(a, b)) if x != y), None)
+    if j is not None:  # the logits where they part: a near-tie is not a bug
+        prefix = ids + a[:j]
+        at_a, at_b = sut.logits(prefix)[-1], ref.logits(prefix)[-1]
+    g = M.compare_greedy(a, b, at_a, at_b)
+    scalars = {k: float(v) for k, v in g.items() if np.isscalar(v) and not isinstance(v, bool)}
+    checks, ok = _checks(tol, scalars)
+    tie = bool(g.get("tie"))
+    if not ok and tie:
+        ok = True
+        detail = f"diverged at token {j} on a near-tie (each token in the other's top-k): not a bug"
+    elif j is None:
+        detail = f"{n} greedy tokens identical"
+    else:
+        detail = f"first divergence at generated token {j}: {a[j]} (sut) vs {b[j]} (reference)"
+    return RungResult("greedy", "pass" if ok else "fail", detail, metrics=scalars, checks=checks,
+                      first_bad_position=j)
+
+
+def rung_perplexity(case: Case, sut, ref, tol: Tolerances) -> RungResult:
+    text = Path(case.corpus).read_text(encoding="utf-8")
+    ids = ref.tokenize(text)
+    pa, pb = sut.perplexity(ids, case.ctx), ref.perplexity(ids, case.ctx)
+    rel = abs(pa.ppl - pb.ppl) / pb.ppl
+    metrics = {"ppl_sut": pa.ppl, "ppl_reference": pb.ppl, "ppl_rel_diff": rel}
+    checks, ok = _checks(tol, metrics)
+    return RungResult("perplexity", "pass" if ok else "fail",
+                      f"PPL {pa.ppl:.4f} (sut) vs {pb.ppl:.4f} (reference), relative difference {rel:.2e}",
+                      metrics=metrics, checks=checks)
+
+
+# -- the whole ladder ------------------------------------------------------------------------------------
+def run_ladder(case: Case, reference: str, tol: Tolerances, models_dir: Path, *, sut: str = "bitnet_ref",
+               profile: str | None = None, test_id: str = "", open_fn=open_engine) -> Record:
+    """Run the case's rungs in order for (sut, reference); the record says how far it got and why.
+    `open_fn(name, model, profile, options)` opens the engines (the harness's self-tests pass their own)."""
+    profile = profile or case.profile
+    record = Record(case_id=case.id, sut=sut, reference=reference, profile=profile, status="pass",
+                    test_id=test_id, environment=environment())
+    t0 = time.perf_counter()
+    try:
+        _ladder(case, reference, tol, models_dir, sut, profile, record, open_fn)
+    except ReferenceUnavailable as e:
+        record.status, record.reason = "skip", str(e)
+    except RungFailed as e:
+        record.rungs.append(e.result)
+        record.status, record.failed_rung, record.reason = "fail", e.result.rung, e.result.detail
+    except (EngineError, OSError, ValueError) as e:
+        record.status, record.reason = "error", f"{type(e).__name__}: {e}"
+    record.seconds = time.perf_counter() - t0
+    return record
+
+
+def _ladder(case, reference, tol, models_dir, sut_name, profile, record: Record, open_fn) -> None:
+    reason = unavailable_reason(case, reference)
+    if reason:
+        raise ReferenceUnavailable(reason)
+    path = model_path_for(case, models_dir)
+    from .engines.base import file_sha256
+
+    record.model = {"path": str(path), "sha256": file_sha256(path), "spec": case.model.get("synth")}
+
+    def run(result: RungResult) -> None:
+        if result.status == "fail":
+            raise RungFailed(result)
+        record.rungs.append(result)
+
+    if "file" in case.rungs:
+        run(rung_file(path))
+    if "weights" in case.rungs:
+        run(rung_weights(case, path))
+    ref = open_fn(reference, path, "exact", case.reference_options)
+    try:
+        record.receipts["reference"] = asdict(require_receipt(reference, ref.receipt))
+        with open_fn(sut_name, path, profile, None) as sut:
+            record.receipts["sut"] = asdict(require_receipt(sut_name, sut.receipt))
+            _engine_rungs(case, sut, ref, tol, record, run)
+            record.receipts = {"sut": asdict(sut.receipt), "reference": asdict(ref.receipt)}
+    finally:
+        ref.close()
+
+
+def _engine_rungs(case, sut, ref, tol, record, run) -> None:
+    if "tokens" in case.rungs and case.prompts:
+        run(rung_tokens(case, sut, ref))
+    prompts = [ref.tokenize(p) for p in case.prompts] + [list(p) for p in case.prompt_ids]
+    n_layers = getattr(getattr(sut, "model", None), "cfg", None)
+    n_layers = n_layers.layers if n_layers else 0
+    for name in ("first_logits", "all_logits"):
+        if name not in case.rungs:
+            continue
+        for ids in prompts:
+            a, b = sut.logits(ids), ref.logits(ids)
+            if name == "first_logits":
+                a, b = a[:1], b[:1]
+            result = _logits_rung(name, a, b, np.asarray(ids[1 : len(a) + 1]) if len(ids) > 1 else None, tol)
+            if result.status == "fail" and n_layers:
+                result.localization = localize(sut, ref, ids, n_layers, tol.limit("max_abs") or 1e-4)
+                if result.localization and result.localization.get("op"):
+                    result.detail += f"; first divergence: {result.localization['op']}"
+            run(result)
+    if "greedy" in case.rungs:
+        run(rung_greedy(case, sut, ref, prompts[0], tol))
+    if "perplexity" in case.rungs and case.corpus:
+        try:
+            run(rung_perplexity(case, sut, ref, tol))
+        except NotSupported as e:
+            record.rungs.append(RungResult("perplexity", "skip", f"not supported: {e}"))
