@@ -19,9 +19,10 @@ def _install(session: nox.Session, extras: str = "test") -> None:
 
 @nox.session
 def tests(session: nox.Session) -> None:
-    """The test suite (unit tests, and the references that are present). Extra args go to pytest."""
+    """The test suite: unit tests and the cross-validation suites against the references present.
+    Extra args go to pytest."""
     _install(session)
-    session.run("pytest", "-q", *session.posargs)
+    session.run("pytest", "-q", "tests", *session.posargs)
 
 
 @nox.session
@@ -42,13 +43,47 @@ def bench(session: nox.Session) -> None:
 
 @nox.session
 def crossval(session: nox.Session) -> None:
-    """Main job. Until the cross-validation suites land (issue #5) this synthesizes the default tiny
-    models in every format, validates each, and checks that mainline llama.cpp loads the ones it can run."""
+    """Main job: the default cases (cases/*.toml) with the Python engine against every reference found;
+    writes the HTML report and the JSON records. Extra args go to pytest (e.g. -k tl2 --tolerance=1e-4)."""
     _install(session)
-    session.run("python", "-m", "harness.preview_crossval", *session.posargs)
+    report = os.path.join("out", "crossval", "report.html")
+    session.run("pytest", "-q", "-rsx", "tests/crossval", f"--report-html={report}", *session.posargs)
+    session.log(f"report: {os.path.abspath(report)}")
+
+
+@nox.session
+def baselines(session: nox.Session) -> None:
+    """Rewrite this platform's baselines (baselines/<platform-id>/) from a crossval run."""
+    _install(session)
+    session.run("pytest", "-q", "tests/crossval", "--update-baselines", *session.posargs)
 
 
 @nox.session
 def lint(session: nox.Session) -> None:
     session.install("ruff")
     session.run("ruff", "check", ".")
+
+
+@nox.session
+def sanitize(session: nox.Session) -> None:
+    """The native kernels built with -fsanitize=address,undefined (a separate build in a temp dir) under
+    tests/test_kernels.py. The build is loaded through BITNET_KERNELS_PATH (the test suite fails if it does not
+    load). A Python host needs the ASan runtime first in the process: LD_PRELOAD=$(cc -print-file-name=libasan.so)
+    (the compiler that built the extension); ASAN_OPTIONS=detect_leaks=0 because the interpreter itself
+    leaks by design; PYTHONMALLOC=malloc so that Python buffers come from malloc, where ASan sees their
+    bounds (pymalloc's arenas hide overflows). UBSan aborts on the first report (-fno-sanitize-recover)."""
+    import subprocess
+    import sysconfig
+
+    session.install("-e", ".", "pytest", "hypothesis", env=BUILD_ENV)
+    out = session.create_tmp()
+    flags = "-fsanitize=address,undefined -fno-sanitize-recover=all -fno-omit-frame-pointer -O1 -g"
+    session.run("python", "native/build_kernels.py", os.path.join(out, "sanitize"),
+                env={"BITNET_KERNELS_CFLAGS": flags, "BITNET_KERNELS_LDFLAGS": "-fsanitize=address,undefined"})
+    built = [f for f in os.listdir(os.path.join(out, "sanitize")) if f.endswith(".so")]
+    cc = (sysconfig.get_config_var("CC") or "cc").split()[0]
+    libasan = subprocess.run([cc, "-print-file-name=libasan.so"], capture_output=True, text=True).stdout.strip()
+    session.run("pytest", "-q", "-p", "no:cacheprovider", "tests/test_kernels.py", *session.posargs,
+                env={"BITNET_KERNELS_PATH": os.path.join(out, "sanitize", built[0]), "LD_PRELOAD": libasan,
+                     "ASAN_OPTIONS": "detect_leaks=0:abort_on_error=1", "PYTHONMALLOC": "malloc",
+                     "UBSAN_OPTIONS": "print_stacktrace=1:halt_on_error=1", "BITNET_KERNEL_EXAMPLES": "100"})

@@ -8,7 +8,10 @@ and logits = (rms(x) * output_norm) . token_embd^T. Every projection's output is
 optional `blk.N.<name>.scale` tensor (shape {1}) when the file has one, as mainline does.
 
 Ternary weights stay int8 values with their scales; the embedding is decoded per lookup (and per
-chunk of rows for the lm_head), straight from the memory-mapped file.
+chunk of rows for the lm_head), straight from the memory-mapped file. Where the native kernels
+(bitnet_ref.kernels) compute a profile's integer products (I2_S x i8_s for bitnet-cpp, TQ1_0/TQ2_0 x Q8_K
+for llama-cpp), the weights stay packed in the mapped file and are never unpacked: the kernels return the
+same exact integer sums, and the float32 epilogues below are shared, so both paths give the same bits.
 """
 
 from __future__ import annotations
@@ -16,9 +19,11 @@ from __future__ import annotations
 import ctypes
 import ctypes.util
 from dataclasses import dataclass, field
+from typing import Callable
 
 import numpy as np
 
+from . import kernels
 from .config import LAYER_TENSORS, PROJECTIONS, ModelConfig
 from .errors import FormatError, model_error
 from .formats import format_for
@@ -31,7 +36,10 @@ LM_HEAD_CHUNK_ROWS = 8192
 
 @dataclass
 class Linear:
-    """One projection: ternary int8 values with scales, or plain float weights (F32/F16 files)."""
+    """One projection: ternary int8 values with scales, or plain float weights (F32/F16 files).
+
+    A ternary projection the native kernels compute keeps only `packed` (the stored bytes, a view of the
+    mapped file) and unpacks `values` on first use by a numpy path (`ternary_values`)."""
 
     name: str
     fmt: str
@@ -39,6 +47,19 @@ class Linear:
     scale: np.ndarray | None = None  # float32 (rows, blocks); a per-tensor scale is (1, 1)
     weight: np.ndarray | None = None  # float32 (rows, K), float formats only
     out_scale: float | None = None  # the optional `.scale` tensor
+    packed: np.ndarray | None = None  # uint8: the stored bytes, for the native kernels
+    type_id: int | None = None  # ggml type id of `packed`
+    shape: tuple[int, int] | None = None  # (rows, K)
+    unpack: Callable[[], np.ndarray] | None = field(default=None, repr=False)
+
+    @property
+    def ternary(self) -> bool:
+        return self.values is not None or self.packed is not None
+
+    def ternary_values(self) -> np.ndarray:
+        if self.values is None:
+            self.values = np.ascontiguousarray(self.unpack(), dtype=np.int8)
+        return self.values
 
 
 @dataclass
@@ -156,6 +177,11 @@ def tq_dot_q8_k_ggml(q: np.ndarray, dy: np.ndarray, values: np.ndarray, dw: np.n
     [32l, 32l+32) (bsums subtracted lane-wise); each lane is converted to float and accumulated over the
     blocks with an FMA by d = y.d * x.d (float32); the 8 lanes are reduced by hsum_float_8.
     """
+    return _tq_epilogue(_tq_lanes_numpy(q, values), dy, dw)
+
+
+def _tq_lanes_numpy(q: np.ndarray, values: np.ndarray) -> np.ndarray:
+    """The integer lanes of `tq_dot_q8_k_ggml`: (T, R, K/256, 8), float32 holding exact integers."""
     t, k = q.shape
     r = values.shape[0]
     nb = k // QK_K
@@ -168,10 +194,16 @@ def tq_dot_q8_k_ggml(q: np.ndarray, dy: np.ndarray, values: np.ndarray, dw: np.n
     inter = qs.sum(axis=-1)  # (nb, 8, T): q over this lane's interleaved positions
     contig = q.reshape(t, nb, 8, 32).astype(np.float32).sum(axis=-1).transpose(1, 2, 0)  # (nb, 8, T)
     lanes = dots + (inter - contig)[..., None]  # (w+1)*q summed, minus bsums
+    return lanes.transpose(2, 3, 0, 1)
+
+
+def _tq_epilogue(lanes: np.ndarray, dy: np.ndarray, dw: np.ndarray) -> np.ndarray:
+    """ggml's float32 epilogue over integer lanes (T, R, nb, 8): FMA by d = y.d * x.d per block, hsum_float_8."""
+    t, r, nb, _ = lanes.shape
     acc = np.zeros((t, r, 8), dtype=np.float32)
     for b in range(nb):
         d = (dy[:, b][:, None] * dw[:, b][None, :]).astype(np.float32)  # (T, R)
-        acc = _fma32(lanes[b].transpose(1, 2, 0), d[:, :, None], acc)
+        acc = _fma32(lanes[:, :, b, :], d[:, :, None], acc)
     return _ggml_hsum8(acc)
 
 
@@ -210,15 +242,19 @@ def i2s_dot_i8_s_ggml(q: np.ndarray, s: np.ndarray, values: np.ndarray, w_scale,
     of the whole row's q. Both integers are exact in float32 (|.| < 2^24). `int16_wrap` models the
     kernel's int16 lane accumulation (see `_i2s_raw_int16`); without it the lanes are taken as exact.
     """
-    f32 = np.float32
     kk = q.shape[1] // QK_I2_S * QK_I2_S  # the kernel drops a partial block
     codes = values[:, :kk].astype(np.int16) + 1
     if int16_wrap:
         raw = _i2s_raw_int16(q[:, :kk], codes)
     else:
         raw = (q[:, :kk].astype(np.float64) @ codes.T.astype(np.float64)).astype(np.int64)  # exact integers
-    act_sum = q.astype(np.int64).sum(axis=1)
-    diff = raw.astype(f32) - act_sum.astype(f32)[:, None]
+    return _i2s_epilogue(raw, q.astype(np.int64).sum(axis=1), s, w_scale)
+
+
+def _i2s_epilogue(raw: np.ndarray, act_sum: np.ndarray, s: np.ndarray, w_scale) -> np.ndarray:
+    """ggml.c's float32 epilogue of the I2_S product: ((float)raw - (float)act_sum) / act_scale * w_scale."""
+    f32 = np.float32
+    diff = raw.astype(f32) - np.asarray(act_sum).astype(f32)[:, None]
     return (diff / s.astype(f32)[:, None]) * np.asarray(w_scale, dtype=f32).reshape(1, -1)
 
 
@@ -258,6 +294,33 @@ def vec_dot_f16_ggml(x: np.ndarray, y: np.ndarray) -> np.ndarray:
     for i in range(body, n):
         s = s + prod[..., i]
     return s.astype(f32)
+
+
+def _native_packed(prof: Profile, fmt_name: str, shape) -> bool:
+    """Whether this profile's products on this format run in the native kernels, straight from the packed
+    bytes: I2_S (x86 layout) x i8_s and TQ1_0/TQ2_0 x Q8_K in the ggml_cpu profiles."""
+    if not (prof.ggml_cpu and prof.quantizes(fmt_name) and len(shape) == 2):
+        return False
+    if prof.activations == "i8_s" and fmt_name != "i2_s":
+        return False
+    if prof.activations == "q8_k" and fmt_name not in ("tq1_0", "tq2_0"):
+        return False
+    return kernels.available()
+
+
+def _unpacker(fmt, data: np.ndarray, shape):
+    return lambda: fmt.unpack(data, shape).values
+
+
+def _packed_scale(fmt, data: np.ndarray, shape) -> np.ndarray:
+    """The float32 scales of a packed ternary tensor without unpacking it: (1, 1) per tensor, (rows, blocks)."""
+    if fmt.name == "i2_s":
+        fmt.check_shape(shape)
+        n = shape[0] * shape[1]
+        fmt._check_size(data, shape)
+        return data[n // 4: n // 4 + 4].copy().view(np.float32).reshape(1, 1)
+    fmt._check_size(data, shape)
+    return np.ascontiguousarray(fmt.block_scales(data, shape), dtype=np.float32)
 
 
 class Model:
@@ -318,7 +381,11 @@ class Model:
                     lin = Linear(name, fmt.name)
                     data = gf.tensor_bytes(t)
                     try:
-                        if fmt.ternary:
+                        if fmt.ternary and _native_packed(prof, fmt.name, t.shape):
+                            lin.packed, lin.type_id, lin.shape = data, fmt.type_id, tuple(t.shape)
+                            lin.unpack = _unpacker(fmt, data, tuple(t.shape))
+                            lin.scale = _packed_scale(fmt, data, tuple(t.shape))
+                        elif fmt.ternary:
                             tern = fmt.unpack(data, t.shape)
                             lin.values = np.ascontiguousarray(tern.values, dtype=np.int8)
                             s = np.asarray(tern.scale, dtype=np.float32)
@@ -390,14 +457,15 @@ class Model:
         dt = self.dtype
         if self.profile.ggml_cpu:
             return self._mm_ggml(x, lin)
-        if lin.values is not None:
-            rows, k = lin.values.shape
+        if lin.ternary:
+            values = lin.ternary_values()
+            rows, k = values.shape
             a = self._quantized(x, k) if self.profile.quantizes(lin.fmt) else x
             nb = lin.scale.shape[1]
             g = k // nb
             out = np.zeros((x.shape[0], rows), dtype=dt)
             for b in range(nb):
-                part = a[:, b * g:(b + 1) * g] @ lin.values[:, b * g:(b + 1) * g].T.astype(dt)
+                part = a[:, b * g:(b + 1) * g] @ values[:, b * g:(b + 1) * g].T.astype(dt)
                 out += part * lin.scale[:, b].astype(dt)
         else:
             a = x
@@ -412,12 +480,15 @@ class Model:
         """ggml_mul_mat on x86 CPU, float32 out: TQ x Q8_K as the kernel computes it; float weights as
         the exact product of the (f16-rounded for F16 weights) activations, rounded once to float32."""
         f32 = np.float32
-        if lin.values is not None:
+        if lin.packed is not None and lin.values is None and self.profile.quantizes(lin.fmt):
+            out = self._mm_native(x, lin)
+        elif lin.ternary:
+            values = lin.ternary_values()
             if not self.profile.quantizes(lin.fmt) and self.profile.activations == "i8_s":
                 # bitnet-cpp on a format that is not bitnet.cpp's own (TQ1_0/TQ2_0): float activations times
                 # the dequantized weights, rounded once (the fork's Q8_K kernels are not emulated)
-                group = lin.values.shape[1] // lin.scale.shape[1]
-                w = lin.values.astype(f32) * np.repeat(lin.scale.astype(f32), group, axis=1)
+                group = values.shape[1] // lin.scale.shape[1]
+                w = values.astype(f32) * np.repeat(lin.scale.astype(f32), group, axis=1)
                 out = (x.astype(np.float64) @ w.T.astype(np.float64)).astype(f32)
             elif not self.profile.quantizes(lin.fmt):
                 raise model_error("unsupported-format", f"{lin.name}: {lin.fmt} is not a ggml CPU format",
@@ -429,16 +500,29 @@ class Model:
                     raise model_error("unsupported-format", f"{lin.name}: {lin.fmt} has block scales",
                                       "bitnet.cpp's kernels take one scale per tensor", path=self.path)
                 q, s = quantize_i8_s(x.astype(f32))
-                out = i2s_dot_i8_s_ggml(q, s, lin.values, lin.scale[:, 0], self.profile.i2s_int16_wrap)
+                out = i2s_dot_i8_s_ggml(q, s, values, lin.scale[:, 0], self.profile.i2s_int16_wrap)
             else:
                 q, dy = quantize_q8_k_blocks(x.astype(f32))
-                out = tq_dot_q8_k_ggml(q, dy, lin.values, lin.scale.astype(f32))
+                out = tq_dot_q8_k_ggml(q, dy, values, lin.scale.astype(f32))
         else:
             a = x.astype(np.float16) if lin.fmt == "f16" and self.profile.f16_acts_for_f16_weights else x
             out = (a.astype(np.float64) @ lin.weight.T.astype(np.float64)).astype(f32)
         if lin.out_scale is not None:
             out = out * f32(lin.out_scale)
         return out
+
+    def _mm_native(self, x: np.ndarray, lin: Linear) -> np.ndarray:
+        """The native kernels' exact integer sums on the packed bytes, then the numpy float32 epilogues
+        (the same functions the numpy path ends with)."""
+        f32 = np.float32
+        rows = lin.shape[0]
+        if self.profile.activations == "i8_s":
+            q, s, act_sum = kernels.quantize_i8_s(x.astype(f32))
+            raw = kernels.i2s_raw(q, lin.packed, rows, wrap16=self.profile.i2s_int16_wrap)
+            return _i2s_epilogue(raw, act_sum, s, lin.scale[:, 0])
+        q, dy = kernels.quantize_q8_k_blocks(x.astype(f32))
+        lanes = kernels.tq_lanes(lin.type_id, q, lin.packed, rows)
+        return _tq_epilogue(lanes, dy, lin.scale.astype(f32))
 
     def _lm_head(self, h: np.ndarray) -> np.ndarray:
         dt = self.dtype

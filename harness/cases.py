@@ -13,6 +13,7 @@
     greedy_tokens = 32
     rungs = ["file", "weights", "tokens", "first_logits", "all_logits", "greedy", "perplexity"]
     markers = ["slow"]                            # extra pytest markers (format and arch markers are added)
+    xfail = "upstream bug ..."                    # a known reference bug: expected to fail (strict)
     reference_options = { n_ubatch = 1 }          # passed to the reference adapters that accept them
     [case.tolerances]                             # overrides of the defaults, by metric
     max_abs = 1e-4
@@ -23,10 +24,9 @@ A malformed file raises CaseError naming the file, the case and the field.
 from __future__ import annotations
 
 import math
+import tomllib
 from dataclasses import dataclass, field
 from pathlib import Path
-
-import tomllib
 
 from .records import RUNGS
 
@@ -35,7 +35,7 @@ KNOWN_REFERENCES = ("llama_cpp", "bitnet_cpp", "bitnet_cpp_cli", "bitnet_cpp_tl2
 FORMAT_MARKERS = {"i2_s": "i2s", "tl1": "tl1", "tl2": "tl2", "tq1_0": "tq1", "tq2_0": "tq2", "f16": "f16",
                   "f32": "f32"}
 CASE_KEYS = {"id", "model", "references", "profile", "prompts", "prompt_ids", "corpus", "ctx", "greedy_tokens",
-             "rungs", "markers", "tolerances", "reference_options", "description"}
+             "rungs", "markers", "tolerances", "reference_options", "description", "xfail"}
 
 
 class CaseError(ValueError):
@@ -59,6 +59,7 @@ class Case:
     tolerances: dict[str, float] = field(default_factory=dict)
     reference_options: dict = field(default_factory=dict)
     description: str = ""
+    xfail: str | None = None  # why this pair is expected to fail (a known reference bug)
 
     @property
     def format(self) -> str | None:
@@ -170,7 +171,8 @@ def _parse_case(path: Path, index: int, c) -> Case:
                 prompt_ids=prompt_ids, corpus=corpus, rungs=rungs, markers=[str(m) for m in markers],
                 tolerances={k: float(v) for k, v in tol.items()},
                 reference_options=_expect(c.get("reference_options", {}), dict, path, cid, "reference_options"),
-                description=str(c.get("description", "")), **ints)
+                description=str(c.get("description", "")),
+                xfail=_expect(c["xfail"], str, path, cid, "xfail") if "xfail" in c else None, **ints)
 
 
 def load_cases(paths: list[str | Path] | None = None) -> list[Case]:

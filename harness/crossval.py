@@ -235,7 +235,9 @@ def _ladder(case, reference, tol, models_dir, sut_name, profile, record: Record,
     ref = open_fn(reference, path, "exact", case.reference_options)
     try:
         record.receipts["reference"] = asdict(require_receipt(reference, ref.receipt))
-        with open_fn(sut_name, path, profile, None) as sut:
+        # the system under test evaluates prompts in the reference's micro-batches, so both take the same path
+        sut_options = {k: v for k, v in case.reference_options.items() if k == "n_ubatch"}
+        with open_fn(sut_name, path, profile, sut_options) as sut:
             record.receipts["sut"] = asdict(require_receipt(sut_name, sut.receipt))
             _engine_rungs(case, sut, ref, tol, record, run)
             record.receipts = {"sut": asdict(sut.receipt), "reference": asdict(ref.receipt)}

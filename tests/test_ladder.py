@@ -5,14 +5,13 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
+from gguf_edit import rewrite
 
 from bitnet_ref.gguf import open_gguf
 from harness.cases import Case
 from harness.crossval import run_ladder
 from harness.engines.registry import open_engine
 from harness.tolerances import resolve
-
-from gguf_edit import rewrite
 
 pytest.importorskip("llama_cpp", reason="llama-cpp-python (mainline llama.cpp) is not installed")
 

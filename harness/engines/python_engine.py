@@ -24,8 +24,11 @@ def _threads() -> int:
 
 
 class PythonEngine(Engine):
-    def __init__(self, model_path: str | os.PathLike, profile: str = "exact"):
+    def __init__(self, model_path: str | os.PathLike, profile: str = "exact", n_ubatch: int | None = None):
+        """n_ubatch: evaluate prompts in pieces of this many tokens (through the KV cache), as a reference
+        run with the same micro-batch does; None: the whole prompt at once."""
         path = Path(model_path)
+        self.n_ubatch = n_ubatch
         try:
             self.model = Model.load(path, profile)
         except ModelError as e:
@@ -63,7 +66,14 @@ class PythonEngine(Engine):
 
     def logits(self, ids: list[int]) -> np.ndarray:
         with self.timed("logits"):
-            return self._run(self.model.logits, ids)
+            return self._run(self._logits, ids)
+
+    def _logits(self, ids: list[int]) -> np.ndarray:
+        if not self.n_ubatch:
+            return self.model.logits(ids)
+        state = self.model.new_state()
+        return np.concatenate([self.model.forward(ids[i : i + self.n_ubatch], state)
+                               for i in range(0, len(ids), self.n_ubatch)])
 
     def generate(self, ids: list[int], n: int, sampling: Sampling = GREEDY) -> list[int]:
         params = SamplingParams(sampling.temperature, sampling.top_k, sampling.top_p, sampling.seed)

@@ -27,14 +27,22 @@ class EngineStatus:
     detail: str = ""  # where it is and what it supports, or what to set when it is missing
 
 
-def open_engine(spec: str, model, profile: str = "exact", options: dict | None = None) -> Engine:
+# Engines run behind the JSON-lines protocol in a process of their own (harness/engines/serve.py): a
+# second bitnet.cpp build cannot share a process with the first (both name their library libggml.so).
+ISOLATED = ("bitnet_cpp_tl2",)
+
+
+def open_engine(spec: str, model, profile: str = "exact", options: dict | None = None,
+                isolate: bool | None = None) -> Engine:
     """An engine on `model`. `profile` applies to bitnet_ref; references compute as they do. `options`
     go to the in-process adapters (e.g. n_ubatch, n_batch, kv_type)."""
     options = options or {}
+    if spec in ISOLATED if isolate is None else isolate:
+        return _isolated(spec, model, profile, options)
     if spec == "bitnet_ref":
         from .python_engine import PythonEngine
 
-        return PythonEngine(model, profile)
+        return PythonEngine(model, profile, n_ubatch=options.get("n_ubatch"))
     if spec == "llama_cpp":
         from .llama_ffi import LlamaLibEngine, mainline_library
 
@@ -69,6 +77,22 @@ def open_engine(spec: str, model, profile: str = "exact", options: dict | None =
             raise EngineError("jsonl: needs a command line, e.g. 'jsonl:./my-engine --threads 2'")
         return JsonlEngine(command, model)
     raise EngineError(f"unknown engine {spec!r}; known: {', '.join(NAMES)}, jsonl:COMMAND")
+
+
+def _isolated(spec: str, model, profile: str, options: dict) -> Engine:
+    import sys
+
+    from .discovery import ReferenceMissing, find_build
+    from .jsonl import JsonlEngine
+
+    if spec == "bitnet_cpp_tl2":
+        try:
+            find_build("BITNET_CPP_TL2_DIR").library("llama")
+        except ReferenceMissing as e:
+            raise ReferenceUnavailable(str(e)) from e
+    command = [sys.executable, "-m", "harness.engines.serve", spec, "--model", str(model), "--profile", profile]
+    command += [f"--option={k}={v}" for k, v in options.items()]
+    return JsonlEngine(command, model)
 
 
 def _library_status(name: str, find) -> EngineStatus:

@@ -1,0 +1,230 @@
+"""Native (C, cffi API mode) kernels for the exact integer parts of the forward pass, with a numpy fallback.
+
+The extension `bitnet_ref._bitnet_kernels` is built from native/ by `pip install` (setup.py's
+`cffi_modules`; a compile failure only warns) or by hand with `python native/build_kernels.py`. What it
+computes is integer-exact or bit-defined, so every result here equals the numpy code's bit for bit:
+
+- `quantize_i8_s`: bitnet.cpp's per-token quantizer -> (q int8, s float32, act_sum int32)
+- `quantize_q8_k_blocks`: ggml's Q8_K block quantizer -> (q int8, d float32)
+- `i2s_raw`: Σ code·q over I2_S x86 packed bytes (code 0..2, bitnet.cpp's raw kernel sum), int32 (T, R)
+- `tq_lanes`: ggml's 8 int32 lanes per 256-value block for TQ1_0/TQ2_0 packed blocks, int32 (T, R, K/256, 8)
+
+Environment: BITNET_KERNELS=0 forces numpy; BITNET_KERNELS_PATH loads the extension from that file (e.g. a
+sanitizer build); BITNET_KERNELS_ISA forces a variant ("avx512-vnni", "avx2", "portable");
+BITNET_CPU_THREADS sets the threads that split output rows (default 2).
+"""
+
+from __future__ import annotations
+
+import importlib.machinery
+import importlib.util
+import logging
+import os
+
+import numpy as np
+
+from .formats.activations import QK_K
+from .formats.activations import quantize_i8_s as _np_quantize_i8_s
+from .formats.activations import quantize_q8_k_blocks as _np_quantize_q8_k_blocks
+
+log = logging.getLogger(__name__)
+
+QK_I2_S = 128
+TQ1_0, TQ2_0 = 34, 35
+TQ_BLOCK_BYTES = {TQ1_0: 54, TQ2_0: 66}
+
+_state: dict = {}
+
+
+def _load():
+    """The extension module, or None (and the reason, logged once)."""
+    if "mod" in _state:
+        return _state["mod"]
+    mod, reason = None, None
+    path = os.environ.get("BITNET_KERNELS_PATH")
+    try:
+        if os.environ.get("BITNET_KERNELS", "1") == "0":
+            reason = "disabled by BITNET_KERNELS=0"
+        elif path:
+            name = "bitnet_ref._bitnet_kernels"
+            loader = importlib.machinery.ExtensionFileLoader(name, path)
+            spec = importlib.util.spec_from_file_location(name, path, loader=loader)
+            mod = importlib.util.module_from_spec(spec)
+            loader.exec_module(mod)
+        else:
+            from . import _bitnet_kernels as mod  # type: ignore[no-redef]
+    except Exception as e:  # ImportError, OSError (a bad path): fall back
+        mod, reason = None, f"{type(e).__name__}: {e}"
+    if mod is not None:
+        isa = os.environ.get("BITNET_KERNELS_ISA")
+        if isa and mod.lib.bk_set_isa(isa.encode()) != 0:
+            log.warning("native kernels: ISA %r is not available on this CPU; using %s", isa,
+                        mod.ffi.string(mod.lib.bk_isa()).decode())
+    else:
+        log.warning("native kernels unavailable: %s; using numpy", reason)
+    _state["mod"] = mod
+    _state["reason"] = reason
+    return mod
+
+
+def available() -> bool:
+    return _load() is not None
+
+
+def active() -> str:
+    """The variant that computes the products: "avx512-vnni", "avx2", "portable" (native) or "numpy"."""
+    mod = _load()
+    return "numpy" if mod is None else mod.ffi.string(mod.lib.bk_isa()).decode()
+
+
+def unavailable_reason() -> str | None:
+    _load()
+    return _state.get("reason")
+
+
+def set_isa(name: str) -> bool:
+    """Force a native variant ("auto" restores the CPU's best); False when this CPU cannot run it."""
+    mod = _load()
+    return mod is not None and mod.lib.bk_set_isa(name.encode()) == 0
+
+
+def threads() -> int:
+    try:
+        return max(1, int(os.environ.get("BITNET_CPU_THREADS", "2")))
+    except ValueError:
+        return 2
+
+
+def reload() -> None:
+    """Forget the loaded extension: the next call reads the environment again (BITNET_KERNELS, ..._PATH)."""
+    _state.clear()
+
+
+_reset_for_tests = reload
+
+
+# -- helpers ------------------------------------------------------------------------------------------
+def _rows_f32(x) -> np.ndarray:
+    a = np.ascontiguousarray(x, dtype=np.float32)
+    return a.reshape(1, -1) if a.ndim == 1 else a
+
+
+def _ptr(mod, ctype: str, a: np.ndarray):
+    return mod.ffi.from_buffer(ctype, a)
+
+
+def _check(rc: int, what: str, k: int, block: int) -> None:
+    if rc == 0:
+        return
+    if rc == -1:
+        raise ValueError(f"{what}: K={k} is not a multiple of the {block}-value block")
+    raise ValueError(f"{what}: bad arguments (rc={rc})")
+
+
+def _packed_u8(w, nbytes: int, what: str) -> np.ndarray:
+    a = np.asarray(w)
+    if a.dtype != np.uint8:
+        raise TypeError(f"{what}: packed weights must be uint8, got {a.dtype}")
+    a = a.reshape(-1)
+    if a.size < nbytes:
+        raise ValueError(f"{what}: {a.size} packed bytes, the shape needs {nbytes}")
+    return np.ascontiguousarray(a[:nbytes])
+
+
+# -- activation quantizers ----------------------------------------------------------------------------
+def quantize_i8_s(x) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """bitnet.cpp's quantize_row_i8_s per token row: (q int8 (T, K), s float32 (T,), act_sum int32 (T,))."""
+    a = _rows_f32(x)
+    mod = _load()
+    if mod is None:
+        q, s = _np_quantize_i8_s(a)
+        return q, s, q.astype(np.int64).sum(axis=1).astype(np.int32)
+    t, k = a.shape
+    q = np.empty((t, k), np.int8)
+    s = np.empty(t, np.float32)
+    sums = np.empty(t, np.int32)
+    rc = mod.lib.bk_quantize_i8_s(_ptr(mod, "float[]", a), t, k, _ptr(mod, "int8_t[]", q),
+                                  _ptr(mod, "float[]", s), _ptr(mod, "int32_t[]", sums))
+    _check(rc, "quantize_i8_s", k, 1)
+    return q, s, sums
+
+
+def quantize_q8_k_blocks(x) -> tuple[np.ndarray, np.ndarray]:
+    """ggml's Q8_K quantizer: (q int8 (T, K), d float32 (T, K/256)); K % 256 != 0 raises ValueError."""
+    a = _rows_f32(x)
+    mod = _load()
+    if mod is None:
+        return _np_quantize_q8_k_blocks(a)
+    t, k = a.shape
+    if k % QK_K:
+        raise ValueError(f"Q8_K needs a row length that is a multiple of {QK_K}, got {k}")
+    q = np.empty((t, k), np.int8)
+    d = np.empty((t, k // QK_K), np.float32)
+    rc = mod.lib.bk_quantize_q8_k(_ptr(mod, "float[]", a), t, k, _ptr(mod, "int8_t[]", q), _ptr(mod, "float[]", d))
+    _check(rc, "quantize_q8_k", k, QK_K)
+    return q, d
+
+
+# -- products -----------------------------------------------------------------------------------------
+def _i2s_codes_numpy(packed: np.ndarray, rows: int, k: int) -> np.ndarray:
+    shifts = np.array([6, 4, 2, 0], dtype=np.uint8).reshape(1, 4, 1)
+    return ((packed.reshape(-1, 1, 32) >> shifts) & 3).reshape(rows, k)
+
+
+def i2s_raw(q: np.ndarray, packed, rows: int, wrap16: bool = False) -> np.ndarray:
+    """Σ code·q (code = the raw 2-bit value, 0..3) for every (token, row): int32 (T, rows).
+
+    q int8 (T, K), K a multiple of 128; packed: the I2_S x86 bytes of a (rows, K) tensor (the scale tail may
+    follow). wrap16 models bitnet.cpp's AVX2 int16 lane accumulation (modulo 2^16 over 32 blocks)."""
+    q = np.ascontiguousarray(q, dtype=np.int8)
+    if q.ndim != 2:
+        raise ValueError(f"i2s_raw: q must be (T, K), got shape {q.shape}")
+    t, k = q.shape
+    if k % QK_I2_S:
+        raise ValueError(f"i2s_raw: K={k} is not a multiple of the {QK_I2_S}-value block")
+    w = _packed_u8(packed, rows * k // 4, "i2s_raw")
+    mod = _load()
+    if mod is None:
+        from .model import _i2s_raw_int16
+
+        codes = _i2s_codes_numpy(w, rows, k).astype(np.int16)
+        if wrap16:
+            return _i2s_raw_int16(q, codes).astype(np.int32)
+        return (q.astype(np.float64) @ codes.T.astype(np.float64)).astype(np.int32)
+    out = np.empty((t, rows), np.int32)
+    fn = mod.lib.bk_i2s_raw_wrap16 if wrap16 else mod.lib.bk_i2s_raw
+    rc = fn(_ptr(mod, "int8_t[]", q), t, k, _ptr(mod, "uint8_t[]", w), rows, _ptr(mod, "int32_t[]", out), threads())
+    _check(rc, "i2s_raw", k, QK_I2_S)
+    return out
+
+
+def tq_lanes(type_id: int, q: np.ndarray, packed, rows: int) -> np.ndarray:
+    """ggml's x86 TQ1_0/TQ2_0 x Q8_K lanes: int32 (T, rows, K/256, 8); lane l of a block is Σ code·q over the
+    values v with v % 32 in [4l, 4l+4), minus Σ q over [32l, 32l+32). packed: the tensor's block bytes."""
+    if type_id not in TQ_BLOCK_BYTES:
+        raise ValueError(f"tq_lanes: type {type_id} is not TQ1_0 (34) or TQ2_0 (35)")
+    q = np.ascontiguousarray(q, dtype=np.int8)
+    if q.ndim != 2:
+        raise ValueError(f"tq_lanes: q must be (T, K), got shape {q.shape}")
+    t, k = q.shape
+    if k % QK_K:
+        raise ValueError(f"tq_lanes: K={k} is not a multiple of the {QK_K}-value block")
+    nb = k // QK_K
+    w = _packed_u8(packed, rows * nb * TQ_BLOCK_BYTES[type_id], "tq_lanes")
+    mod = _load()
+    if mod is None:
+        from .formats.tq import TQ1_0 as F1
+        from .formats.tq import TQ2_0 as F2
+        from .model import _tq_lanes_numpy
+
+        values = (F1 if type_id == TQ1_0 else F2).unpack(w, (rows, k)).values
+        return _tq_lanes_numpy(q, values).astype(np.int32)
+    out = np.empty((t, rows, nb, 8), np.int32)
+    rc = mod.lib.bk_tq_lanes(type_id, _ptr(mod, "int8_t[]", q), t, k, _ptr(mod, "uint8_t[]", w), rows,
+                             _ptr(mod, "int32_t[]", out), threads())
+    _check(rc, "tq_lanes", k, QK_K)
+    return out
+
+
+__all__ = ["active", "available", "i2s_raw", "reload", "quantize_i8_s", "quantize_q8_k_blocks", "set_isa", "tq_lanes",
+           "unavailable_reason"]

@@ -1,0 +1,207 @@
+"""pytest plugin: the cross-validation suites as parametrized tests.
+
+Registered through the `pytest11` entry point (and loaded by the root conftest.py for in-repo runs).
+Each (case, reference) pair becomes one test with a readable id, e.g.
+`test_crossval[tl2-bitnet-b1.58-large-shapes-vs-bitnet_cpp_tl2]`, marked with the case's format and
+architecture (i2s, tl1, tl2, tq1, tq2, f16, f32, bitnet, bitnet_b1_58) and `crossval`, so that
+`pytest -k tl2 --tolerance 1e-4` runs exactly the TL2 cases with max |Δ| ≤ 1e-4.
+
+Records (one JSON per test) go to --records; with pytest-xdist every worker writes its own files
+(atomically) and the controller merges them into the HTML report at the end, so nothing is lost.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import re
+import tempfile
+from pathlib import Path
+
+import pytest
+
+MARKERS = {
+    "crossval": "a cross-validation case (system under test vs a reference)",
+    "i2s": "I2_S weights", "tl1": "TL1 weights", "tl2": "TL2 weights", "tq1": "TQ1_0 weights",
+    "tq2": "TQ2_0 weights", "f16": "F16 weights", "f32": "F32 weights",
+    "bitnet": "architecture bitnet (SiLU)", "bitnet_b1_58": "architecture bitnet-b1.58 (ReLU²)",
+    "gpu": "needs a CUDA device", "slow": "long-running; excluded from the default run",
+}
+
+
+def _positive_float(text: str) -> float:
+    try:
+        v = float(text)
+    except ValueError:
+        raise pytest.UsageError(f"--tolerance {text!r} is not a number") from None
+    if not math.isfinite(v) or v <= 0:
+        raise pytest.UsageError(f"--tolerance must be a positive finite number, got {text}")
+    return v
+
+
+def pytest_addoption(parser) -> None:
+    g = parser.getgroup("bitnet-crossval")
+    g.addoption("--tolerance", type=_positive_float, default=None,
+                help="primary logits tolerance (max |Δ|) for the selected cases")
+    g.addoption("--engine", default="bitnet_ref", help="system under test (default bitnet_ref)")
+    g.addoption("--reference", action="append", default=None,
+                help="reference engine (repeatable); default: each case's references")
+    g.addoption("--model", default=None, help="run the cases on this GGUF instead of the cases' models")
+    g.addoption("--profile", default=None, help="numerics profile of the system under test (default: the case's)")
+    g.addoption("--platform", default=None, help="platform id for baselines (default: detected)")
+    g.addoption("--update-baselines", action="store_true", help="rewrite the platform's baselines")
+    g.addoption("--baselines-dir", default=None, help="default: ./baselines")
+    g.addoption("--report-html", default=None, help="write the HTML regression report here")
+    g.addoption("--records", default=None, help="directory for the JSON records (default: beside the report)")
+    g.addoption("--cases", action="append", default=None, help="case file (repeatable; default: cases/*.toml)")
+
+
+def pytest_configure(config) -> None:
+    for name, text in MARKERS.items():
+        config.addinivalue_line("markers", f"{name}: {text}")
+    records = config.getoption("--records")
+    report = config.getoption("--report-html")
+    if records is None and report is not None:
+        records = str(Path(report).with_suffix("")) + "-records"
+    config._crossval_records = Path(records) if records else None
+    if config._crossval_records and not hasattr(config, "workerinput"):
+        _clear_records(config._crossval_records)  # controller only, before any worker writes
+
+
+def _clear_records(directory: Path) -> None:
+    """Remove the records of a previous run (only files that are records) so the report is this run's."""
+    import json
+
+    if not directory.is_dir():
+        return
+    for p in directory.glob("*.json"):
+        try:
+            doc = json.loads(p.read_text(encoding="utf-8"))
+        except ValueError:
+            continue
+        if isinstance(doc, dict) and "case_id" in doc and "schema_version" in doc:
+            p.unlink()
+
+
+USER_MODEL_PROMPTS = [
+    "The quick brown fox jumps over the lazy dog.",
+    "Les élèves étudient la géométrie; 東京は日本の首都です。 🚀",
+    "def add(a, b):\n    return a + b\n",
+]
+PROFILE_FOR = {"llama_cpp": "llama-cpp", "bitnet_cpp": "bitnet-cpp", "bitnet_cpp_tl2": "bitnet-cpp"}
+
+
+def _user_model_cases(path: str, refs: list[str] | None):
+    """Cases for --model: the default prompts and corpus against the references that run its arch."""
+    from bitnet_ref.gguf import open_gguf
+
+    from .cases import CASES_DIR, FORMAT_MARKERS, Case
+
+    p = Path(path).resolve()
+    with open_gguf(p) as gf:
+        arch = gf.architecture or "unknown"
+        types = {t.type_name.lower() for t in gf.tensors if t.name.endswith("attn_q.weight")}
+    refs = refs or (["llama_cpp", "bitnet_cpp"] if arch == "bitnet" else ["bitnet_cpp"])
+    fmt = next(iter(types), "")
+    markers = [FORMAT_MARKERS[fmt]] if fmt in FORMAT_MARKERS else []
+    return [(Case(id=p.stem, file=str(p), model={"path": str(p)}, references=[r],
+                  profile=PROFILE_FOR.get(r, "exact"), prompts=USER_MODEL_PROMPTS,
+                  corpus=str(CASES_DIR / "corpus" / "small.txt"), markers=markers), r) for r in refs]
+
+
+def _pairs(config):
+    from .cases import load_cases
+
+    refs = config.getoption("--reference")
+    if config.getoption("--model"):
+        return _user_model_cases(config.getoption("--model"), refs)
+    return [(case, ref) for case in load_cases(config.getoption("--cases")) for ref in refs or case.references]
+
+
+def pytest_generate_tests(metafunc) -> None:
+    if "crossval_pair" not in metafunc.fixturenames:
+        return
+    params = []
+    for case, ref in _pairs(metafunc.config):
+        marks = [pytest.mark.crossval] + [getattr(pytest.mark, m) for m in case.all_markers()]
+        if case.xfail:
+            marks.append(pytest.mark.xfail(reason=case.xfail, strict=True, raises=AssertionError))
+        params.append(pytest.param((case, ref), id=case.param_id(ref), marks=marks))
+    metafunc.parametrize("crossval_pair", params)
+
+
+@pytest.fixture(scope="session")
+def crossval_models_dir(tmp_path_factory) -> Path:
+    """Synthesized models, shared by the session (and reused across runs when BITNET_MODELS_CACHE is set)."""
+    cache = os.environ.get("BITNET_MODELS_CACHE")
+    if cache:
+        Path(cache).mkdir(parents=True, exist_ok=True)
+        return Path(cache)
+    return Path(tempfile.mkdtemp(prefix="crossval-models-", dir=tmp_path_factory.getbasetemp()))
+
+
+@pytest.fixture
+def crossval_run(request, crossval_models_dir):
+    """Runs the ladder for the test's (case, reference); writes its record; returns it."""
+    from . import baselines
+    from .crossval import run_ladder
+    from .records import write_json_atomic
+    from .tolerances import resolve
+
+    config = request.config
+
+    def run(pair):
+        case, reference = pair
+        profile = config.getoption("--profile") or case.profile
+        platform = config.getoption("--platform") or baselines.platform_id()
+        tol = resolve(profile, case.format, case_overrides=case.tolerances, case_file=case.file, platform=platform,
+                      cli_max_abs=config.getoption("--tolerance"))
+        record = run_ladder(case, reference, tol, crossval_models_dir, sut=config.getoption("--engine"),
+                            profile=profile, test_id=request.node.nodeid.split("::")[-1])
+        _baseline(config, record, platform)
+        if config._crossval_records is not None:
+            name = re.sub(r"[^A-Za-z0-9_.-]+", "_", record.test_id or record.case_id)
+            write_json_atomic(config._crossval_records / f"{name}.json", record.to_json())
+        return record
+
+    return run
+
+
+def _baseline(config, record, platform: str) -> None:
+    from . import baselines
+
+    if record.status not in ("pass", "fail"):
+        return
+    directory = Path(config.getoption("--baselines-dir") or "baselines")
+    key = f"{record.case_id}--{record.sut}--{record.reference}"
+    try:
+        if config.getoption("--update-baselines"):
+            baselines.update(directory, platform, key, record.to_json())
+            record.baseline = {"status": "updated", "platform": platform, "regressions": []}
+            return
+        base = baselines.load(directory, platform, key)
+    except baselines.BaselineError as e:  # a corrupt or newer-schema file: say so, do not guess
+        record.status, record.reason = "error", str(e)
+        record.baseline = {"status": "error", "platform": platform, "regressions": []}
+        return
+    if base is None:
+        record.baseline = {"status": "new", "platform": platform, "regressions": []}
+        return
+    regressions = baselines.compare(base, record.to_json())
+    record.baseline = {"status": "regression" if regressions else "match", "platform": platform,
+                       "regressions": regressions}
+
+
+def pytest_sessionfinish(session, exitstatus) -> None:
+    config = session.config
+    report = config.getoption("--report-html")
+    if report is None or hasattr(config, "workerinput") or config._crossval_records is None:
+        return
+    from .records import read_records
+    from .report import write_report
+
+    records = read_records(config._crossval_records) if config._crossval_records.is_dir() else []
+    path = write_report(records, report)
+    tr = config.pluginmanager.get_plugin("terminalreporter")
+    if tr is not None:
+        tr.write_line(f"crossval report: {Path(path).resolve()} ({len(records)} records)")

@@ -1,0 +1,41 @@
+/* bitnet-crossval native kernels: integer-exact / bit-defined pieces of the BitNet b1.58 forward.
+ *
+ * Everything here returns what the numpy reference computes bit for bit: the activation quantizers
+ * (bitnet.cpp's quantize_row_i8_s, ggml's quantize_row_q8_K_ref) and ternary x int8 products as exact
+ * int32 sums. The float epilogues (scales, ggml's FMA lane order) stay in numpy.
+ *
+ * Return codes: 0 ok, BK_EBADK when K is not a multiple of the format's block, BK_EBADARG otherwise.
+ */
+#ifndef BITNET_KERNELS_H
+#define BITNET_KERNELS_H
+
+#include <stdint.h>
+
+#define BK_EBADK (-1)
+#define BK_EBADARG (-2)
+#define BK_TQ1_0 34
+#define BK_TQ2_0 35
+
+/* the instruction set the products use: "avx512-vnni", "avx2" or "portable" */
+const char *bk_isa(void);
+/* force a variant ("avx512-vnni", "avx2", "portable", or "auto"); -1 if this CPU cannot run it */
+int bk_set_isa(const char *name);
+
+/* quantize_row_i8_s per row: q (t, k) int8, s (t,) float scale, sums (t,) int32 sum of q */
+int bk_quantize_i8_s(const float *x, int64_t t, int64_t k, int8_t *q, float *s, int32_t *sums);
+/* quantize_row_q8_K_ref per 256-value block: q (t, k) int8, d (t, k/256) float */
+int bk_quantize_q8_k(const float *x, int64_t t, int64_t k, int8_t *q, float *d);
+
+/* I2_S (x86, 128-value blocks of 32 bytes) x int8: out[t][r] = sum_j code(r, j) * q[t][j], code in 0..3
+ * read straight from the packed bytes (bitnet.cpp's raw kernel sum; the caller subtracts act_sum). */
+int bk_i2s_raw(const int8_t *q, int64_t t, int64_t k, const uint8_t *w, int64_t r, int32_t *out, int nthreads);
+/* the same sum with bitnet.cpp's AVX2 int16 lane accumulation (wraps modulo 2^16 over 32 blocks) */
+int bk_i2s_raw_wrap16(const int8_t *q, int64_t t, int64_t k, const uint8_t *w, int64_t r, int32_t *out,
+                      int nthreads);
+
+/* TQ1_0 / TQ2_0 (ggml blocks of 256) x Q8_K int8: out (t, r, k/256, 8) int32, ggml's x86 AVX2 lanes:
+ * lane l of a block = sum of code*q over values v with v%32 in [4l, 4l+4) minus sum of q over [32l, 32l+32). */
+int bk_tq_lanes(int type, const int8_t *q, int64_t t, int64_t k, const uint8_t *w, int64_t r, int32_t *out,
+                int nthreads);
+
+#endif

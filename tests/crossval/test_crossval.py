@@ -1,0 +1,21 @@
+"""The cross-validation suites: one test per (case, reference) from cases/*.toml (see harness/pytest_plugin.py).
+
+    pytest                                  # every default case against its references
+    pytest -k tl2 --tolerance 1e-4          # only the TL2 cases, primary logits tolerance 1e-4
+    pytest --model my.gguf --reference bitnet_cpp --report-html out/report.html
+"""
+
+import pytest
+
+
+class CrossvalError(Exception):
+    """The comparison could not be made (an engine broke, or the reference left no receipt)."""
+
+
+def test_crossval(crossval_pair, crossval_run):
+    record = crossval_run(crossval_pair)
+    if record.status == "skip":
+        pytest.skip(record.reason)
+    if record.status == "error":
+        raise CrossvalError(record.reason)
+    assert record.status == "pass", f"failed at rung {record.failed_rung!r}: {record.reason}"
