@@ -158,6 +158,8 @@ def crossval_run(request, crossval_models_dir):
                       cli_max_abs=config.getoption("--tolerance"))
         record = run_ladder(case, reference, tol, crossval_models_dir, sut=config.getoption("--engine"),
                             profile=profile, test_id=request.node.nodeid.split("::")[-1])
+        if case.xfail and record.status == "fail":
+            record.status, record.reason = "xfail", f"known reference bug: {case.xfail} (here: {record.reason})"
         _baseline(config, record, platform)
         if config._crossval_records is not None:
             name = re.sub(r"[^A-Za-z0-9_.-]+", "_", record.test_id or record.case_id)

@@ -39,7 +39,7 @@ RECEIPT_FIELDS = (
     "host",
 )
 # failures first, then errors, then passes that regressed against the baseline, skips, passes
-_ORDER = {"fail": 0, "error": 1, "regression": 2, "skip": 3, "pass": 4}
+_ORDER = {"fail": 0, "error": 1, "regression": 2, "xfail": 3, "skip": 4, "pass": 5}
 
 
 def e(x) -> str:
@@ -125,7 +125,8 @@ def _num_ok(x) -> bool:
 
 
 def _badge(status: str, reason: str = "", long: bool = False) -> str:
-    label = {"pass": "PASS", "fail": "FAIL", "skip": "SKIPPED", "error": "ERROR"}.get(status, status.upper())
+    label = {"pass": "PASS", "fail": "FAIL", "skip": "SKIPPED", "error": "ERROR",
+             "xfail": "KNOWN BUG"}.get(status, status.upper())
     text = label
     if status == "skip" and long:
         text = f"skipped: {reason}" if reason else "skipped: (no reason given)"
@@ -179,6 +180,8 @@ def _header(records: list[dict], title: str, generated_at: str, environment: dic
         )
     else:
         verdict = f"PASS: {n['pass']} of {total} pairs agree with their reference"
+        if n["xfail"]:
+            verdict += f"; {n['xfail']} reproduced a known reference bug"
         verdict += f"; {n['skip']} skipped (not verified)." if n["skip"] else "."
         vcls = "v-pass"
     plats = sorted(
@@ -190,7 +193,7 @@ def _header(records: list[dict], title: str, generated_at: str, environment: dic
     )
     counts = "".join(
         f'<span class="count n-{k}"><b>{n[k]}</b> {lbl}</span>'
-        for k, lbl in (("pass", "pass"), ("fail", "fail"), ("skip", "skip"), ("error", "error"))
+        for k, lbl in (("pass", "pass"), ("fail", "fail"), ("xfail", "known bug"), ("skip", "skip"), ("error", "error"))
     )
     if regressions:
         counts += f'<span class="count n-regr"><b>{regressions}</b> regression{"s" if regressions != 1 else ""}</span>'
@@ -578,6 +581,7 @@ border:1px solid transparent}
 .b-fail{background:#fff;color:var(--fail);border-color:var(--fail)}
 .b-error{background:var(--errbg);color:var(--err)}
 .b-skip{background:var(--skipbg);color:var(--skip);border-color:#cfd4d8;white-space:normal;font-weight:500}
+.b-xfail{background:#fff4e5;color:#8a4b00;border-color:#e0a050}.n-xfail{background:#fff4e5;color:#8a4b00}
 .bl-match{background:var(--passbg);color:var(--pass)}.bl-regression{background:#d08c00;color:#fff}
 .bl-new{background:#e7f0fd;color:#1a56b0}.bl-none{background:#f1f3f4;color:var(--muted)}
 .why{font-size:12px;color:#5a1a16;margin-top:2px}
