@@ -61,6 +61,7 @@ def test_engines_command_names_what_to_set(monkeypatch, capsys):
     assert main(["engines", "--format", "json"]) == 0
     found = {s["name"]: s for s in json.loads(capsys.readouterr().out)}
     assert found["bitnet_ref"]["available"] is True
+    assert found["bitnet_ref"]["detail"].startswith("kernels: ")
     assert found["bitnet_cpp"]["available"] is False and "BITNET_CPP_DIR" in found["bitnet_cpp"]["detail"]
     assert main(["engines"]) == 0
     assert "bitnet_cpp_cli" in capsys.readouterr().out

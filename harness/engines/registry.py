@@ -127,8 +127,12 @@ def probe_all() -> list[EngineStatus]:
 
     from .discovery import TOOLS, ReferenceMissing, find_build
 
+    from bitnet_ref import kernels
+
+    why = kernels.unavailable_reason()
+    kernel_set = kernels.active() + (f" ({why})" if why else "")
     out = [EngineStatus("bitnet_ref", True, bitnet_ref.__version__,
-                        "numpy kernels; profiles exact, llama-cpp, bitnet-cpp")]
+                        f"kernels: {kernel_set}; profiles exact, llama-cpp, bitnet-cpp")]
     out.append(_library_status("llama_cpp", _mainline))
     out.append(_library_status("bitnet_cpp", lambda: _fork("BITNET_CPP_DIR")))
     out.append(_library_status("bitnet_cpp_tl2", lambda: _fork("BITNET_CPP_TL2_DIR")))

@@ -1,0 +1,56 @@
+"""The pytest plugin as users run it: selection by -k, --tolerance, records and the report, xdist."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def pytest_run(*args, env=None, timeout=600):
+    return subprocess.run([sys.executable, "-m", "pytest", "-p", "no:cacheprovider", *args], cwd=ROOT,
+                          capture_output=True, text=True, timeout=timeout, env=env)
+
+
+def test_k_tl2_selects_exactly_the_tl2_cases():
+    r = pytest_run("--co", "-q", "-k", "tl2")
+    ids = [line for line in r.stdout.splitlines() if "::" in line]
+    assert ids and all("tl2" in i for i in ids), r.stdout
+    assert len(ids) == 2 and all(i.startswith("tests/crossval/test_crossval.py::test_crossval[tl2-") for i in ids)
+
+
+def test_bad_tolerance_is_a_usage_error():
+    r = pytest_run("--co", "-q", "--tolerance=-1")
+    assert r.returncode != 0 and "--tolerance must be a positive finite number" in r.stderr + r.stdout
+
+
+def test_tolerance_applies_and_is_recorded(tmp_path):
+    pytest.importorskip("llama_cpp", reason="llama-cpp-python (mainline llama.cpp) is not installed")
+    records = tmp_path / "records"
+    r = pytest_run("-q", "-k", "tq1_0", "--tolerance=5e-5", f"--records={records}")
+    assert r.returncode == 0, r.stdout[-2000:]
+    docs = [json.loads(p.read_text()) for p in records.glob("*.json")]
+    assert len(docs) == 1 and docs[0]["status"] == "pass"
+    checks = [c for rung in docs[0]["rungs"] for c in rung["checks"] if c["metric"] == "max_abs"]
+    assert checks and all(c["limit"] == 5e-5 and c["source"].startswith("cli") for c in checks)
+
+
+def test_xdist_workers_lose_no_record_and_the_report_has_them_all(tmp_path):
+    pytest.importorskip("llama_cpp", reason="llama-cpp-python (mainline llama.cpp) is not installed")
+    pytest.importorskip("xdist", reason="pytest-xdist is not installed")
+    report = tmp_path / "report.html"
+    r = pytest_run("-q", "-n", "2", "-k", "bitnet-tiny", f"--report-html={report}")
+    assert r.returncode == 0, r.stdout[-2000:]
+    collected = pytest_run("--co", "-q", "-k", "bitnet-tiny").stdout
+    n = sum(1 for line in collected.splitlines() if "::" in line)
+    records = list((tmp_path / "report-records").glob("*.json"))
+    assert n >= 5 and len(records) == n
+    combined = json.loads((tmp_path / "report.json").read_text())
+    html = report.read_text()
+    assert "<html" in html and all(json.loads(p.read_text())["case_id"] in html for p in records)
+    assert len(combined["records"]) == n
