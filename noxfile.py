@@ -35,9 +35,11 @@ def fuzz(session: nox.Session) -> None:
 @nox.session
 def bench(session: nox.Session) -> None:
     """Benchmarks (measured, never asserted): the engine against llama.cpp on the same files (tokens/s and
-    their ratio), then the model layer on the full-size 2b-4t file (written once; open + validate)."""
+    their ratio), the logits comparison at [512, 128256], then the model layer on the full-size 2b-4t file
+    (written once; open + validate)."""
     _install(session)
     session.run("python", "-m", "benchmarks.bench_engine", *session.posargs)
+    session.run("python", "-m", "benchmarks.bench_metrics")
     session.run("python", "-m", "benchmarks.bench_gguf")
 
 
