@@ -34,12 +34,12 @@ import hashlib
 import logging
 import os
 import re
-import tempfile
 import time
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from .atomic import atomic_write_text
 from .errors import ERROR, Finding, ModelError, model_error
 
 try:
@@ -177,18 +177,8 @@ class ModelLock:
         return f"{_LOCK_HEADER}version = {LOCK_VERSION}\n" + ("\n" + body if body else "")
 
     def save(self) -> None:
-        """Write atomically: a temporary file next to the lock, then os.replace."""
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(prefix=f".{self.path.name}.", suffix=".tmp", dir=self.path.parent)
-        try:
-            with os.fdopen(fd, "w", encoding="utf-8", newline="\n") as f:
-                f.write(self.dumps())
-                f.flush()
-                os.fsync(f.fileno())
-            os.replace(tmp, self.path)
-        except BaseException:
-            Path(tmp).unlink(missing_ok=True)
-            raise
+        """Write atomically (bitnet_ref.atomic)."""
+        atomic_write_text(self.path, self.dumps())
 
 
 def _entry_from_table(t: object, path: Path, i: int) -> LockEntry:

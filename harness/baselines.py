@@ -71,12 +71,13 @@ import platform as _platform
 import re
 import subprocess
 import sys
-import tempfile
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
+
+from bitnet_ref.atomic import atomic_write_text
 
 from .records import RUNGS
 
@@ -488,38 +489,6 @@ def list_baselines(directory: str | os.PathLike, platform: str | None = None) ->
     return sorted(p for d in dirs if d.is_dir() for p in d.glob("*.json") if not p.name.startswith("."))
 
 
-def _write_atomic(path: Path, text: str) -> None:
-    """Temp file beside `path`, flushed to disk, then renamed over it: the old file stays whole until the
-    new one is complete; on any failure the temp file is removed and the old file is untouched."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".partial", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            f.write(text)
-            f.flush()
-            os.fsync(f.fileno())
-        umask = os.umask(0)
-        os.umask(umask)
-        os.chmod(tmp, 0o666 & ~umask)  # mkstemp makes 0600; a baseline is an ordinary file
-        os.replace(tmp, path)
-    except BaseException:
-        try:
-            os.unlink(tmp)
-        except FileNotFoundError:
-            pass
-        raise
-    try:  # make the rename itself durable where the OS allows it
-        dfd = os.open(path.parent, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(dfd)
-    except OSError:
-        pass
-    finally:
-        os.close(dfd)
-
-
 def from_record(platform: str, key, record, reference_topk: dict | None = None) -> Baseline:
     """The baseline a record makes (without writing it)."""
     doc = _as_dict(record)
@@ -552,7 +521,7 @@ def update(directory: str | os.PathLike, platform: str, key, record, reference_t
     base = from_record(platform, key, record, reference_topk)
     path = path_for(directory, platform, base.key)
     text = json.dumps(base.to_json(), indent=2, sort_keys=True, allow_nan=False) + "\n"
-    _write_atomic(path, text)
+    atomic_write_text(path, text)
     return path
 
 

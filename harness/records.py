@@ -33,9 +33,10 @@ from __future__ import annotations
 
 import json
 import os
-import tempfile
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
+
+from bitnet_ref.atomic import atomic_write_text
 
 RECORD_SCHEMA = 1
 RUNGS = ("file", "weights", "tokens", "first_logits", "all_logits", "greedy", "perplexity")
@@ -88,20 +89,8 @@ class Record:
 
 
 def write_json_atomic(path: str | os.PathLike, doc) -> Path:
-    """Write JSON to a temp file beside `path`, then rename: readers never see a half-written file."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".partial", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            json.dump(doc, f, indent=2, sort_keys=True, default=float)
-            f.write("\n")
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
-    return path
+    """Write JSON so that readers never see a half-written file (bitnet_ref.atomic)."""
+    return atomic_write_text(path, json.dumps(doc, indent=2, sort_keys=True, default=float) + "\n")
 
 
 def read_records(directory: str | os.PathLike) -> list[dict]:

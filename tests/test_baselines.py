@@ -374,14 +374,15 @@ def test_crash_during_write_leaves_the_old_file_intact(tmp_path):
     child = textwrap.dedent(f"""
         import os, sys
         sys.path.insert(0, {str(ROOT)!r}); sys.path.insert(0, {str(ROOT / "tests")!r})
+        import bitnet_ref.atomic as atomic
         from harness import baselines as bl
         from test_baselines import KEY, PLATFORM, make_record
-        real_write = bl.tempfile.mkstemp
+        real_write = atomic.tempfile.mkstemp
         def mkstemp(*a, **k):
             fd, name = real_write(*a, **k)
             os.write(fd, b'{{"schema_version": 1, "platf')  # half a file, then the process dies
             os._exit(137)
-        bl.tempfile.mkstemp = mkstemp
+        atomic.tempfile.mkstemp = mkstemp
         bl.update({str(tmp_path)!r}, PLATFORM, KEY, make_record(max_abs=9e-6))
     """)
     proc = subprocess.run([sys.executable, "-c", child], capture_output=True, text=True, timeout=60)

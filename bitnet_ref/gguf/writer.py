@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import os
 import struct
-import tempfile
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from pathlib import Path
@@ -17,6 +16,7 @@ from pathlib import Path
 import numpy as np
 from gguf import GGUFValueType
 
+from ..atomic import atomic_write
 from ..errors import FormatError
 from .reader import DEFAULT_ALIGNMENT, GGUF_MAGIC
 from .types import tensor_nbytes, type_name
@@ -156,27 +156,19 @@ def write_gguf(
         offset += (n + alignment - 1) // alignment * alignment
     header += b"\0" * (-len(header) % alignment)
 
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".partial", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(header)
-            for t, n in zip(tensors, sizes):
-                written = 0
-                chunks = [t.data] if isinstance(t.data, np.ndarray) else t.data()
-                for chunk in chunks:
-                    buf = np.ascontiguousarray(chunk).view(np.uint8).reshape(-1)
-                    f.write(buf.data)
-                    written += buf.nbytes
-                if written != n:
-                    raise FormatError(
-                        f"tensor {t.name!r}: {written} bytes of data for type {type_name(t.type_id)} and "
-                        f"shape {t.shape}, which needs {n}"
-                    )
-                f.write(b"\0" * (-n % alignment))
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
+    with atomic_write(path, "wb") as f:
+        f.write(header)
+        for t, n in zip(tensors, sizes):
+            written = 0
+            chunks = [t.data] if isinstance(t.data, np.ndarray) else t.data()
+            for chunk in chunks:
+                buf = np.ascontiguousarray(chunk).view(np.uint8).reshape(-1)
+                f.write(buf.data)
+                written += buf.nbytes
+            if written != n:
+                raise FormatError(
+                    f"tensor {t.name!r}: {written} bytes of data for type {type_name(t.type_id)} and "
+                    f"shape {t.shape}, which needs {n}"
+                )
+            f.write(b"\0" * (-n % alignment))
     return path

@@ -14,10 +14,11 @@ import os
 import platform as _platform
 import re
 import sys
-import tempfile
 from collections import Counter
 from html import escape
 from pathlib import Path
+
+from bitnet_ref.atomic import atomic_write_text
 
 from ..records import RECORD_SCHEMA, RUNGS, STATUSES
 from .svg import fmt, histogram_plot, line_plot
@@ -670,20 +671,6 @@ def render_html(
     )
 
 
-def _write_text_atomic(path: Path, text: str) -> Path:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".partial", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            f.write(text)
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
-    return path
-
-
 def write_report(
     records: list[dict],
     path: str | os.PathLike,
@@ -710,6 +697,6 @@ def write_report(
         "records": list(records),
     }
     json_path = path.with_suffix(".json")
-    _write_text_atomic(json_path, json.dumps(doc, indent=2, sort_keys=True, default=str) + "\n")
-    _write_text_atomic(path, html)
+    atomic_write_text(json_path, json.dumps(doc, indent=2, sort_keys=True, default=str) + "\n")
+    atomic_write_text(path, html)
     return path
