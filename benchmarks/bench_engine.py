@@ -3,10 +3,11 @@ kernels and, for contrast, with numpy only) and of mainline llama.cpp (through l
 synthesized file, in the same run, printed with their ratio. Measured, never asserted.
 
     python -m benchmarks.bench_engine [--presets tiny,large-shapes] [--format tq2_0] [--prefill 128] [--decode 32]
-    python -m benchmarks.bench_engine --presets '' --i2s FILE.gguf [--i2s-decode 4]
+    python -m benchmarks.bench_engine --presets '' --i2s FILE.gguf [--i2s-decode 4] [--i2s-prefill 32]
 
 --i2s times bitnet_ref's decode (bitnet-cpp profile) on a bitnet.cpp I2_S file, against bitnet.cpp's
-llama-bench (tg) when BITNET_CPP_DIR names a build (its bin/llama-bench).
+llama-bench (tg) when BITNET_CPP_DIR names a build (its bin/llama-bench); --i2s-prefill N also times a
+prefill of N tokens against llama-bench's pp N.
 """
 
 from __future__ import annotations
@@ -93,15 +94,26 @@ def bench_i2s_decode(path, n_decode):
         return n_decode / (time.perf_counter() - t), _peak_rss_mib()
 
 
-def bench_bitnet_cpp(path, n_decode, threads):
-    """bitnet.cpp's llama-bench tg (decode) tokens/s, or None without BITNET_CPP_DIR."""
+def bench_i2s_prefill(path, n_prefill):
+    """bitnet_ref prefill tokens/s (bitnet-cpp profile) of n_prefill tokens in one forward."""
+    with Model.load(path, "bitnet-cpp") as m:
+        ids = [int(x) for x in np.random.default_rng(0).integers(0, 500, n_prefill)]
+        t = time.perf_counter()
+        m.forward(ids, m.new_state())
+        return n_prefill / (time.perf_counter() - t)
+
+
+def bench_bitnet_cpp(path, n_decode, threads, n_prompt=0):
+    """bitnet.cpp's llama-bench tokens/s: tg (decode) of n_decode tokens, or pp (prefill) of n_prompt tokens when
+    n_prompt > 0; None without BITNET_CPP_DIR."""
     d = os.environ.get("BITNET_CPP_DIR")
     if not d:
         return None
     exe = next((p for p in (Path(d) / "bin" / "llama-bench", Path(d) / "llama-bench") if p.exists()), None)
     if exe is None:
         return None
-    r = subprocess.run([str(exe), "-m", str(path), "-p", "0", "-n", str(n_decode), "-t", str(threads), "-r", "1",
+    p, n = (n_prompt, 0) if n_prompt > 0 else (0, n_decode)
+    r = subprocess.run([str(exe), "-m", str(path), "-p", str(p), "-n", str(n), "-t", str(threads), "-r", "1",
                         "-o", "json"], capture_output=True, text=True, check=True)
     return float(json.loads(r.stdout)[0]["avg_ts"])
 
@@ -116,6 +128,7 @@ def main() -> None:
     ap.add_argument("--no-numpy", action="store_true", help="skip the numpy-only contrast run")
     ap.add_argument("--i2s", help="a bitnet.cpp I2_S GGUF: time bitnet_ref's decode (vs llama-bench)")
     ap.add_argument("--i2s-decode", type=int, default=4)
+    ap.add_argument("--i2s-prefill", type=int, default=0, help="also time a prefill of this many tokens (--i2s)")
     args = ap.parse_args()
     threads = int(os.environ.get("BITNET_CPU_THREADS", "2"))
     native = f"bitnet_ref ({kernels.active()})"
@@ -143,6 +156,12 @@ def main() -> None:
         bc = bench_bitnet_cpp(args.i2s, max(args.i2s_decode, 16), threads)
         if bc is not None:
             print(f"{'bitnet.cpp llama-bench':<26} decode {bc:8.3f} tok/s  ratio ours/bitnet.cpp {tps / bc:.4f}")
+        if args.i2s_prefill > 0:
+            pps = _with_kernels(True, bench_i2s_prefill, args.i2s, args.i2s_prefill)
+            print(f"{native:<26} prefill {pps:7.3f} tok/s  ({args.i2s_prefill} tokens)")
+            bp = bench_bitnet_cpp(args.i2s, 0, threads, args.i2s_prefill)
+            if bp is not None:
+                print(f"{'bitnet.cpp llama-bench':<26} prefill {bp:7.3f} tok/s  ratio ours/bitnet.cpp {pps / bp:.4f}")
 
 
 if __name__ == "__main__":

@@ -8,6 +8,7 @@ computes is integer-exact or bit-defined, so every result here equals the numpy 
 - `quantize_q8_k_blocks`: ggml's Q8_K block quantizer -> (q int8, d float32)
 - `i2s_raw`: Σ code·q over I2_S x86 packed bytes (code 0..2, bitnet.cpp's raw kernel sum), int32 (T, R)
 - `tq_lanes`: ggml's 8 int32 lanes per 256-value block for TQ1_0/TQ2_0 packed blocks, int32 (T, R, K/256, 8)
+- `f16_matmul`: F16 rows (read in place) x float32 activations in ggml's float32 lane order (the F16 lm_head)
 
 Environment: BITNET_KERNELS=0 forces numpy; BITNET_KERNELS_PATH loads the extension from that file (e.g. a
 sanitizer build); BITNET_KERNELS_ISA forces a variant ("avx512-vnni", "avx2", "portable");
@@ -226,5 +227,45 @@ def tq_lanes(type_id: int, q: np.ndarray, packed, rows: int) -> np.ndarray:
     return out
 
 
-__all__ = ["active", "available", "i2s_raw", "reload", "quantize_i8_s", "quantize_q8_k_blocks", "set_isa", "tq_lanes",
-           "unavailable_reason"]
+F16_VEC_DOT, F16_GEMM = 0, 1
+F16_MODES = {"vec_dot": F16_VEC_DOT, "gemm": F16_GEMM}
+
+
+def f16_matmul(x, w, rows: int, mode: str) -> np.ndarray:
+    """F16 rows times float32 activations in ggml's float32 order: float32 (T, rows).
+
+    x (T, K) float32; w: the little-endian f16 bytes (uint8, e.g. a view of the mapped file) or a float16
+    array of a (rows, K) tensor, read in place. mode "vec_dot": `model.vec_dot_f16_ggml` (x must hold f16
+    values: round it first); "gemm": `model.f16_gemm_ggml` (K % 16 == 0). Bit-identical to those functions;
+    they compute it when the native kernels are unavailable."""
+    if mode not in F16_MODES:
+        raise ValueError(f"f16_matmul: mode {mode!r} is not one of {sorted(F16_MODES)}")
+    a = _rows_f32(x)
+    if a.ndim != 2:
+        raise ValueError(f"f16_matmul: x must be (T, K), got shape {a.shape}")
+    t, k = a.shape
+    if mode == "gemm" and k % 16:
+        raise ValueError(f"f16_matmul: K={k} is not a multiple of the 16-value block")
+    wa = np.asarray(w)
+    if wa.dtype == np.float16:
+        wa = np.ascontiguousarray(wa).reshape(-1).view(np.uint8)
+    wb = _packed_u8(wa, rows * k * 2, "f16_matmul")
+    mod = _load()
+    if mod is None:
+        from .model import f16_gemm_ggml, vec_dot_f16_ggml
+
+        rows_f16 = wb.view(np.float16).reshape(rows, k)
+        if mode == "gemm":
+            return f16_gemm_ggml(a, rows_f16.astype(np.float32))
+        return vec_dot_f16_ggml(a.astype(np.float16)[:, None, :], rows_f16[None, :, :])
+    out = np.empty((t, rows), np.float32)
+    rc = mod.lib.bk_f16_matmul(F16_MODES[mode], _ptr(mod, "float[]", a), t, k, _ptr(mod, "uint8_t[]", wb), rows,
+                               _ptr(mod, "float[]", out), threads())
+    if rc == -3:
+        raise MemoryError("f16_matmul: no memory for the row buffers")
+    _check(rc, "f16_matmul", k, 16)
+    return out
+
+
+__all__ = ["active", "available", "f16_matmul", "i2s_raw", "reload", "quantize_i8_s", "quantize_q8_k_blocks",
+           "set_isa", "tq_lanes", "unavailable_reason"]

@@ -529,6 +529,9 @@ class Model:
         p = self.profile
         if p.lm_head == "f16" or (self._embd_fmt.name == "f16" and p.f16_acts_for_f16_weights):
             h = h.astype(np.float16).astype(dt)
+        native = self._lm_head_native(h)
+        if native is not None:
+            return native
         out = np.empty((h.shape[0], self.cfg.vocab), dtype=np.float32)
         for start in range(0, self.cfg.vocab, LM_HEAD_CHUNK_ROWS):
             stop = min(start + LM_HEAD_CHUNK_ROWS, self.cfg.vocab)
@@ -545,6 +548,19 @@ class Model:
             else:
                 out[:, start:stop] = h @ self._embedding_rows(start, stop).T.astype(dt)
         return out
+
+    def _lm_head_native(self, h: np.ndarray) -> np.ndarray | None:
+        """bitnet-cpp's F16 lm_head in the native kernels, straight from the mapped rows: the same bits as the
+        numpy branch of `_lm_head` (ggml_vec_dot_f16 on f16 activations for one row, tinyBLAS for more);
+        None where that branch does not apply or the kernels are unavailable."""
+        p = self.profile
+        if not (p.ggml_cpu and p.activations == "i8_s" and self._embd_fmt.name == "f16" and h.shape[1] % 16 == 0
+                and self._row_bytes is not None and kernels.available()):
+            return None
+        data = self._gf.tensor_bytes(self._embd)
+        if h.shape[0] == 1:
+            return kernels.f16_matmul(h.astype(np.float16).astype(np.float32), data, self.cfg.vocab, "vec_dot")
+        return kernels.f16_matmul(h.astype(np.float32), data, self.cfg.vocab, "gemm")
 
     # -- rope and attention ----------------------------------------------------------------------
     def _rope_angles(self, pos: np.ndarray) -> tuple[np.ndarray, np.ndarray]:

@@ -211,6 +211,130 @@ __attribute__((target(BK_VNNI_TARGET))) static void tq_lanes_vnni(const uint8_t 
 #endif
 typedef void (*tq_lanes_fn)(const uint8_t *codes, const int8_t *qb, int32_t *lanes);
 
+/* ---------------------------------------------------------------- F16 rows x float32 activations
+ *
+ * Each output row is widened f16 -> f32 into a per-thread buffer (exact: F16C, AVX-512 or the portable
+ * bit conversion give the same floats), then every token's dot product is taken in the profile's order. The
+ * per-lane recurrences below are written out lane by lane (no reassociation: -fno-fast-math), so each ISA
+ * build vectorizes them across lanes without changing a single rounding. Products of an f16 and an f16 are
+ * exact in float32, products of a float32 and an f16 exact in double, so FMA contraction changes nothing. */
+
+static float f16_bits_to_f32(uint16_t h) {
+    uint32_t sign = (uint32_t)(h & 0x8000u) << 16, e = (h >> 10) & 0x1f, m = h & 0x3ffu, bits;
+    if (e == 0x1f) {
+        bits = sign | 0x7f800000u | (m << 13); /* inf / nan (payload kept, as vcvtph2ps does) */
+    } else if (e != 0) {
+        bits = sign | ((e + 112) << 23) | (m << 13);
+    } else if (m == 0) {
+        bits = sign;
+    } else { /* subnormal: normalize */
+        int sh = 0;
+        while (!(m & 0x400u)) { m <<= 1; sh++; }
+        bits = sign | ((uint32_t)(113 - sh) << 23) | ((m & 0x3ffu) << 13);
+    }
+    float f;
+    memcpy(&f, &bits, sizeof f);
+    return f;
+}
+
+typedef void (*f16_row_fn)(const uint8_t *src, float *dst, int64_t n);
+
+static void f16_row_portable(const uint8_t *src, float *dst, int64_t n) {
+    for (int64_t i = 0; i < n; i++) {
+        uint16_t h;
+        memcpy(&h, src + 2 * i, 2);
+        dst[i] = f16_bits_to_f32(h);
+    }
+}
+
+/* ggml_vec_dot_f16 (AVX-512: four 16-lane float32 accumulators over the first k & ~63 products, combined
+ * (a0+a2)+(a1+a3), _mm512_reduce_add_ps into a double that adds the rest one at a time), x f16-valued */
+#define BK_VEC_DOT_F16_BODY                                                                                  \
+    float acc[64];                                                                                           \
+    for (int l = 0; l < 64; l++) acc[l] = 0.0f;                                                              \
+    int64_t body = k & ~(int64_t)63;                                                                         \
+    for (int64_t c = 0; c < body; c += 64)                                                                   \
+        for (int l = 0; l < 64; l++) acc[l] = acc[l] + x[c + l] * w[c + l];                                  \
+    float s16[16];                                                                                           \
+    for (int l = 0; l < 16; l++) s16[l] = (acc[l] + acc[32 + l]) + (acc[16 + l] + acc[48 + l]);             \
+    double s = (double)reduce16(s16);                                                                        \
+    for (int64_t i = body; i < k; i++) s = s + (double)x[i] * (double)w[i];                                  \
+    return (float)s;
+
+/* llamafile's tinyBLAS (AVX-512, F16 A x F32 B) as the numpy code emulates it: one 16-lane float32
+ * accumulator, acc = (float)((double)x*w + acc) per 16 values, then _mm512_reduce_add_ps; k % 16 == 0 */
+#define BK_GEMM_F16_BODY                                                                                     \
+    float acc[16];                                                                                           \
+    for (int l = 0; l < 16; l++) acc[l] = 0.0f;                                                              \
+    for (int64_t c = 0; c < k; c += 16)                                                                      \
+        for (int l = 0; l < 16; l++) acc[l] = (float)((double)x[c + l] * (double)w[c + l] + (double)acc[l]); \
+    return reduce16(acc);
+
+/* the same for BK_GEMM_NU tokens at once (x rows xs apart): independent accumulator chains hide the latency
+ * of the float -> double -> float round trip */
+#define BK_GEMM_NU 8
+#define BK_GEMMN_F16_BODY                                                                                    \
+    float acc[BK_GEMM_NU][16];                                                                               \
+    for (int u = 0; u < BK_GEMM_NU; u++)                                                                     \
+        for (int l = 0; l < 16; l++) acc[u][l] = 0.0f;                                                       \
+    for (int64_t c = 0; c < k; c += 16)                                                                      \
+        for (int u = 0; u < BK_GEMM_NU; u++)                                                                 \
+            for (int l = 0; l < 16; l++)                                                                     \
+                acc[u][l] = (float)((double)x[u * xs + c + l] * (double)w[c + l] + (double)acc[u][l]);       \
+    for (int u = 0; u < BK_GEMM_NU; u++) out[u] = reduce16(acc[u]);
+
+/* _mm512_reduce_add_ps: halves, quarters, then (b0+b2)+(b1+b3) */
+static inline float reduce16(const float *s) {
+    float a[8], b[4];
+    for (int l = 0; l < 8; l++) a[l] = s[8 + l] + s[l];
+    for (int l = 0; l < 4; l++) b[l] = a[4 + l] + a[l];
+    return (b[0] + b[2]) + (b[1] + b[3]);
+}
+
+typedef float (*f16_dot_fn)(const float *x, const float *w, int64_t k);
+
+static float vec_dot_f16_portable(const float *x, const float *w, int64_t k) { BK_VEC_DOT_F16_BODY }
+static float gemm_f16_portable(const float *x, const float *w, int64_t k) { BK_GEMM_F16_BODY }
+typedef void (*f16_dotn_fn)(const float *x, int64_t xs, const float *w, int64_t k, float *out);
+static void gemmn_f16_portable(const float *x, int64_t xs, const float *w, int64_t k, float *out) {
+    BK_GEMMN_F16_BODY
+}
+
+#ifdef BK_X86
+__attribute__((target("avx2,f16c"))) static void f16_row_f16c(const uint8_t *src, float *dst, int64_t n) {
+    int64_t i = 0;
+    for (; i + 8 <= n; i += 8)
+        _mm256_storeu_ps(dst + i, _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)(src + 2 * i))));
+    f16_row_portable(src + 2 * i, dst + i, n - i);
+}
+__attribute__((target("avx512f"))) static void f16_row_avx512(const uint8_t *src, float *dst, int64_t n) {
+    int64_t i = 0;
+    for (; i + 16 <= n; i += 16)
+        _mm512_storeu_ps(dst + i, _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i *)(src + 2 * i))));
+    f16_row_portable(src + 2 * i, dst + i, n - i);
+}
+__attribute__((target("avx2,fma"))) static float vec_dot_f16_avx2(const float *x, const float *w, int64_t k) {
+    BK_VEC_DOT_F16_BODY
+}
+__attribute__((target("avx2,fma"))) static float gemm_f16_avx2(const float *x, const float *w, int64_t k) {
+    BK_GEMM_F16_BODY
+}
+__attribute__((target("avx512f"))) static float vec_dot_f16_avx512(const float *x, const float *w, int64_t k) {
+    BK_VEC_DOT_F16_BODY
+}
+__attribute__((target("avx512f"))) static float gemm_f16_avx512(const float *x, const float *w, int64_t k) {
+    BK_GEMM_F16_BODY
+}
+__attribute__((target("avx2,fma"))) static void gemmn_f16_avx2(const float *x, int64_t xs, const float *w, int64_t k,
+                                                               float *out) {
+    BK_GEMMN_F16_BODY
+}
+__attribute__((target("avx512f"))) static void gemmn_f16_avx512(const float *x, int64_t xs, const float *w,
+                                                                int64_t k, float *out) {
+    BK_GEMMN_F16_BODY
+}
+#endif
+
 /* ---------------------------------------------------------------- dispatch */
 
 enum { ISA_AUTO = -1, ISA_PORTABLE = 0, ISA_AVX2 = 1, ISA_VNNI = 2 };
@@ -259,6 +383,30 @@ static i2s_dot_fn i2s_fn(void) {
     return i2s_dot_portable;
 }
 
+typedef struct {
+    f16_row_fn row;
+    f16_dot_fn dot[2]; /* BK_F16_VEC_DOT, BK_F16_GEMM */
+    f16_dotn_fn gemmn;
+} f16_fns;
+
+static f16_fns f16_fn(void) {
+    f16_fns f = {f16_row_portable, {vec_dot_f16_portable, gemm_f16_portable}, gemmn_f16_portable};
+#ifdef BK_X86
+    switch (current_isa()) {
+    case ISA_VNNI:
+        f.row = f16_row_avx512, f.dot[0] = vec_dot_f16_avx512, f.dot[1] = gemm_f16_avx512;
+        f.gemmn = gemmn_f16_avx512;
+        break;
+    case ISA_AVX2:
+        if (__builtin_cpu_supports("f16c") && __builtin_cpu_supports("fma"))
+            f.row = f16_row_f16c, f.dot[0] = vec_dot_f16_avx2, f.dot[1] = gemm_f16_avx2;
+        if (f.row == f16_row_f16c) f.gemmn = gemmn_f16_avx2;
+        break;
+    }
+#endif
+    return f;
+}
+
 static tq_lanes_fn tq_fn(void) {
 #ifdef BK_X86
     switch (current_isa()) {
@@ -272,7 +420,12 @@ static tq_lanes_fn tq_fn(void) {
 /* ---------------------------------------------------------------- threads: output rows split in ranges */
 
 typedef struct {
-    int kind; /* 0: i2s, 1: tq */
+    int kind; /* 0: i2s, 1: tq, 2: f16 */
+    int err;
+    f16_fns f16;
+    int mode;
+    const float *x;
+    float *fout;
     int type;
     i2s_dot_fn dot;
     tq_lanes_fn lanes;
@@ -305,15 +458,38 @@ static void run_tq(const job_t *j) {
         }
 }
 
+static void run_f16(job_t *j) {
+    if (j->r1 <= j->r0) return;
+    float *row = (float *)malloc(sizeof(float) * (size_t)(j->k + 1));
+    if (!row) {
+        j->err = 1;
+        return;
+    }
+    f16_dot_fn dot = j->f16.dot[j->mode];
+    for (int64_t r = j->r0; r < j->r1; r++) {
+        j->f16.row(j->w + 2 * r * j->k, row, j->k);
+        int64_t t = 0;
+        if (j->mode == BK_F16_GEMM)
+            for (float o[BK_GEMM_NU]; t + BK_GEMM_NU <= j->t; t += BK_GEMM_NU) {
+                j->f16.gemmn(j->x + t * j->k, j->k, row, j->k, o);
+                for (int u = 0; u < BK_GEMM_NU; u++) j->fout[(t + u) * j->r + r] = o[u];
+            }
+        for (; t < j->t; t++) j->fout[t * j->r + r] = dot(j->x + t * j->k, row, j->k);
+    }
+    free(row);
+}
+
 static void *job_main(void *arg) {
     job_t *j = (job_t *)arg;
-    if (j->kind == 0) run_i2s(j); else run_tq(j);
+    if (j->kind == 0) run_i2s(j);
+    else if (j->kind == 1) run_tq(j);
+    else run_f16(j);
     return NULL;
 }
 
 #define BK_MAX_THREADS 256
 
-static void run_split(job_t base, int nthreads) {
+static int run_split(job_t base, int nthreads) {
     /* small products are not worth a thread start */
     if (nthreads < 1 || base.r * base.k * base.t < (1 << 18)) nthreads = 1;
     if (nthreads > BK_MAX_THREADS) nthreads = BK_MAX_THREADS;
@@ -333,6 +509,9 @@ static void run_split(job_t base, int nthreads) {
         if (started[i]) pthread_join(tid[i], NULL);
         else job_main(&jobs[i]); /* could not start a thread: do its share here */
     }
+    int err = 0;
+    for (int i = 0; i < nthreads; i++) err |= jobs[i].err;
+    return err;
 }
 
 static int i2s_common(const int8_t *q, int64_t t, int64_t k, const uint8_t *w, int64_t r, int32_t *out,
@@ -377,4 +556,16 @@ int bk_tq_lanes(int type, const int8_t *q, int64_t t, int64_t k, const uint8_t *
     run_split(j, nthreads);
     free(bsums);
     return 0;
+}
+
+int bk_f16_matmul(int mode, const float *x, int64_t t, int64_t k, const uint8_t *w, int64_t r, float *out,
+                  int nthreads) {
+    if (t < 0 || k < 0 || r < 0 || (mode != BK_F16_VEC_DOT && mode != BK_F16_GEMM)) return BK_EBADARG;
+    if (mode == BK_F16_GEMM && k % 16) return BK_EBADK;
+    job_t j = {0};
+    j.kind = 2;
+    j.mode = mode;
+    j.f16 = f16_fn();
+    j.x = x, j.t = t, j.k = k, j.r = r, j.w = w, j.fout = out;
+    return run_split(j, nthreads) ? BK_ENOMEM : 0;
 }

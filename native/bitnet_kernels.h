@@ -2,7 +2,8 @@
  *
  * Everything here returns what the numpy reference computes bit for bit: the activation quantizers
  * (bitnet.cpp's quantize_row_i8_s, ggml's quantize_row_q8_K_ref) and ternary x int8 products as exact
- * int32 sums. The float epilogues (scales, ggml's FMA lane order) stay in numpy.
+ * int32 sums. The float epilogues (scales, ggml's FMA lane order) stay in numpy, except for the F16 lm_head
+ * product, whose float32 lane order is reproduced here exactly (bk_f16_matmul).
  *
  * Return codes: 0 ok, BK_EBADK when K is not a multiple of the format's block, BK_EBADARG otherwise.
  */
@@ -13,8 +14,11 @@
 
 #define BK_EBADK (-1)
 #define BK_EBADARG (-2)
+#define BK_ENOMEM (-3)
 #define BK_TQ1_0 34
 #define BK_TQ2_0 35
+#define BK_F16_VEC_DOT 0
+#define BK_F16_GEMM 1
 
 /* the instruction set the products use: "avx512-vnni", "avx2" or "portable" */
 const char *bk_isa(void);
@@ -37,5 +41,15 @@ int bk_i2s_raw_wrap16(const int8_t *q, int64_t t, int64_t k, const uint8_t *w, i
  * lane l of a block = sum of code*q over values v with v%32 in [4l, 4l+4) minus sum of q over [32l, 32l+32). */
 int bk_tq_lanes(int type, const int8_t *q, int64_t t, int64_t k, const uint8_t *w, int64_t r, int32_t *out,
                 int nthreads);
+
+/* F16 rows x float32 activations: out (t, r) float32 = x (t, k) . w (r, k)^T, w the little-endian f16 bytes
+ * (read in place, e.g. from a mapped file), in ggml's order for the mode:
+ *   BK_F16_VEC_DOT  ggml_vec_dot_f16 (AVX-512): 4x16 float32 lanes over k & ~63, (a0+a2)+(a1+a3),
+ *                   _mm512_reduce_add_ps, the tail added in double; x must hold f16 values
+ *   BK_F16_GEMM     llamafile tinyBLAS F16 x F32: one 16-lane accumulator (float)((double)x*w + acc),
+ *                   _mm512_reduce_add_ps; k % 16 == 0 (else BK_EBADK)
+ * BK_ENOMEM when a thread's row buffer cannot be allocated. */
+int bk_f16_matmul(int mode, const float *x, int64_t t, int64_t k, const uint8_t *w, int64_t r, float *out,
+                  int nthreads);
 
 #endif

@@ -29,7 +29,8 @@ def _cdef() -> str:
     text = HEADER.read_text()
     text = re.sub(r"/\*.*?\*/", "", text, flags=re.S)
     keep = [ln for ln in text.splitlines() if not ln.lstrip().startswith("#")]
-    defines = "\n".join(f"#define {name} ..." for name in ("BK_EBADK", "BK_EBADARG", "BK_TQ1_0", "BK_TQ2_0"))
+    defines = "\n".join(f"#define {name} ..." for name in ("BK_EBADK", "BK_EBADARG", "BK_ENOMEM", "BK_TQ1_0",
+                                                                 "BK_TQ2_0", "BK_F16_VEC_DOT", "BK_F16_GEMM"))
     return defines + "\n" + "\n".join(keep)
 
 

@@ -22,7 +22,15 @@ from bitnet_ref import kernels
 from bitnet_ref.formats.activations import quantize_i8_s, quantize_q8_k_blocks
 from bitnet_ref.formats.i2s import I2S_X86
 from bitnet_ref.formats.tq import TQ1_0, TQ2_0
-from bitnet_ref.model import Model, _i2s_epilogue, _tq_epilogue, i2s_dot_i8_s_ggml, tq_dot_q8_k_ggml
+from bitnet_ref.model import (
+    Model,
+    _i2s_epilogue,
+    _tq_epilogue,
+    f16_gemm_ggml,
+    i2s_dot_i8_s_ggml,
+    tq_dot_q8_k_ggml,
+    vec_dot_f16_ggml,
+)
 from bitnet_ref.synth import SynthSpec, synthesize
 
 NATIVE = kernels.available()
@@ -246,6 +254,94 @@ def test_tq_rejects_bad_input():
         kernels.tq_lanes(35, np.zeros((1, 384), np.int8), np.zeros(200, np.uint8), 1)
     with pytest.raises(ValueError, match="TQ1_0"):
         kernels.tq_lanes(36, np.zeros((1, 256), np.int8), np.zeros(66, np.uint8), 1)
+
+
+# -- F16 rows x float32 activations (the F16 lm_head) --------------------------------------------------
+def f16_rows(rng, rows: int, k: int) -> np.ndarray:
+    """f16 weights at a random scale, with zeros, f16 subnormals and a few large values."""
+    w = rng.standard_normal((rows, k)) * 10.0 ** rng.uniform(-6, 1)
+    w[rng.random((rows, k)) < 0.05] = 0.0
+    w[rng.random((rows, k)) < 0.02] = rng.choice([-6e-8, 3e-6, -1e3, 5e4], 1)
+    return w.astype(np.float16)
+
+
+@needs_native
+@pytest.mark.parametrize("isa", ISAS, indirect=True)
+@pytest.mark.parametrize("mode", ["vec_dot", "gemm"])
+@SETTINGS
+@given(t=st.integers(1, 4), blocks=st.integers(1, 40), extra=st.integers(0, 15), rows=st.integers(1, 70),
+       scale=st.sampled_from([1e-6, 1e-2, 1.0, 1e3]), seed=st.integers(0, 2**32 - 1))
+def test_f16_matmul_bit_identical(isa, mode, t, blocks, extra, rows, scale, seed):
+    rng = np.random.default_rng(seed)
+    k = 16 * blocks + (extra if mode == "vec_dot" else 0)  # vec_dot: any K (a double tail past k & ~63)
+    x = (rng.standard_normal((t, k)) * scale).astype(np.float32)
+    w = f16_rows(rng, rows, k)
+    if mode == "vec_dot":
+        x = x.astype(np.float16).astype(np.float32)  # ggml_vec_dot_f16 takes f16 activations
+        want = vec_dot_f16_ggml(x.astype(np.float16)[:, None, :], w[None, :, :])
+    else:
+        want = f16_gemm_ggml(x, w.astype(np.float32))
+    got = kernels.f16_matmul(x, w.reshape(-1).view(np.uint8), rows, mode)
+    assert got.dtype == np.float32 and got.shape == (t, rows)
+    assert same_bits(got, want)
+
+
+@needs_native
+def test_f16_matmul_unaligned_bytes_and_threads(monkeypatch):
+    rng = np.random.default_rng(3)
+    k, rows = 320, 1031
+    w = f16_rows(rng, rows, k)
+    buf = np.zeros(w.nbytes + 1, np.uint8)
+    buf[1:] = w.reshape(-1).view(np.uint8)  # an odd address: rows read in place, unaligned
+    x = rng.standard_normal((2, k)).astype(np.float16).astype(np.float32)
+    outs = []
+    for n in ("1", "2", "5"):
+        monkeypatch.setenv("BITNET_CPU_THREADS", n)
+        outs.append((kernels.f16_matmul(x[:1], buf[1:], rows, "vec_dot"), kernels.f16_matmul(x, buf[1:], rows, "gemm")))
+    assert same_bits(outs[0][0], vec_dot_f16_ggml(x[:1].astype(np.float16)[:, None, :], w[None]))
+    assert same_bits(outs[0][1], f16_gemm_ggml(x, w.astype(np.float32)))
+    for a, b in outs[1:]:
+        assert same_bits(a, outs[0][0]) and same_bits(b, outs[0][1])
+
+
+def test_f16_matmul_rejects_bad_input():
+    with pytest.raises(ValueError, match="multiple of the 16-value block"):
+        kernels.f16_matmul(np.zeros((2, 40), np.float32), np.zeros(80, np.uint8), 1, "gemm")
+    with pytest.raises(ValueError, match="packed bytes"):
+        kernels.f16_matmul(np.zeros((1, 64), np.float32), np.zeros(127, np.uint8), 1, "vec_dot")
+    with pytest.raises(ValueError, match="mode"):
+        kernels.f16_matmul(np.zeros((1, 64), np.float32), np.zeros(128, np.uint8), 1, "f64")
+
+
+@needs_native
+@pytest.mark.parametrize("profile", ["bitnet-cpp", "llama-cpp", "exact"])
+def test_model_lm_head_native_equals_numpy(profile, tmp_path, monkeypatch):
+    """Whole-model logits with the F16 lm_head (prefill: tinyBLAS; decode: ggml_vec_dot_f16) native vs numpy;
+    only bitnet-cpp's goes native (llama-cpp's and exact's float64 products stay numpy)."""
+    fmt, arch = ("i2_s", "bitnet-b1.58") if profile == "bitnet-cpp" else ("tq2_0", "bitnet")
+    path = synthesize(SynthSpec(arch=arch, format=fmt), tmp_path)
+    ids = [5, 1, 2, 3, 200, 7]
+
+    def run():
+        with Model.load(path, profile) as m:
+            h = np.ones((1, m.cfg.hidden), np.float32)
+            uses_native = m._lm_head_native(h) is not None
+            st_ = m.new_state()
+            prefill = m.forward(ids[:4], st_)
+            steps = [m.forward([i], st_) for i in ids[4:]]
+        return uses_native, prefill, steps
+
+    native, prefill, steps = run()
+    assert native == (profile == "bitnet-cpp")
+    monkeypatch.setenv("BITNET_KERNELS", "0")
+    kernels._reset_for_tests()
+    try:
+        ref_native, ref_prefill, ref_steps = run()
+    finally:
+        monkeypatch.undo()
+        kernels._reset_for_tests()
+    assert not ref_native
+    assert same_bits(prefill, ref_prefill) and all(same_bits(a, b) for a, b in zip(steps, ref_steps))
 
 
 # -- the model: native and numpy paths give the same bits ----------------------------------------------

@@ -124,10 +124,9 @@ def _fork(variable: str):
 def probe_all() -> list[EngineStatus]:
     """Every named engine: found or not, its version, and for a missing one the variable to set."""
     import bitnet_ref
+    from bitnet_ref import kernels
 
     from .discovery import TOOLS, ReferenceMissing, find_build
-
-    from bitnet_ref import kernels
 
     why = kernels.unavailable_reason()
     kernel_set = kernels.active() + (f" ({why})" if why else "")
