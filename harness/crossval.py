@@ -18,7 +18,7 @@ from pathlib import Path
 
 import numpy as np
 
-from bitnet_ref.errors import ERROR
+from bitnet_ref.errors import ERROR, ModelError
 from bitnet_ref.formats import format_for
 from bitnet_ref.gguf import open_gguf
 from bitnet_ref.gguf.validate import validate_file
@@ -26,7 +26,7 @@ from bitnet_ref.synth import SynthSpec, synthesize, ternary_weights
 
 from . import metrics as M
 from .cases import Case
-from .engines.base import EngineError, NotSupported, ReferenceUnavailable, require_receipt
+from .engines.base import EngineError, NotSupported, ReferenceUnavailable, file_sha256, require_receipt
 from .engines.registry import open_engine
 from .records import Check, Record, RungResult
 from .tolerances import Tolerances
@@ -208,7 +208,7 @@ def run_ladder(case: Case, reference: str, tol: Tolerances, models_dir: Path, *,
     except RungFailed as e:
         record.rungs.append(e.result)
         record.status, record.failed_rung, record.reason = "fail", e.result.rung, e.result.detail
-    except (EngineError, OSError, ValueError) as e:
+    except (EngineError, ModelError, OSError, ValueError) as e:  # the comparison could not be made
         record.status, record.reason = "error", f"{type(e).__name__}: {e}"
     record.seconds = time.perf_counter() - t0
     return record
@@ -219,8 +219,6 @@ def _ladder(case, reference, tol, models_dir, sut_name, profile, record: Record,
     if reason:
         raise ReferenceUnavailable(reason)
     path = model_path_for(case, models_dir)
-    from .engines.base import file_sha256
-
     record.model = {"path": str(path), "sha256": file_sha256(path), "spec": case.model.get("synth")}
 
     def run(result: RungResult) -> None:
@@ -232,6 +230,9 @@ def _ladder(case, reference, tol, models_dir, sut_name, profile, record: Record,
         run(rung_file(path))
     if "weights" in case.rungs:
         run(rung_weights(case, path))
+    with open_gguf(path) as gf:
+        block_count = gf.get(f"{gf.architecture}.block_count")
+    n_layers = block_count if isinstance(block_count, int) else 0  # for localization
     ref = open_fn(reference, path, "exact", case.reference_options)
     try:
         record.receipts["reference"] = asdict(require_receipt(reference, ref.receipt))
@@ -239,26 +240,24 @@ def _ladder(case, reference, tol, models_dir, sut_name, profile, record: Record,
         sut_options = {k: v for k, v in case.reference_options.items() if k == "n_ubatch"}
         with open_fn(sut_name, path, profile, sut_options) as sut:
             record.receipts["sut"] = asdict(require_receipt(sut_name, sut.receipt))
-            _engine_rungs(case, sut, ref, tol, record, run)
+            _engine_rungs(case, sut, ref, tol, record, run, n_layers)
             record.receipts = {"sut": asdict(sut.receipt), "reference": asdict(ref.receipt)}
     finally:
         ref.close()
 
 
-def _engine_rungs(case, sut, ref, tol, record, run) -> None:
+def _engine_rungs(case, sut, ref, tol, record, run, n_layers: int) -> None:
     if "tokens" in case.rungs and case.prompts:
         run(rung_tokens(case, sut, ref))
     prompts = [ref.tokenize(p) for p in case.prompts] + [list(p) for p in case.prompt_ids]
-    n_layers = getattr(getattr(sut, "model", None), "cfg", None)
-    n_layers = n_layers.layers if n_layers else 0
-    for name in ("first_logits", "all_logits"):
-        if name not in case.rungs:
-            continue
-        for ids in prompts:
-            a, b = sut.logits(ids), ref.logits(ids)
+    rungs = [name for name in ("first_logits", "all_logits") if name in case.rungs]
+    outputs = [(ids, sut.logits(ids), ref.logits(ids)) for ids in prompts] if rungs else []
+    for name in rungs:  # every prompt's first position, then every prompt's all positions
+        for i, (ids, a, b) in enumerate(outputs):
             if name == "first_logits":
                 a, b = a[:1], b[:1]
             result = _logits_rung(name, a, b, np.asarray(ids[1 : len(a) + 1]) if len(ids) > 1 else None, tol)
+            result.detail = f"prompt {i}: {result.detail}"
             if result.status == "fail" and n_layers:
                 result.localization = localize(sut, ref, ids, n_layers, tol.limit("max_abs") or 1e-4)
                 if result.localization and result.localization.get("op"):

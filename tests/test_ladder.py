@@ -125,3 +125,14 @@ def test_tolerance_override_is_recorded(tmp_path):
     assert r.status == "fail" and r.failed_rung == "all_logits"
     assert check is not None and check.limit == 1e-9 and check.source.startswith("cli")
     assert np.isfinite(check.value)
+
+
+def test_an_unreadable_model_is_an_error_record(tmp_path):
+    bad = tmp_path / "bad.gguf"
+    bad.write_bytes(b"GGUF\x07\x00\x00\x00" + b"\x00" * 32)
+    c = case(model={"path": str(bad)})
+    r = run_ladder(c, "llama_cpp", tol(c), tmp_path)
+    assert r.status == "fail" and r.failed_rung == "file" and "unsupported-version" in r.reason
+    c = case(model={"path": str(tmp_path / "missing.gguf")}, rungs=["tokens"])
+    r = run_ladder(c, "llama_cpp", tol(c), tmp_path)
+    assert r.status == "error" and "missing.gguf" in r.reason
