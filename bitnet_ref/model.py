@@ -643,7 +643,14 @@ class Model:
         kp = np.zeros((sp, kvh, d), f32)
         vp = np.zeros((sp, kvh, d), f32)
         kp[:s_len], vp[:s_len] = k, v
-        if self.profile.kv_cache == "f16":  # ggml_vec_dot_f16 on f16 q and K, any head size
+        native = self.profile.kv_cache == "f16" and kernels.available()
+        if native:  # the same ggml_vec_dot_f16 per KV head in C; the padded keys' zeros are masked below
+            kq = np.zeros((kvh, g, t, sp), f32)
+            k16 = k.astype(np.float16)
+            for h in range(kvh):
+                xh = qg[:, h].transpose(1, 0, 2).reshape(g * t, d)
+                kq[h, :, :, :s_len] = kernels.f16_matmul(xh, k16[:, h], s_len, "vec_dot").reshape(g, t, s_len)
+        elif self.profile.kv_cache == "f16":  # ggml_vec_dot_f16 on f16 q and K, any head size
             kq = vec_dot_f16_ggml(qg[:, :, :, None, :], kp.transpose(1, 0, 2)[None, :, None, :, :])
             kq = kq.transpose(1, 2, 0, 3)  # (kvh, g, t, sp)
         elif d % 64 == 0:
@@ -671,6 +678,11 @@ class Model:
             vf = np.zeros((kvh, 1, 1, d, n_kv), f32)
             pf[..., 0, 0, :s_len] = p[..., 0, :s_len].astype(np.float16)
             vf[:, 0, 0, :, :s_len] = v.transpose(1, 2, 0)
+            if native:  # per KV head in C over the same zero-padded n_kv cells
+                vf16 = vf.astype(np.float16)
+                out = np.stack([kernels.f16_matmul(pf[h].reshape(g, n_kv), vf16[h].reshape(d, n_kv), d, "vec_dot")
+                                for h in range(kvh)])
+                return out.reshape(t, self.cfg.heads * d)
             return vec_dot_f16_ggml(pf, vf).reshape(t, self.cfg.heads * d)
         pc = p.reshape(kvh, g, t, 1, sp // 16, 16)
         vc = vp.transpose(1, 2, 0).reshape(kvh, 1, 1, d, sp // 16, 16)

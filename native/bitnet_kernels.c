@@ -145,6 +145,38 @@ __attribute__((target(BK_VNNI_TARGET))) static int32_t i2s_dot_vnni(const uint8_
     }
     return sum;
 }
+
+/* prefill tiling: BK_I2S_TR rows x BK_I2S_TT tokens per pass over the packed blocks, so each block's codes are
+ * unpacked once for all tokens and each q load serves all rows. Integer sums: any order gives the same int32.
+ * A block's 32 bytes go to both 256-bit halves; per-half shifts give the codes of groups (0, 1) and (2, 3),
+ * matching the 64 contiguous q bytes of those groups. rb: bytes per row; out[r * BK_I2S_TT + u]. */
+#define BK_I2S_TR 4
+#define BK_I2S_TT 4
+__attribute__((target(BK_VNNI_TARGET))) static void i2s_tile_vnni(const uint8_t *w, int64_t rb, const int8_t *q,
+                                                                   int64_t k, int64_t nb, int32_t *out) {
+    const __m512i mask = _mm512_set1_epi8(3);
+    const __m512i sh0 = _mm512_inserti64x4(_mm512_set1_epi16(6), _mm256_set1_epi16(4), 1);
+    const __m512i sh1 = _mm512_inserti64x4(_mm512_set1_epi16(2), _mm256_set1_epi16(0), 1);
+    __m512i acc[BK_I2S_TR][BK_I2S_TT];
+    for (int r = 0; r < BK_I2S_TR; r++)
+        for (int u = 0; u < BK_I2S_TT; u++) acc[r][u] = _mm512_setzero_si512();
+    for (int64_t b = 0; b < nb; b++) {
+        __m512i c0[BK_I2S_TR], c1[BK_I2S_TR];
+        for (int r = 0; r < BK_I2S_TR; r++) {
+            __m512i p = _mm512_broadcast_i64x4(_mm256_loadu_si256((const __m256i *)(w + r * rb + 32 * b)));
+            c0[r] = _mm512_and_si512(_mm512_srlv_epi16(p, sh0), mask);
+            c1[r] = _mm512_and_si512(_mm512_srlv_epi16(p, sh1), mask);
+        }
+        for (int u = 0; u < BK_I2S_TT; u++) {
+            const int8_t *qb = q + u * k + QK_I2S * b;
+            __m512i qa = _mm512_loadu_si512((const void *)qb), qc = _mm512_loadu_si512((const void *)(qb + 64));
+            for (int r = 0; r < BK_I2S_TR; r++)
+                acc[r][u] = _mm512_dpbusd_epi32(_mm512_dpbusd_epi32(acc[r][u], c0[r], qa), c1[r], qc);
+        }
+    }
+    for (int r = 0; r < BK_I2S_TR; r++)
+        for (int u = 0; u < BK_I2S_TT; u++) out[r * BK_I2S_TT + u] = _mm512_reduce_add_epi32(acc[r][u]);
+}
 #endif
 
 /* bitnet.cpp's AVX2 kernel accumulates its 16 int16 lanes (bytes 2l, 2l+1 of each 32-value group) over up
@@ -329,9 +361,27 @@ __attribute__((target("avx2,fma"))) static void gemmn_f16_avx2(const float *x, i
                                                                float *out) {
     BK_GEMMN_F16_BODY
 }
+/* explicit AVX-512 form of BK_GEMMN_F16_BODY: per 8 lanes, (float)fma_pd((double)x, (double)w, (double)acc); the
+ * product is exact in double, so the FMA's one double rounding is the body's sum rounding, then the float cast */
 __attribute__((target("avx512f"))) static void gemmn_f16_avx512(const float *x, int64_t xs, const float *w,
                                                                 int64_t k, float *out) {
-    BK_GEMMN_F16_BODY
+    __m256 lo[BK_GEMM_NU], hi[BK_GEMM_NU];
+    for (int u = 0; u < BK_GEMM_NU; u++) lo[u] = hi[u] = _mm256_setzero_ps();
+    for (int64_t c = 0; c < k; c += 16) {
+        __m512d wl = _mm512_cvtps_pd(_mm256_loadu_ps(w + c)), wh = _mm512_cvtps_pd(_mm256_loadu_ps(w + c + 8));
+        for (int u = 0; u < BK_GEMM_NU; u++) {
+            const float *xu = x + u * xs + c;
+            lo[u] = _mm512_cvtpd_ps(_mm512_fmadd_pd(_mm512_cvtps_pd(_mm256_loadu_ps(xu)), wl, _mm512_cvtps_pd(lo[u])));
+            hi[u] = _mm512_cvtpd_ps(
+                _mm512_fmadd_pd(_mm512_cvtps_pd(_mm256_loadu_ps(xu + 8)), wh, _mm512_cvtps_pd(hi[u])));
+        }
+    }
+    for (int u = 0; u < BK_GEMM_NU; u++) {
+        float acc[16];
+        _mm256_storeu_ps(acc, lo[u]);
+        _mm256_storeu_ps(acc + 8, hi[u]);
+        out[u] = reduce16(acc);
+    }
 }
 #endif
 
@@ -438,7 +488,23 @@ typedef struct {
 
 static void run_i2s(const job_t *j) {
     int64_t nb = j->k / QK_I2S, rb = j->k / 4;
-    for (int64_t r = j->r0; r < j->r1; r++)
+    int64_t r = j->r0, tt = 0;
+#ifdef BK_X86
+    if (j->dot == i2s_dot_vnni && j->t >= BK_I2S_TT) { /* tiles; the rest below with the row dot */
+        tt = j->t - j->t % BK_I2S_TT;
+        int32_t o[BK_I2S_TR * BK_I2S_TT];
+        for (; r + BK_I2S_TR <= j->r1; r += BK_I2S_TR)
+            for (int64_t t = 0; t < tt; t += BK_I2S_TT) {
+                i2s_tile_vnni(j->w + r * rb, rb, j->q + t * j->k, j->k, nb, o);
+                for (int a = 0; a < BK_I2S_TR; a++)
+                    for (int u = 0; u < BK_I2S_TT; u++) j->out[(t + u) * j->r + r + a] = o[a * BK_I2S_TT + u];
+            }
+        for (int64_t rr = j->r0; rr < r; rr++) /* tiled rows: the leftover tokens */
+            for (int64_t t = tt; t < j->t; t++) j->out[t * j->r + rr] = j->dot(j->w + rr * rb, j->q + t * j->k, nb);
+    }
+#endif
+    (void)tt;
+    for (; r < j->r1; r++)
         for (int64_t t = 0; t < j->t; t++) j->out[t * j->r + r] = j->dot(j->w + r * rb, j->q + t * j->k, nb);
 }
 
