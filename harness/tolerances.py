@@ -28,7 +28,7 @@ after a 32-token prompt, harness.metrics), on linux-x86_64-avx512:
     TQ1_0/TQ2_0: max_abs 0.39, max_rel 0.027, nmse 4.0e-4, 1-cos 3.0e-4, kl_mean 2.5e-3, kl_max 8.7e-3,
                top1 0.953, top-5 containment 1.0, greedy 0.86, ppl_rel 7.7e-3
   bitnet-cpp profile vs bitnet.cpp I2_S: 0.0 everywhere (bit-identical logits and greedy text).
-  exact profile vs bitnet.cpp I2_S (build /work/ext/bitnet-build-i2s, x86 kernels):
+  exact profile vs bitnet.cpp I2_S (an x86 AVX-512 build of microsoft/BitNet, I2_S kernels):
     max_abs 0.455..0.465, max_rel 0.037, nmse 4.8e-4, 1-cos 4.6e-4, kl_mean 2.6e-3, kl_max 9.0e-3,
                top1 0.969, top-5 containment 1.0, greedy 0.48 (prefix 31/64), ppl_rel 2.5e-3
 

@@ -25,7 +25,6 @@ from harness.engines.discovery import ReferenceMissing, find_build
 
 FAKES = Path(__file__).parent / "fake_tools"
 TOOLS = ("llama-cli", "llama-perplexity", "llama-bench", "llama-tokenize")
-RECORDED = Path("/work/ext/models")  # recorded outputs of the real tools, where this machine has them
 
 
 def fake_tools(tmp_path: Path, script: str) -> dict[str, Path]:
@@ -187,15 +186,6 @@ def test_parsers_on_edge_cases():
     assert parse_perplexity("[1]3.0,[2]4.0,", 128) is None
     assert parse_kl_divergence("Mean    KLD:   0.1 ± 0.0\n") is None
     assert clean_cli_stdout("abc [end of text]\n\n\n") == ("abc", True)
-
-
-@pytest.mark.skipif(not (RECORDED / "ppl-i2s.stdout").is_file(), reason="no recorded bitnet.cpp outputs here")
-def test_recorded_real_outputs_parse():
-    text = (RECORDED / "ppl-i2s.stdout").read_text() + (RECORDED / "ppl-i2s.stderr").read_text()
-    p = parse_perplexity(text, 128)
-    assert p.n_chunks == 4 and len(p.per_chunk) == 4 and p.ppl == p.per_chunk[-1]
-    t = parse_timings((RECORDED / "cli-i2s.stderr").read_text())
-    assert {"load_ms", "prompt_eval_ms", "eval_ms", "total_ms"} <= set(t)
 
 
 # ---------------------------------------------------------------------------------------------- real tools
