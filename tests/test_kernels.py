@@ -118,7 +118,8 @@ def test_fallback_says_so_once(monkeypatch, caplog, tmp_path):
     assert os.environ.get("BITNET_KERNELS_PATH") == NAMED
 
 
-@pytest.mark.skipif(not os.environ.get("BITNET_KERNELS_PATH"), reason="no BITNET_KERNELS_PATH")
+@pytest.mark.skipif(not os.environ.get("BITNET_KERNELS_PATH"),
+                    reason="BITNET_KERNELS_PATH is not set: only `nox -s sanitize` names a separate kernel build")
 def test_named_build_loads():
     """A build named by BITNET_KERNELS_PATH (the sanitizer session's) must load: never a silent numpy run."""
     assert NATIVE, kernels.unavailable_reason()
