@@ -20,6 +20,10 @@ REQUIRED_KEYS = (
     "attention.head_count",
     "attention.head_count_kv",
 )
+# Upper bounds far above any real model (2B-4T: 30 layers, hidden 2560, ffn 6912, context 4096): a value past
+# one is corruption, and taking it at face value would build billions of tensor names.
+LIMITS = {"context_length": 1 << 24, "embedding_length": 1 << 17, "block_count": 4096,
+          "feed_forward_length": 1 << 20, "attention.head_count": 4096, "attention.head_count_kv": 4096}
 LAYER_TENSORS = ("attn_norm", "attn_q", "attn_k", "attn_v", "attn_output", "attn_sub_norm",
                  "ffn_norm", "ffn_gate", "ffn_up", "ffn_down", "ffn_sub_norm")
 PROJECTIONS = ("attn_q", "attn_k", "attn_v", "attn_output", "ffn_gate", "ffn_up", "ffn_down")
@@ -112,6 +116,10 @@ class ModelConfig:
             if isinstance(v, bool) or not isinstance(v, (int, float)) or v <= 0:
                 raise model_error("bad-metadata", f"{key} = {v!r} is not a positive number",
                                   "fix the converter that wrote this file", path=path, key=key)
+            if k in LIMITS and v > LIMITS[k]:
+                raise model_error("bad-metadata", f"{key} = {v!r} is implausibly large (limit {LIMITS[k]})",
+                                  "the value is corrupt: the file is damaged or its converter is broken",
+                                  path=path, key=key)
             values[k] = v
         tokens = meta.get("tokenizer.ggml.tokens")
         vocab = meta.get(f"{arch}.vocab_size") or (len(tokens) if tokens is not None else 0)

@@ -210,3 +210,16 @@ def test_type_39_with_mxfp4_room_is_not_tl2(tmp_path):
 def test_errors_filter(model, tmp_path):
     p = rewrite(model, tmp_path / "m.gguf", drop_keys={"tokenizer.ggml.pre"})
     assert validate_file(p) and errors(validate_file(p)) == []
+
+
+def test_implausible_hyperparameter_is_a_finding_not_a_memory_blowup(model, tmp_path):
+    """Found by the fuzz session: a corrupt block_count of 2**31 made validation build 2**31 tensor names."""
+    p = rewrite(model, tmp_path / "m.gguf", set_keys={"bitnet.block_count": 2**31})
+    f = only(validate_file(p), "bad-metadata")
+    assert f.key == "bitnet.block_count" and "implausibly large" in f.message
+
+
+def test_zero_length_dimension_decodes_to_nothing():
+    from bitnet_ref.formats import TQ2_0
+
+    assert TQ2_0.decode(np.zeros(0, np.uint8), (0, 256)).shape == (0, 256)

@@ -30,6 +30,8 @@ class IQ2SFormat(WeightFormat):
 
     def decode(self, data: np.ndarray, shape) -> np.ndarray:
         self._check_size(data, shape)
+        if data.size == 0:
+            return np.zeros(shape, np.float32)
         rows = int(np.prod(shape[:-1], dtype=np.int64))
         return gq.dequantize(data.reshape(rows, -1), GGMLQuantizationType.IQ2_S).reshape(shape)
 

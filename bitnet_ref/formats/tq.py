@@ -42,6 +42,8 @@ class TQFormat(WeightFormat):
 
     def decode(self, data: np.ndarray, shape) -> np.ndarray:
         self._check_size(data, shape)
+        if data.size == 0:  # a zero-length dimension: nothing to dequantize
+            return np.zeros(shape, np.float32)
         rows = int(np.prod(shape[:-1], dtype=np.int64))
         return gq.dequantize(data.reshape(rows, -1), self._qtype).reshape(shape)
 
