@@ -23,6 +23,7 @@ from typing import Callable
 
 import numpy as np
 
+from . import device as _device
 from . import kernels
 from .config import LAYER_TENSORS, PROJECTIONS, ModelConfig
 from .errors import FormatError, model_error
@@ -336,6 +337,8 @@ class Model:
         self._embd_fmt = embd_fmt
         self.dtype = np.dtype(profile.math)
         self._row_bytes = self._embedding_row_bytes()
+        # BITNET_DEVICE: where the I2_S decode products run (bitnet_ref/device.py; CUDA untested on hardware)
+        self.device, self._gpu = _device.for_model(layers)
 
     # -- loading ---------------------------------------------------------------------------------
     @classmethod
@@ -415,6 +418,8 @@ class Model:
             raise
 
     def close(self) -> None:
+        if getattr(self, "_gpu", None) is not None:
+            self._gpu.close()
         if self._gf is not None:
             self._gf.close()
             self._gf = None
@@ -518,7 +523,11 @@ class Model:
         rows = lin.shape[0]
         if self.profile.activations == "i8_s":
             q, s, act_sum = kernels.quantize_i8_s(x.astype(f32))
-            raw = kernels.i2s_raw(q, lin.packed, rows, wrap16=self.profile.i2s_int16_wrap)
+            raw = None
+            if self._gpu is not None and not self.profile.i2s_int16_wrap:  # exact int32 sums, one row
+                raw = self._gpu.raw(lin, q)  # None: not one row, or CUDA failed (logged): the CPU computes
+            if raw is None:
+                raw = kernels.i2s_raw(q, lin.packed, rows, wrap16=self.profile.i2s_int16_wrap)
             return _i2s_epilogue(raw, act_sum, s, lin.scale[:, 0])
         q, dy = kernels.quantize_q8_k_blocks(x.astype(f32))
         lanes = kernels.tq_lanes(lin.type_id, q, lin.packed, rows)

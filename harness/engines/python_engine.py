@@ -40,10 +40,12 @@ class PythonEngine(Engine):
         self.stop_ids = tuple(stop)
         self.bos_id = self.tokenizer.bos_id if self.tokenizer else meta.get("tokenizer.ggml.bos_token_id")
         package = Path(bitnet_ref.__file__).parent
+        dev = self.model.device  # BITNET_DEVICE's decision; a fallback's reason goes in the version string
+        version = bitnet_ref.__version__ + (f" (device fallback: {dev.reason})" if dev.fallback else "")
         self.receipt = Receipt(
-            engine="bitnet_ref", version=bitnet_ref.__version__, model=str(path.resolve()),
+            engine="bitnet_ref", version=version, model=str(path.resolve()),
             model_sha256=file_sha256(path), artifact=str(package), artifact_sha256=file_sha256(package / "model.py"),
-            profile=self.model.profile.name, threads=_threads(), device="cpu",
+            profile=self.model.profile.name, threads=_threads(), device=dev.name,
         )
 
     def info(self) -> EngineInfo:

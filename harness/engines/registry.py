@@ -130,8 +130,14 @@ def probe_all() -> list[EngineStatus]:
 
     why = kernels.unavailable_reason()
     kernel_set = kernels.active() + (f" ({why})" if why else "")
+    try:
+        from bitnet_ref.device import select_device
+
+        device = select_device().describe()
+    except ValueError as e:
+        device = f"cpu ({e})"
     out = [EngineStatus("bitnet_ref", True, bitnet_ref.__version__,
-                        f"kernels: {kernel_set}; profiles exact, llama-cpp, bitnet-cpp")]
+                        f"kernels: {kernel_set}; device: {device}; profiles exact, llama-cpp, bitnet-cpp")]
     out.append(_library_status("llama_cpp", _mainline))
     out.append(_library_status("bitnet_cpp", lambda: _fork("BITNET_CPP_DIR")))
     out.append(_library_status("bitnet_cpp_tl2", lambda: _fork("BITNET_CPP_TL2_DIR")))
