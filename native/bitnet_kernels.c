@@ -3,17 +3,14 @@
 #include "bitnet_kernels.h"
 
 #include <math.h>
-#include <pthread.h>
 #include <stdlib.h>
 #include <string.h>
 
-#if defined(__x86_64__) || defined(__i386__)
-#define BK_X86 1
+#include "bk_internal.h"
+
+#ifdef BK_X86
 #include <immintrin.h>
 #endif
-
-#define QK_I2S 128
-#define QK_K 256
 
 /* ---------------------------------------------------------------- activation quantizers */
 
@@ -111,7 +108,6 @@ __attribute__((target("avx2"))) static int32_t i2s_dot_avx2(const uint8_t *w, co
     return _mm_cvtsi128_si32(r);
 }
 
-#define BK_VNNI_TARGET "avx512f,avx512bw,avx512vl,avx512vnni"
 __attribute__((target(BK_VNNI_TARGET))) static int32_t i2s_dot_vnni(const uint8_t *w, const int8_t *q,
                                                                     int64_t nb) {
     const __m512i mask = _mm512_set1_epi8(3);
@@ -383,11 +379,33 @@ __attribute__((target("avx512f"))) static void gemmn_f16_avx512(const float *x, 
         out[u] = reduce16(acc);
     }
 }
+/* BK_VEC_DOT_F16_BODY reading the f16 row straight from memory (decode: the row is used once, so widening it
+ * into a buffer first costs a second pass); the same float32 lanes and order */
+__attribute__((target("avx512f"))) static float vec_dot_f16_mem_avx512(const float *x, const uint8_t *w16,
+                                                                       int64_t k) {
+    __m512 a0 = _mm512_setzero_ps(), a1 = a0, a2 = a0, a3 = a0;
+    int64_t body = k & ~(int64_t)63;
+    for (int64_t c = 0; c < body; c += 64) {
+        const __m256i *wp = (const __m256i *)(w16 + 2 * c);
+        a0 = _mm512_fmadd_ps(_mm512_loadu_ps(x + c), _mm512_cvtph_ps(_mm256_loadu_si256(wp)), a0);
+        a1 = _mm512_fmadd_ps(_mm512_loadu_ps(x + c + 16), _mm512_cvtph_ps(_mm256_loadu_si256(wp + 1)), a1);
+        a2 = _mm512_fmadd_ps(_mm512_loadu_ps(x + c + 32), _mm512_cvtph_ps(_mm256_loadu_si256(wp + 2)), a2);
+        a3 = _mm512_fmadd_ps(_mm512_loadu_ps(x + c + 48), _mm512_cvtph_ps(_mm256_loadu_si256(wp + 3)), a3);
+    }
+    float s16[16];
+    _mm512_storeu_ps(s16, _mm512_add_ps(_mm512_add_ps(a0, a2), _mm512_add_ps(a1, a3)));
+    double s = (double)reduce16(s16);
+    for (int64_t i = body; i < k; i++) {
+        uint16_t h;
+        memcpy(&h, w16 + 2 * i, 2);
+        s = s + (double)x[i] * (double)f16_bits_to_f32(h);
+    }
+    return (float)s;
+}
 #endif
 
 /* ---------------------------------------------------------------- dispatch */
 
-enum { ISA_AUTO = -1, ISA_PORTABLE = 0, ISA_AVX2 = 1, ISA_VNNI = 2 };
 static const char *ISA_NAMES[] = {"portable", "avx2", "avx512-vnni"};
 static int g_isa = ISA_AUTO;
 
@@ -408,6 +426,8 @@ static int current_isa(void) {
 }
 
 const char *bk_isa(void) { return ISA_NAMES[current_isa()]; }
+
+int bk_current_isa(void) { return current_isa(); }
 
 int bk_set_isa(const char *name) {
     if (strcmp(name, "auto") == 0) {
@@ -532,6 +552,13 @@ static void run_f16(job_t *j) {
         return;
     }
     f16_dot_fn dot = j->f16.dot[j->mode];
+#ifdef BK_X86
+    if (j->mode == BK_F16_VEC_DOT && j->t == 1 && j->f16.row == f16_row_avx512) {
+        for (int64_t r = j->r0; r < j->r1; r++) j->fout[r] = vec_dot_f16_mem_avx512(j->x, j->w + 2 * r * j->k, j->k);
+        free(row);
+        return;
+    }
+#endif
     for (int64_t r = j->r0; r < j->r1; r++) {
         j->f16.row(j->w + 2 * r * j->k, row, j->k);
         int64_t t = 0;
@@ -553,28 +580,28 @@ static void *job_main(void *arg) {
     return NULL;
 }
 
-#define BK_MAX_THREADS 256
+typedef struct {
+    job_t *jobs;
+} split_t;
+
+static void split_task(void *ctx, int ith, int nth) {
+    (void)nth;
+    job_main(&((split_t *)ctx)->jobs[ith]);
+}
 
 static int run_split(job_t base, int nthreads) {
-    /* small products are not worth a thread start */
-    if (nthreads < 1 || base.r * base.k * base.t < (1 << 18)) nthreads = 1;
+    /* small products are not worth waking the pool */
+    if (nthreads < 1 || base.r * base.k * base.t < (1 << 16)) nthreads = 1;
     if (nthreads > BK_MAX_THREADS) nthreads = BK_MAX_THREADS;
     if (nthreads > base.r) nthreads = (int)(base.r > 0 ? base.r : 1);
     job_t jobs[BK_MAX_THREADS];
-    pthread_t tid[BK_MAX_THREADS];
-    int started[BK_MAX_THREADS];
     for (int i = 0; i < nthreads; i++) {
         jobs[i] = base;
         jobs[i].r0 = base.r * i / nthreads;
         jobs[i].r1 = base.r * (i + 1) / nthreads;
-        started[i] = 0;
     }
-    for (int i = 1; i < nthreads; i++) started[i] = pthread_create(&tid[i], NULL, job_main, &jobs[i]) == 0;
-    job_main(&jobs[0]);
-    for (int i = 1; i < nthreads; i++) {
-        if (started[i]) pthread_join(tid[i], NULL);
-        else job_main(&jobs[i]); /* could not start a thread: do its share here */
-    }
+    split_t sp = {jobs};
+    bk_parallel(split_task, &sp, nthreads);
     int err = 0;
     for (int i = 0; i < nthreads; i++) err |= jobs[i].err;
     return err;

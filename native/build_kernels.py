@@ -22,6 +22,7 @@ from cffi import FFI
 HERE = Path(__file__).resolve().parent
 HEADER = HERE / "bitnet_kernels.h"
 MODULE = "bitnet_ref._bitnet_kernels"
+SOURCES = ("bitnet_kernels.c", "bk_pool.c")
 
 
 def _cdef() -> str:
@@ -47,8 +48,8 @@ def make_ffibuilder(module: str = MODULE, absolute: bool = False) -> FFI:
     ffibuilder.set_source(
         module,
         '#include "bitnet_kernels.h"',
-        sources=[path(HERE / "bitnet_kernels.c")],
-        depends=[path(HEADER)],
+        sources=[path(HERE / name) for name in SOURCES],
+        depends=[path(HEADER), path(HERE / "bk_internal.h")],
         include_dirs=[str(HERE)],
         libraries=["m", "pthread"],
         extra_compile_args=cflags,
