@@ -67,6 +67,17 @@ def lint(session: nox.Session) -> None:
 
 
 @nox.session
+def neon(session: nox.Session) -> None:
+    """The AArch64 NEON kernels against the portable ones on this (x86) machine: tests/test_neon.py
+    cross-compiles tests/native/neon_check.c with the kernel sources and runs it under qemu-user. The
+    toolchain comes from the system, not from this session:
+      apt-get install -y gcc-aarch64-linux-gnu libc6-dev-arm64-cross qemu-user
+    Without it the tests skip and say which program and package are missing (-rs shows the reason)."""
+    session.install("-e", ".", "pytest", "hypothesis", env=BUILD_ENV)
+    session.run("pytest", "-q", "-rs", "-p", "no:cacheprovider", "tests/test_neon.py", *session.posargs)
+
+
+@nox.session
 def sanitize(session: nox.Session) -> None:
     """The native kernels built with -fsanitize=address,undefined (a separate build in a temp dir) under
     tests/test_kernels.py. The build is loaded through BITNET_KERNELS_PATH (the test suite fails if it does not

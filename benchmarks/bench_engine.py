@@ -3,11 +3,14 @@ kernels and, for contrast, with numpy only) and of mainline llama.cpp (through l
 synthesized file, in the same run, printed with their ratio. Measured, never asserted.
 
     python -m benchmarks.bench_engine [--presets tiny,large-shapes] [--format tq2_0] [--prefill 128] [--decode 32]
-    python -m benchmarks.bench_engine --presets '' --i2s FILE.gguf [--i2s-decode 4] [--i2s-prefill 32]
+    python -m benchmarks.bench_engine --presets '' --i2s FILE.gguf [--i2s-prefill 512] [--i2s-decode 128]
+                                      [--tq2 FILE.gguf | --tq2 synth]
 
---i2s times bitnet_ref's decode (bitnet-cpp profile) on a bitnet.cpp I2_S file, against bitnet.cpp's
-llama-bench (tg) when BITNET_CPP_DIR names a build (its bin/llama-bench); --i2s-prefill N also times a
-prefill of N tokens against llama-bench's pp N.
+--i2s times bitnet_ref (bitnet-cpp profile, native kernels) on a bitnet.cpp I2_S file (e.g. the 2b-4t preset):
+a prefill of --i2s-prefill tokens and --i2s-decode decoded tokens, both asking for the last logits only as
+llama-bench does, against bitnet.cpp's llama-bench (pp N, tg M) when BITNET_CPP_DIR names a build, and against
+mainline llama.cpp on the TQ2_0 file of the same shapes (--tq2 FILE, or `synth` to write it next to the I2_S
+file once). Peak RSS is the process's, after the I2_S runs.
 """
 
 from __future__ import annotations
@@ -83,39 +86,72 @@ def _peak_rss_mib() -> float:
     return float("nan")
 
 
-def bench_i2s_decode(path, n_decode):
-    """bitnet_ref decode tokens/s (bitnet-cpp profile, after a 1-token prefill) and peak RSS."""
+def bench_i2s(path, n_prefill, n_decode):
+    """bitnet_ref prefill and decode tokens/s (bitnet-cpp profile; last logits only, as llama-bench) and the peak
+    RSS: a prefill of n_prefill tokens, then n_decode tokens one at a time from a fresh one-token state."""
     with Model.load(path, "bitnet-cpp") as m:
+        m.forward([1], m.new_state(), last_only=True)  # warm-up (maps the pages, starts the thread pool)
+        ids = [int(x) for x in np.random.default_rng(0).integers(0, 500, n_prefill)]
+        t = time.perf_counter()
+        m.forward(ids, m.new_state(), last_only=True)
+        pp = n_prefill / (time.perf_counter() - t)
         st = m.new_state()
         m.forward([1], st)
         t = time.perf_counter()
         for i in range(n_decode):
             m.forward([2 + i], st)
-        return n_decode / (time.perf_counter() - t), _peak_rss_mib()
+        tg = n_decode / (time.perf_counter() - t)
+    return pp, tg, _peak_rss_mib()
 
 
-def bench_i2s_prefill(path, n_prefill):
-    """bitnet_ref prefill tokens/s (bitnet-cpp profile) of n_prefill tokens in one forward."""
-    with Model.load(path, "bitnet-cpp") as m:
+def bench_llama_cpp_last(path, n_prefill, n_decode, threads):
+    """mainline llama.cpp (llama-cpp-python) as llama-bench measures: pp of n_prefill tokens in one batch and tg
+    of n_decode tokens, last logits only."""
+    import llama_cpp
+
+    llm = llama_cpp.Llama(model_path=str(path), n_ctx=n_prefill + n_decode + 8, n_threads=threads,
+                          n_threads_batch=threads, n_batch=n_prefill, logits_all=False, verbose=False)
+    try:
         ids = [int(x) for x in np.random.default_rng(0).integers(0, 500, n_prefill)]
+        llm.eval(ids[:1])
+        llm.reset()
         t = time.perf_counter()
-        m.forward(ids, m.new_state())
-        return n_prefill / (time.perf_counter() - t)
+        llm.eval(ids)
+        pp = n_prefill / (time.perf_counter() - t)
+        llm.reset()
+        llm.eval([1])
+        t = time.perf_counter()
+        for i in range(n_decode):
+            llm.eval([2 + i])
+        tg = n_decode / (time.perf_counter() - t)
+    finally:
+        llm.close()
+    return pp, tg
 
 
-def bench_bitnet_cpp(path, n_decode, threads, n_prompt=0):
-    """bitnet.cpp's llama-bench tokens/s: tg (decode) of n_decode tokens, or pp (prefill) of n_prompt tokens when
-    n_prompt > 0; None without BITNET_CPP_DIR."""
+def bench_bitnet_cpp(path, n_prompt, n_gen, threads):
+    """bitnet.cpp's llama-bench tokens/s, {"pp": .., "tg": ..} (pp n_prompt, tg n_gen); None without
+    BITNET_CPP_DIR."""
     d = os.environ.get("BITNET_CPP_DIR")
     if not d:
         return None
     exe = next((p for p in (Path(d) / "bin" / "llama-bench", Path(d) / "llama-bench") if p.exists()), None)
     if exe is None:
         return None
-    p, n = (n_prompt, 0) if n_prompt > 0 else (0, n_decode)
-    r = subprocess.run([str(exe), "-m", str(path), "-p", str(p), "-n", str(n), "-t", str(threads), "-r", "1",
-                        "-o", "json"], capture_output=True, text=True, check=True)
-    return float(json.loads(r.stdout)[0]["avg_ts"])
+    r = subprocess.run([str(exe), "-m", str(path), "-p", str(n_prompt), "-n", str(n_gen), "-t", str(threads),
+                        "-r", "2", "-o", "json"], capture_output=True, text=True, check=True)
+    out = {}
+    for row in json.loads(r.stdout):
+        out["pp" if row["n_prompt"] > 0 else "tg"] = float(row["avg_ts"])
+    return out
+
+
+def tq2_equivalent(i2s_path) -> Path:
+    """The TQ2_0 file of the 2b-4t preset's shapes (mainline arch `bitnet`), written next to the I2_S file once."""
+    spec = SynthSpec(preset="2b-4t", arch="bitnet", format="tq2_0", tokenizer="llama3")
+    d = Path(i2s_path).parent
+    existing = sorted(d.glob("synth-2b-4t-bitnet-tq2_0-*.gguf"))
+    return existing[0] if existing else Path(synthesize(spec, d))
 
 
 def main() -> None:
@@ -127,8 +163,9 @@ def main() -> None:
     ap.add_argument("--decode", type=int, default=32)
     ap.add_argument("--no-numpy", action="store_true", help="skip the numpy-only contrast run")
     ap.add_argument("--i2s", help="a bitnet.cpp I2_S GGUF: time bitnet_ref's decode (vs llama-bench)")
-    ap.add_argument("--i2s-decode", type=int, default=4)
-    ap.add_argument("--i2s-prefill", type=int, default=0, help="also time a prefill of this many tokens (--i2s)")
+    ap.add_argument("--i2s-decode", type=int, default=128)
+    ap.add_argument("--i2s-prefill", type=int, default=512)
+    ap.add_argument("--tq2", help="the TQ2_0 file of the same shapes for mainline llama.cpp, or `synth`")
     args = ap.parse_args()
     threads = int(os.environ.get("BITNET_CPU_THREADS", "2"))
     native = f"bitnet_ref ({kernels.active()})"
@@ -150,19 +187,22 @@ def main() -> None:
             os.unlink(path)
     if args.i2s:
         size = os.path.getsize(args.i2s) / 2**20
-        tps, peak = _with_kernels(True, bench_i2s_decode, args.i2s, args.i2s_decode)
-        print(f"\nI2_S {Path(args.i2s).name} ({size:.0f} MiB)")
-        print(f"{native:<26} decode {tps:8.3f} tok/s  peak RSS {peak:.0f} MiB ({peak / size:.2f}x file)")
-        bc = bench_bitnet_cpp(args.i2s, max(args.i2s_decode, 16), threads)
+        pp, tg, peak = _with_kernels(True, bench_i2s, args.i2s, args.i2s_prefill, args.i2s_decode)
+        print(f"\nI2_S {Path(args.i2s).name} ({size:.0f} MiB), pp {args.i2s_prefill}, tg {args.i2s_decode}, "
+              f"{threads} threads")
+        print(f"{'engine':<34}{'prefill tok/s':>15}{'decode tok/s':>15}")
+        print(f"{native:<34}{pp:>15.2f}{tg:>15.2f}   peak RSS {peak:.0f} MiB ({peak / size:.2f}x file)")
+        bc = bench_bitnet_cpp(args.i2s, args.i2s_prefill, args.i2s_decode, threads)
         if bc is not None:
-            print(f"{'bitnet.cpp llama-bench':<26} decode {bc:8.3f} tok/s  ratio ours/bitnet.cpp {tps / bc:.4f}")
-        if args.i2s_prefill > 0:
-            pps = _with_kernels(True, bench_i2s_prefill, args.i2s, args.i2s_prefill)
-            print(f"{native:<26} prefill {pps:7.3f} tok/s  ({args.i2s_prefill} tokens)")
-            bp = bench_bitnet_cpp(args.i2s, 0, threads, args.i2s_prefill)
-            if bp is not None:
-                print(f"{'bitnet.cpp llama-bench':<26} prefill {bp:7.3f} tok/s  ratio ours/bitnet.cpp {pps / bp:.4f}")
-
+            print(f"{'bitnet.cpp llama-bench (I2_S)':<34}{bc['pp']:>15.2f}{bc['tg']:>15.2f}")
+            print(f"{'ratio ours/bitnet.cpp':<34}{pp / bc['pp']:>15.3f}{tg / bc['tg']:>15.3f}")
+        else:
+            print("bitnet.cpp: not measured (set BITNET_CPP_DIR to a build with bin/llama-bench)")
+        if args.tq2:
+            tq2 = tq2_equivalent(args.i2s) if args.tq2 == "synth" else Path(args.tq2)
+            lp, lt = bench_llama_cpp_last(tq2, args.i2s_prefill, args.i2s_decode, threads)
+            print(f"{'llama.cpp (TQ2_0, ' + tq2.name[:14] + '..)':<34}{lp:>15.2f}{lt:>15.2f}")
+            print(f"{'ratio ours/llama.cpp':<34}{pp / lp:>15.3f}{tg / lt:>15.3f}")
 
 if __name__ == "__main__":
     main()

@@ -1,5 +1,7 @@
 """Generation (greedy, seeded sampling, streaming) and scoring (perplexity in two conventions, bits per
-byte) over any model that offers `new_state()` and `forward(ids, state) -> logits [len(ids), vocab]`.
+byte) over any model that offers `new_state()` and `forward(ids, state, last_only=False) -> logits
+[len(ids), vocab]` ([1, vocab] for the last position with last_only). Generation asks for the prompt's last
+logits only, as llama-cli does (for bitnet_ref that is also what llama.cpp computes then: see Model.forward).
 
 Sampling is reproducible: the generator is seeded from the call's seed, else BITNET_SEED, else 0;
 BITNET_DETERMINISTIC=1 refuses an unseeded sampling call instead of picking a default.
@@ -59,7 +61,7 @@ def stream(model, ids: list[int], n: int, params: SamplingParams = SamplingParam
         raise model_error("empty-prompt", "the prompt has no tokens", "give at least one token (BOS counts)")
     rng = None if params.temperature <= 0 else _rng(params)
     state = model.new_state()
-    logits = model.forward(list(ids), state)[-1]
+    logits = model.forward(list(ids), state, last_only=True)[-1]
     for i in range(n):
         tok = pick(logits, params, rng)
         yield tok

@@ -9,9 +9,10 @@ computes is integer-exact or bit-defined, so every result here equals the numpy 
 - `i2s_raw`: Σ code·q over I2_S x86 packed bytes (code 0..2, bitnet.cpp's raw kernel sum), int32 (T, R)
 - `tq_lanes`: ggml's 8 int32 lanes per 256-value block for TQ1_0/TQ2_0 packed blocks, int32 (T, R, K/256, 8)
 - `f16_matmul`: F16 rows (read in place) x float32 activations in ggml's float32 lane order (the F16 lm_head)
+- `attention_f16`: bitnet-cpp's attention over an f16 KV cache (ggml's non-flash float32 order; no fallback)
 
 Environment: BITNET_KERNELS=0 forces numpy; BITNET_KERNELS_PATH loads the extension from that file (e.g. a
-sanitizer build); BITNET_KERNELS_ISA forces a variant ("avx512-vnni", "avx2", "portable");
+sanitizer build); BITNET_KERNELS_ISA forces a variant ("avx512-vnni", "avx2", "neon" on AArch64, "portable");
 BITNET_CPU_THREADS sets the threads that split output rows (default 2).
 """
 
@@ -119,6 +120,8 @@ def _check(rc: int, what: str, k: int, block: int) -> None:
         return
     if rc == -1:
         raise ValueError(f"{what}: K={k} is not a multiple of the {block}-value block")
+    if rc == -3:
+        raise MemoryError(f"{what}: no memory for the kernel's buffers")
     raise ValueError(f"{what}: bad arguments (rc={rc})")
 
 
@@ -261,11 +264,106 @@ def f16_matmul(x, w, rows: int, mode: str) -> np.ndarray:
     out = np.empty((t, rows), np.float32)
     rc = mod.lib.bk_f16_matmul(F16_MODES[mode], _ptr(mod, "float[]", a), t, k, _ptr(mod, "uint8_t[]", wb), rows,
                                _ptr(mod, "float[]", out), threads())
-    if rc == -3:
-        raise MemoryError("f16_matmul: no memory for the row buffers")
     _check(rc, "f16_matmul", k, 16)
     return out
 
 
-__all__ = ["active", "available", "f16_matmul", "i2s_raw", "reload", "quantize_i8_s", "quantize_q8_k_blocks",
-           "set_isa", "tq_lanes", "unavailable_reason"]
+def attention_f16(q, kc, vc, s_len: int, n_ctx: int) -> np.ndarray:
+    """bitnet-cpp's attention over an f16 KV cache (ggml's non-flash order, AVX-512 build): float32 (T, heads*d).
+
+    q (T, heads, d) float32, rounded to f16 in C; kc, vc: float16 caches (>= s_len positions, kv_heads, d), the
+    first s_len positions read in place; the T queries are positions s_len-T .. s_len-1; n_ctx: the context
+    length (decode pads V to min(ceil32(s_len), ceil32(n_ctx)) cells). Bit-identical to the numpy definition,
+    `model.Model._attention_ggml` with an f16 KV cache, which callers use without the native kernels (there is
+    no fallback here: RuntimeError)."""
+    mod = _load()
+    if mod is None:
+        raise RuntimeError(f"attention_f16: native kernels unavailable: {unavailable_reason()}")
+    a = np.ascontiguousarray(q, dtype=np.float32)
+    if a.ndim != 3 or a.shape[0] < 1:
+        raise ValueError(f"attention_f16: q must be (T, heads, d) with T >= 1, got shape {a.shape}")
+    t, heads, d = a.shape
+    caches = []
+    for name, c in (("kc", kc), ("vc", vc)):
+        c = np.asarray(c)
+        if c.dtype != np.float16 or c.ndim != 3:
+            raise TypeError(f"attention_f16: {name} must be a float16 (positions, kv_heads, d) array")
+        if c.shape[0] < s_len or c.shape[2] != d or c.shape[1] < 1 or heads % c.shape[1]:
+            raise ValueError(f"attention_f16: {name} shape {c.shape} does not fit s_len={s_len}, {heads} heads of {d}")
+        caches.append(np.ascontiguousarray(c[:s_len]).view(np.uint16))  # leading rows of a C array: no copy
+    kvh = caches[0].shape[1]
+    if caches[1].shape[1] != kvh:
+        raise ValueError(f"attention_f16: K has {kvh} heads, V {caches[1].shape[1]}")
+    if not t <= s_len <= n_ctx:
+        raise ValueError(f"attention_f16: need T <= s_len <= n_ctx, got T={t}, s_len={s_len}, n_ctx={n_ctx}")
+    out = np.empty((t, heads * d), np.float32)
+    rc = mod.lib.bk_attention_f16(_ptr(mod, "float[]", a), t, heads, kvh, d, _ptr(mod, "uint16_t[]", caches[0]),
+                                  _ptr(mod, "uint16_t[]", caches[1]), s_len, n_ctx, _ptr(mod, "float[]", out),
+                                  threads())
+    if rc == -3:
+        raise MemoryError("attention_f16: no memory for the score and V buffers")
+    if rc != 0:
+        raise ValueError(f"attention_f16: bad arguments (rc={rc})")
+    return out
+
+
+class LayerPlan:
+    """One decoder layer prepared for `bitnet_layer`: the C struct and the arrays it points into (kept alive
+    here). Made by `layer_plan`; tied to the extension that was loaded when it was made."""
+
+    def __init__(self, mod, struct, keep):
+        self.mod, self.struct, self._keep = mod, struct, keep
+
+
+LAYER_PROJECTIONS = ("attn_q", "attn_k", "attn_v", "attn_output", "ffn_gate", "ffn_up", "ffn_down")
+
+
+def layer_plan(dims: dict, norms: dict, packed: dict, w_scale: dict, out_scale: dict) -> LayerPlan | None:
+    """The struct `bk_bitnet_layer` reads (native/bitnet_kernels.h), or None without the native kernels.
+
+    dims: hidden, heads, kv_heads, head_dim, ffn, n_ctx, eps; norms: the four float32 gains by tensor name
+    (attn_norm, attn_sub_norm, ffn_norm, ffn_sub_norm); packed / w_scale / out_scale: by projection name
+    (LAYER_PROJECTIONS), the I2_S bytes, their per-tensor scale and the `.scale` factor (1.0 if absent)."""
+    mod = _load()
+    if mod is None:
+        return None
+    st = mod.ffi.new("bk_layer *")
+    for name in ("hidden", "heads", "kv_heads", "head_dim", "ffn", "n_ctx", "eps"):
+        setattr(st, name, dims[name])
+    keep = []
+    for name in ("attn_norm", "attn_sub_norm", "ffn_norm", "ffn_sub_norm"):
+        a = np.ascontiguousarray(norms[name], dtype=np.float32)
+        buf = _ptr(mod, "float[]", a)
+        keep += [a, buf]
+        setattr(st, name, buf)
+    for i, name in enumerate(LAYER_PROJECTIONS):
+        w = np.ascontiguousarray(packed[name], dtype=np.uint8).reshape(-1)
+        buf = _ptr(mod, "uint8_t[]", w)
+        keep += [w, buf]
+        st.w[i] = buf
+        st.w_scale[i] = float(np.float32(w_scale[name]))
+        st.out_scale[i] = float(np.float32(out_scale[name]))
+    return LayerPlan(mod, st, keep)
+
+
+def bitnet_layer(plan: LayerPlan, x: np.ndarray, s_len: int, kc: np.ndarray, vc: np.ndarray, cos: np.ndarray,
+                 sin: np.ndarray, last_only: bool) -> None:
+    """Run one decoder layer in place on x (t, hidden) float32 C-contiguous (see `layer_plan`): bitnet-cpp
+    profile numerics, bit-identical to bitnet_ref.model's numpy forward. kc, vc: the layer's float16 caches
+    (positions, kv_heads, head_dim) with at least s_len positions; cos, sin float32 (t, head_dim/2)."""
+    mod, st = plan.mod, plan.struct
+    t = x.shape[0]
+    for name, a, dt in (("x", x, np.float32), ("kc", kc, np.float16), ("vc", vc, np.float16),
+                        ("cos", cos, np.float32), ("sin", sin, np.float32)):
+        if a.dtype != dt or not a.flags.c_contiguous:
+            raise ValueError(f"bitnet_layer: {name} must be C-contiguous {np.dtype(dt).name}")
+    if kc.shape[0] < s_len or vc.shape[0] < s_len or cos.shape[0] != t or sin.shape[0] != t:
+        raise ValueError(f"bitnet_layer: caches of {kc.shape[0]} positions for s_len={s_len}, or angles not ({t}, .)")
+    rc = mod.lib.bk_bitnet_layer(st, _ptr(mod, "float[]", x), t, s_len, _ptr(mod, "uint16_t[]", kc.view(np.uint16)),
+                                 _ptr(mod, "uint16_t[]", vc.view(np.uint16)), _ptr(mod, "float[]", cos),
+                                 _ptr(mod, "float[]", sin), int(last_only), threads())
+    _check(rc, "bitnet_layer", int(st.hidden), QK_I2_S)
+
+
+__all__ = ["active", "attention_f16", "available", "bitnet_layer", "f16_matmul", "i2s_raw", "layer_plan", "reload",
+           "quantize_i8_s", "quantize_q8_k_blocks", "set_isa", "tq_lanes", "unavailable_reason"]

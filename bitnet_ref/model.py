@@ -29,6 +29,7 @@ from .config import LAYER_TENSORS, PROJECTIONS, ModelConfig
 from .errors import FormatError, model_error
 from .formats import format_for
 from .formats.activations import QK_K, quantize_i8_s, quantize_q8_k_blocks
+from .formats.i2s import I2S_X86
 from .gguf import open_gguf
 from .numerics import Profile, get_profile
 
@@ -83,10 +84,11 @@ class State:
 
 def _rms(x: np.ndarray, gain: np.ndarray, eps: float, ggml: bool = False) -> np.ndarray:
     if ggml:
-        # ggml's rms_norm: float32 squares summed in double; mean rounded to float; scale = 1/sqrtf(mean + eps)
-        # in float; y = x * scale * gain, float32 left to right
+        # ggml's rms_norm: float32 squares summed in double, in order (cumsum: numpy's sum is pairwise); mean
+        # rounded to float; scale = 1/sqrtf(mean + eps) in float; y = x * scale * gain, float32 left to right
         f32 = np.float32
-        ms = (np.square(x, dtype=f32).astype(np.float64).sum(axis=-1, keepdims=True) / x.shape[-1]).astype(f32)
+        sq = np.square(x, dtype=f32).astype(np.float64)
+        ms = (np.cumsum(sq, axis=-1)[..., -1:] / x.shape[-1]).astype(f32)
         scale = f32(1) / np.sqrt(ms + f32(eps))
         return (x * scale) * gain.astype(f32)
     ms = np.mean(np.square(x, dtype=np.float64), axis=-1, keepdims=True)
@@ -309,6 +311,24 @@ def _native_packed(prof: Profile, fmt_name: str, shape) -> bool:
     return kernels.available()
 
 
+def _native_as_i2s(prof: Profile, fmt_name: str, shape) -> bool:
+    """bitnet-cpp computes TL1/TL2 and ARM-layout I2_S products as x86 I2_S ones: such tensors are repacked into
+    I2_S x86 bytes at load (2 bits a weight, not int8) for the native kernels."""
+    return (prof.ggml_cpu and prof.activations == "i8_s" and prof.quantizes(fmt_name)
+            and fmt_name in ("tl1", "tl2", "i2_s_arm") and len(shape) == 2 and shape[1] % QK_I2_S == 0
+            and kernels.available())
+
+
+def _repack_i2s(lin: Linear, tern, shape) -> None:
+    scale = np.asarray(tern.scale, dtype=np.float32)
+    if scale.size != 1:
+        raise FormatError(f"{lin.name}: {lin.fmt} with {scale.size} scales cannot be computed as I2_S")
+    packed = I2S_X86.pack(tern.values, float(scale.reshape(-1)[0]))
+    lin.packed, lin.type_id, lin.shape = packed, I2S_X86.type_id, shape
+    lin.unpack = _unpacker(I2S_X86, packed, shape)
+    lin.scale = scale.reshape(1, 1)
+
+
 def _unpacker(fmt, data: np.ndarray, shape):
     return lambda: fmt.unpack(data, shape).values
 
@@ -337,6 +357,10 @@ class Model:
         self._embd_fmt = embd_fmt
         self.dtype = np.dtype(profile.math)
         self._row_bytes = self._embedding_row_bytes()
+        # the F16 lm_head the native kernels read once per token: held in process memory (see resident_copy)
+        self._embd_bytes = None
+        if self._lm_head_native(np.zeros((1, cfg.hidden), np.float32), probe=True):
+            self._embd_bytes = gf.resident_copy(embd_info)
         # BITNET_DEVICE: where the I2_S decode products run (bitnet_ref/device.py; CUDA untested on hardware)
         self.device, self._gpu = _device.for_model(layers)
 
@@ -385,9 +409,12 @@ class Model:
                     data = gf.tensor_bytes(t)
                     try:
                         if fmt.ternary and _native_packed(prof, fmt.name, t.shape):
+                            lin.scale = _packed_scale(fmt, data, tuple(t.shape))
+                            data = gf.resident_copy(t)
                             lin.packed, lin.type_id, lin.shape = data, fmt.type_id, tuple(t.shape)
                             lin.unpack = _unpacker(fmt, data, tuple(t.shape))
-                            lin.scale = _packed_scale(fmt, data, tuple(t.shape))
+                        elif fmt.ternary and _native_as_i2s(prof, fmt.name, t.shape):
+                            _repack_i2s(lin, fmt.unpack(data, t.shape), tuple(t.shape))
                         elif fmt.ternary:
                             tern = fmt.unpack(data, t.shape)
                             lin.values = np.ascontiguousarray(tern.values, dtype=np.int8)
@@ -439,7 +466,7 @@ class Model:
         return row if row * self.cfg.vocab == self._embd.nbytes else None
 
     def _embedding_rows(self, start: int, stop: int) -> np.ndarray:
-        data = self._gf.tensor_bytes(self._embd)
+        data = self._embd_bytes if self._embd_bytes is not None else self._gf.tensor_bytes(self._embd)
         if self._row_bytes is None:  # not row-sliceable: decode all (rare)
             return self._embd_fmt.decode(data, self._embd.shape)[start:stop]
         rb = self._row_bytes
@@ -558,15 +585,16 @@ class Model:
                 out[:, start:stop] = h @ self._embedding_rows(start, stop).T.astype(dt)
         return out
 
-    def _lm_head_native(self, h: np.ndarray) -> np.ndarray | None:
-        """bitnet-cpp's F16 lm_head in the native kernels, straight from the mapped rows: the same bits as the
+    def _lm_head_native(self, h: np.ndarray, probe: bool = False):
+        """bitnet-cpp's F16 lm_head in the native kernels, straight from the stored rows: the same bits as the
         numpy branch of `_lm_head` (ggml_vec_dot_f16 on f16 activations for one row, tinyBLAS for more);
-        None where that branch does not apply or the kernels are unavailable."""
+        None where that branch does not apply or the kernels are unavailable (with probe: whether it applies)."""
         p = self.profile
-        if not (p.ggml_cpu and p.activations == "i8_s" and self._embd_fmt.name == "f16" and h.shape[1] % 16 == 0
-                and self._row_bytes is not None and kernels.available()):
-            return None
-        data = self._gf.tensor_bytes(self._embd)
+        ok = (p.ggml_cpu and p.activations == "i8_s" and self._embd_fmt.name == "f16" and h.shape[1] % 16 == 0
+              and self._row_bytes is not None and kernels.available())
+        if probe or not ok:
+            return ok if probe else None
+        data = self._embd_bytes if self._embd_bytes is not None else self._gf.tensor_bytes(self._embd)
         if h.shape[0] == 1:
             return kernels.f16_matmul(h.astype(np.float16).astype(np.float32), data, self.cfg.vocab, "vec_dot")
         return kernels.f16_matmul(h.astype(np.float32), data, self.cfg.vocab, "gemm")
@@ -601,20 +629,27 @@ class Model:
             return np.concatenate([_fma(x0, c, -(x1 * s)), _fma(x0, s, x1 * c)], axis=-1)
         return np.concatenate([x0 * c - x1 * s, x0 * s + x1 * c], axis=-1)
 
-    def _cache(self, state: State, i: int, k: np.ndarray, v: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    def _grow_cache(self, state: State, i: int, end: int) -> None:
+        """Layer i's K and V caches in `state` with room for `end` positions (the first state.pos kept)."""
         kvt = np.float16 if self.profile.kv_cache == "f16" else np.float32
-        end = state.pos + k.shape[0]
+        shape = (self.cfg.kv_heads, self.cfg.head_dim)
         if len(state.k) <= i:
-            state.k.append(np.zeros((0,) + k.shape[1:], dtype=kvt))
-            state.v.append(np.zeros((0,) + v.shape[1:], dtype=kvt))
+            state.k.append(np.zeros((0,) + shape, dtype=kvt))
+            state.v.append(np.zeros((0,) + shape, dtype=kvt))
         if state.k[i].shape[0] < end:
-            cap = max(end, 2 * state.k[i].shape[0], 64)
+            cap = min(max(end, 2 * state.k[i].shape[0], 64), max(end, self.cfg.context))
             for store in (state.k, state.v):
-                grown = np.zeros((cap,) + k.shape[1:], dtype=kvt)
+                grown = np.zeros((cap,) + shape, dtype=kvt)
                 grown[: state.pos] = store[i][: state.pos]
                 store[i] = grown
+
+    def _cache(self, state: State, i: int, k: np.ndarray, v: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        end = state.pos + k.shape[0]
+        self._grow_cache(state, i, end)
         state.k[i][state.pos:end] = k
         state.v[i][state.pos:end] = v
+        if self.profile.ggml_cpu and self.profile.kv_cache == "f16" and kernels.available():
+            return state.k[i][:end], state.v[i][:end]  # f16 views: the native attention reads the cache in place
         return state.k[i][:end].astype(self.dtype), state.v[i][:end].astype(self.dtype)
 
     def _attention(self, q: np.ndarray, k: np.ndarray, v: np.ndarray, pos: np.ndarray) -> np.ndarray:
@@ -642,24 +677,22 @@ class Model:
     def _attention_ggml(self, qg: np.ndarray, k: np.ndarray, v: np.ndarray, pos: np.ndarray) -> np.ndarray:
         """ggml's non-flash attention on x86 AVX-512, float32. KQ: ggml_vec_dot_f32 (4 accumulators of 16
         lanes, products rounded, (a0+a2)+(a1+a3), then _mm512_reduce_add_ps). soft_max_ext: x*scale + mask,
-        max, ggml's vector expf of x - max, 16-value float32 reductions summed in double, times
+        max, ggml's vector expf of x - max, 16-value float32 reductions added in order into a double, times
         (float)(1/sum). KQV: llamafile sgemm (16-lane FMA accumulation over the keys, then reduce_add).
-        Keys are zero-padded to a multiple of 16 (ggml's padded cache: zeros change no sum)."""
+        Keys are zero-padded to a multiple of 16 (ggml's padded cache: zeros change no sum). With an f16 KV
+        cache and the native kernels, all of it runs in C (native/bk_attention.c), bit for bit this code."""
         f32, f64 = np.float32, np.float64
         t, kvh, g, d = qg.shape
         s_len = k.shape[0]
+        if (self.profile.kv_cache == "f16" and kernels.available() and int(pos[0]) == s_len - t
+                and int(pos[-1]) == s_len - 1):  # the usual causal rows: prefill and decode alike in C
+            return kernels.attention_f16(qg.reshape(t, kvh * g, d), np.asarray(k, np.float16),
+                                         np.asarray(v, np.float16), s_len, self.cfg.context)
         sp = -(-s_len // 16) * 16
         kp = np.zeros((sp, kvh, d), f32)
         vp = np.zeros((sp, kvh, d), f32)
         kp[:s_len], vp[:s_len] = k, v
-        native = self.profile.kv_cache == "f16" and kernels.available()
-        if native:  # the same ggml_vec_dot_f16 per KV head in C; the padded keys' zeros are masked below
-            kq = np.zeros((kvh, g, t, sp), f32)
-            k16 = k.astype(np.float16)
-            for h in range(kvh):
-                xh = qg[:, h].transpose(1, 0, 2).reshape(g * t, d)
-                kq[h, :, :, :s_len] = kernels.f16_matmul(xh, k16[:, h], s_len, "vec_dot").reshape(g, t, s_len)
-        elif self.profile.kv_cache == "f16":  # ggml_vec_dot_f16 on f16 q and K, any head size
+        if self.profile.kv_cache == "f16":  # ggml_vec_dot_f16 on f16 q and K, any head size
             kq = vec_dot_f16_ggml(qg[:, :, :, None, :], kp.transpose(1, 0, 2)[None, :, None, :, :])
             kq = kq.transpose(1, 2, 0, 3)  # (kvh, g, t, sp)
         elif d % 64 == 0:
@@ -676,7 +709,9 @@ class Model:
         mask = np.arange(sp)[None, :] > pos[:, None]
         w = np.where(mask, f32(-np.inf), kq * scale)
         e = ggml_expf(w - w.max(axis=-1, keepdims=True))
-        inv = (1.0 / _reduce16(e.reshape(*e.shape[:-1], sp // 16, 16)).astype(f64).sum(axis=-1, keepdims=True))
+        # ggml adds the chunk sums one after another (numpy's sum would add more than 8 of them pairwise)
+        chunks = _reduce16(e.reshape(*e.shape[:-1], sp // 16, 16)).astype(f64)
+        inv = 1.0 / np.cumsum(chunks, axis=-1)[..., -1:]
         p = e * inv.astype(f32)
         if t == 1 and self.profile.kv_cache == "f16":
             # one query row against an F16 V cache: llamafile's sgemm declines n < 2, so V·softmax is
@@ -687,11 +722,6 @@ class Model:
             vf = np.zeros((kvh, 1, 1, d, n_kv), f32)
             pf[..., 0, 0, :s_len] = p[..., 0, :s_len].astype(np.float16)
             vf[:, 0, 0, :, :s_len] = v.transpose(1, 2, 0)
-            if native:  # per KV head in C over the same zero-padded n_kv cells
-                vf16 = vf.astype(np.float16)
-                out = np.stack([kernels.f16_matmul(pf[h].reshape(g, n_kv), vf16[h].reshape(d, n_kv), d, "vec_dot")
-                                for h in range(kvh)])
-                return out.reshape(t, self.cfg.heads * d)
             return vec_dot_f16_ggml(pf, vf).reshape(t, self.cfg.heads * d)
         pc = p.reshape(kvh, g, t, 1, sp // 16, 16)
         vc = vp.transpose(1, 2, 0).reshape(kvh, 1, 1, d, sp // 16, 16)
@@ -706,6 +736,8 @@ class Model:
             if self.profile.ggml_cpu:  # ggml_vec_swiglu_f32: x / (1 + expf(-x)) * g, float32 steps
                 return (gate / (np.float32(1) + ggml_expf(-gate))) * up
             return gate / (1.0 + np.exp(-gate)) * up
+        if self.profile.ggml_cpu:  # ggml_vec_relu_f32 (x > 0 ? x : 0), ggml_sqr, ggml_mul in float32
+            return np.square(np.where(gate > 0, gate, np.float32(0))) * up
         return np.square(np.maximum(gate, 0)) * up
 
     # -- the forward pass ------------------------------------------------------------------------
@@ -734,14 +766,21 @@ class Model:
                               f"{self.cfg.context}", "shorten the input or start a new state", path=self.path)
         return arr.astype(np.int64)
 
-    def forward(self, ids, state: State) -> np.ndarray:
-        """Run `ids` after the positions already in `state` (which is updated); float32 logits (T, vocab)."""
+    def forward(self, ids, state: State, last_only: bool = False) -> np.ndarray:
+        """Run `ids` after the positions already in `state` (which is updated); float32 logits (T, vocab), or
+        (1, vocab) for the last position with last_only. last_only computes what llama.cpp computes when only
+        the last logits are asked for (llama-cli, llama-bench): its last layer drops the other rows after the
+        attention, and the lm_head sees one row (for bitnet.cpp's F16 lm_head, its one-row path)."""
         ids = self._check_ids(ids, state)
         cfg, eps, g = self.cfg, self.cfg.rms_eps, self.profile.ggml_cpu
         t = ids.size
         pos = np.arange(state.pos, state.pos + t)
         cos, sin = self._rope_angles(pos)
         x = self.embed(ids)
+        plans = self._layer_plans() if state.taps is None else None
+        if plans:
+            return self._forward_native(plans, x, state, cos, sin, last_only)
+        n_layers = len(self.layers)
         for i, layer in enumerate(self.layers):
             n, p = layer.norms, layer.proj
             h = _rms(x, n["attn_norm"], eps, g)
@@ -753,6 +792,8 @@ class Model:
             a = self._attention(q, keys, values, pos)
             a_norm = _rms(a, n["attn_sub_norm"], eps, g)
             x = x + self._mm(a_norm, p["attn_output"])
+            if last_only and i == n_layers - 1:
+                x = x[-1:]
             h2 = _rms(x, n["ffn_norm"], eps, g)
             act = self._ffn_act(self._mm(h2, p["ffn_gate"]), self._mm(h2, p["ffn_up"]))
             f_norm = _rms(act, n["ffn_sub_norm"], eps, g)
@@ -765,6 +806,44 @@ class Model:
         out = _rms(x, self.output_norm, eps, g)
         if state.taps is not None:
             state.taps["result_norm"] = np.array(out, dtype=np.float32)
+        return self._lm_head(out)
+
+    def _layer_plans(self) -> list | None:
+        """The layers prepared for the native one-call-per-layer forward (kernels.bitnet_layer), or None where
+        it does not apply: it computes the bitnet-cpp profile on bitnet-b1.58 models whose projections are all
+        packed I2_S (x86) tensors with one scale each, on the CPU."""
+        if getattr(self, "_plans", 0) == 0:
+            self._plans = None
+            p, cfg = self.profile, self.cfg
+            ok = (p.ggml_cpu and p.activations == "i8_s" and p.kv_cache == "f16" and not p.i2s_int16_wrap
+                  and cfg.activation == "relu2" and self._gpu is None and kernels.available()
+                  and cfg.hidden % QK_I2_S == 0 and cfg.ffn % QK_I2_S == 0
+                  and all(lin.packed is not None and lin.values is None and lin.type_id == I2S_X86.type_id
+                          and lin.scale.size == 1 for layer in self.layers for lin in layer.proj.values()))
+            if ok:
+                dims = {"hidden": cfg.hidden, "heads": cfg.heads, "kv_heads": cfg.kv_heads,
+                        "head_dim": cfg.head_dim, "ffn": cfg.ffn, "n_ctx": cfg.context, "eps": cfg.rms_eps}
+                self._plans = [kernels.layer_plan(
+                    dims, layer.norms, {n: lin.packed for n, lin in layer.proj.items()},
+                    {n: lin.scale.reshape(-1)[0] for n, lin in layer.proj.items()},
+                    {n: 1.0 if lin.out_scale is None else lin.out_scale for n, lin in layer.proj.items()})
+                    for layer in self.layers]
+        return self._plans
+
+    def _forward_native(self, plans, x, state: State, cos, sin, last_only: bool) -> np.ndarray:
+        """`forward` with each layer one native call (the same bits as the numpy layers)."""
+        t = x.shape[0]
+        end = state.pos + t
+        x = np.ascontiguousarray(x, dtype=np.float32)
+        cos, sin = np.ascontiguousarray(cos, np.float32), np.ascontiguousarray(sin, np.float32)
+        for i, plan in enumerate(plans):
+            self._grow_cache(state, i, end)
+            kernels.bitnet_layer(plan, x, end, state.k[i], state.v[i], cos, sin,
+                                 last_only and i == len(plans) - 1)
+        state.pos = end
+        if last_only:
+            x = x[:1]
+        out = _rms(x, self.output_norm, self.cfg.rms_eps, True)
         return self._lm_head(out)
 
     def logits(self, ids) -> np.ndarray:

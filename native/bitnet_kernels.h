@@ -20,9 +20,9 @@
 #define BK_F16_VEC_DOT 0
 #define BK_F16_GEMM 1
 
-/* the instruction set the products use: "avx512-vnni", "avx2" or "portable" */
+/* the instruction set the products use: "avx512-vnni", "avx2", "neon" (AArch64) or "portable" */
 const char *bk_isa(void);
-/* force a variant ("avx512-vnni", "avx2", "portable", or "auto"); -1 if this CPU cannot run it */
+/* force a variant ("avx512-vnni", "avx2", "neon", "portable", or "auto"); -1 if this CPU cannot run it */
 int bk_set_isa(const char *name);
 
 /* quantize_row_i8_s per row: q (t, k) int8, s (t,) float scale, sums (t,) int32 sum of q */
@@ -31,7 +31,8 @@ int bk_quantize_i8_s(const float *x, int64_t t, int64_t k, int8_t *q, float *s, 
 int bk_quantize_q8_k(const float *x, int64_t t, int64_t k, int8_t *q, float *d);
 
 /* I2_S (x86, 128-value blocks of 32 bytes) x int8: out[t][r] = sum_j code(r, j) * q[t][j], code in 0..3
- * read straight from the packed bytes (bitnet.cpp's raw kernel sum; the caller subtracts act_sum). */
+ * read straight from the packed bytes (bitnet.cpp's raw kernel sum; the caller subtracts act_sum). Several
+ * tokens on AVX-512 VNNI go through a GEMM (bk_i2s_gemm.c), which returns BK_ENOMEM if its buffers fail. */
 int bk_i2s_raw(const int8_t *q, int64_t t, int64_t k, const uint8_t *w, int64_t r, int32_t *out, int nthreads);
 /* the same sum with bitnet.cpp's AVX2 int16 lane accumulation (wraps modulo 2^16 over 32 blocks) */
 int bk_i2s_raw_wrap16(const int8_t *q, int64_t t, int64_t k, const uint8_t *w, int64_t r, int32_t *out,
@@ -51,5 +52,36 @@ int bk_tq_lanes(int type, const int8_t *q, int64_t t, int64_t k, const uint8_t *
  * BK_ENOMEM when a thread's row buffer cannot be allocated. */
 int bk_f16_matmul(int mode, const float *x, int64_t t, int64_t k, const uint8_t *w, int64_t r, float *out,
                   int nthreads);
+
+/* ggml's attention (non-flash, AVX-512 order) over an f16 KV cache, as bitnet-cpp's profile computes it:
+ * q (t, heads, d) float32 (rounded to f16 here), kc/vc (s_len, kv_heads, d) f16 bits for positions 0..s_len-1,
+ * the t queries at positions s_len-t .. s_len-1 (causal), query head h reads KV head h / (heads/kv_heads);
+ * out (t, heads*d) float32. n_ctx: the context length (the t == 1 path pads V to min(ceil32(s_len), ceil32(n_ctx))).
+ * Bit for bit bitnet_ref's Model._attention_ggml (bk_attention.c). BK_EBADARG unless t >= 1, kv_heads divides
+ * heads, d >= 1 and t <= s_len <= n_ctx; BK_ENOMEM. */
+int bk_attention_f16(const float *q, int64_t t, int64_t heads, int64_t kv_heads, int64_t d, const uint16_t *kc,
+                     const uint16_t *vc, int64_t s_len, int64_t n_ctx, float *out, int nthreads);
+
+/* float32 -> f16 bits, round to nearest even (numpy's astype(float16)) */
+int bk_f32_to_f16(const float *x, int64_t n, uint16_t *out);
+
+/* One bitnet-b1.58 decoder layer (ReLU^2-gated FFN, both sub-norms) as bitnet_ref's bitnet-cpp profile
+ * computes it, every projection an I2_S (x86) tensor with a per-tensor scale:
+ *   x (t, hidden) float32, updated in place; with last_only (and t > 1) the FFN runs on the last row only, as
+ *   llama.cpp's last layer does when only the last logits are wanted, and row 0 of x holds the result;
+ *   kc, vc: this layer's f16 K and V cache (n_ctx or more positions, kv_heads, head_dim): positions
+ *   s_len - t .. s_len - 1 are written, 0 .. s_len - 1 are read;
+ *   cos, sin (t, head_dim / 2): the RoPE angles' cosines and sines (bitnet_ref computes them with libm).
+ * BK_EBADARG for inconsistent sizes, BK_EBADK when hidden or ffn is not a multiple of 128, BK_ENOMEM. */
+typedef struct {
+    int64_t hidden, heads, kv_heads, head_dim, ffn, n_ctx;
+    float eps;
+    const float *attn_norm, *attn_sub_norm, *ffn_norm, *ffn_sub_norm; /* gains */
+    const uint8_t *w[7]; /* attn_q, attn_k, attn_v, attn_output, ffn_gate, ffn_up, ffn_down: I2_S bytes */
+    float w_scale[7];    /* their per-tensor I2_S scales */
+    float out_scale[7];  /* the optional `.scale` tensors; 1 where absent */
+} bk_layer;
+int bk_bitnet_layer(const bk_layer *L, float *x, int64_t t, int64_t s_len, uint16_t *kc, uint16_t *vc,
+                    const float *cos, const float *sin, int last_only, int nthreads);
 
 #endif

@@ -9,6 +9,9 @@
 #define BK_X86 1
 #define BK_VNNI_TARGET "avx512f,avx512bw,avx512vl,avx512vnni"
 #endif
+#if defined(__aarch64__)
+#define BK_NEON 1 /* Advanced SIMD is part of every AArch64 CPU: no run-time check for the base set */
+#endif
 
 #define QK_I2S 128
 #define QK_K 256
@@ -23,7 +26,32 @@ typedef void (*bk_task_fn)(void *ctx, int ith, int nth);
 void bk_parallel(bk_task_fn fn, void *ctx, int n);
 
 /* the instruction set the kernels dispatch to */
-enum { ISA_AUTO = -1, ISA_PORTABLE = 0, ISA_AVX2 = 1, ISA_VNNI = 2 };
+enum { ISA_AUTO = -1, ISA_PORTABLE = 0, ISA_AVX2 = 1, ISA_VNNI = 2, ISA_NEON = 3 };
 int bk_current_isa(void);
+
+#ifdef BK_X86
+/* bk_i2s_gemm.c: bk_i2s_raw for many tokens as a GEMM (32-row panels x 12-token tiles of zmm accumulators);
+ * only when bk_current_isa() == ISA_VNNI. The same int32 sums; BK_ENOMEM if its buffers (t*k bytes of
+ * repacked tokens, 8*k + 1 KiB a thread) cannot be allocated. */
+int bk_i2s_gemm_vnni(const int8_t *q, int64_t t, int64_t k, const uint8_t *w, int64_t r, int32_t *out,
+                     int nthreads);
+#endif
+
+/* tokens per call of the F16 GEMM's multi-token dot (f16_dotn_fn) */
+#define BK_GEMM_NU 8
+
+#ifdef BK_NEON
+/* bk_neon.c: the NEON variants, bit for bit the portable ones (same float32 lanes and order) */
+int bk_neon_has_dotprod(void); /* the CPU has SDOT (HWCAP_ASIMDDP) */
+int32_t bk_i2s_dot_neon(const uint8_t *w, const int8_t *q, int64_t nb);    /* SMLAL, any AArch64 */
+int32_t bk_i2s_dot_neon_dp(const uint8_t *w, const int8_t *q, int64_t nb); /* SDOT: only if bk_neon_has_dotprod() */
+void bk_f16_row_neon(const uint8_t *src, float *dst, int64_t n);
+float bk_vec_dot_f16_neon(const float *x, const float *w, int64_t k);
+float bk_gemm_f16_neon(const float *x, const float *w, int64_t k);
+void bk_gemmn_f16_neon(const float *x, int64_t xs, const float *w, int64_t k, float *out);
+#endif
+
+/* float32 -> f16 bits, round to nearest even (bk_layer.c) */
+uint16_t bk_f32_to_f16_bits(float f);
 
 #endif

@@ -8,11 +8,13 @@
 #if defined(BK_X86)
 #include <immintrin.h>
 #define BK_PAUSE() _mm_pause()
+#elif defined(__aarch64__)
+#define BK_PAUSE() __asm__ __volatile__("yield") /* the spin-wait hint, as pause on x86 */
 #else
 #define BK_PAUSE() ((void)0)
 #endif
 
-#define SPIN_ROUNDS 20000 /* ~50-100 us of pause before a worker or the caller sleeps */
+#define SPIN_ROUNDS 4000 /* tens of microseconds of pause (more would steal a busy core) before sleeping */
 
 static pthread_mutex_t g_call = PTHREAD_MUTEX_INITIALIZER; /* one bk_parallel at a time */
 static pthread_mutex_t g_mu = PTHREAD_MUTEX_INITIALIZER;

@@ -22,7 +22,7 @@ from cffi import FFI
 HERE = Path(__file__).resolve().parent
 HEADER = HERE / "bitnet_kernels.h"
 MODULE = "bitnet_ref._bitnet_kernels"
-SOURCES = ("bitnet_kernels.c", "bk_pool.c")
+SOURCES = ("bitnet_kernels.c", "bk_pool.c", "bk_neon.c", "bk_layer.c", "bk_i2s_gemm.c", "bk_attention.c")
 
 
 def _cdef() -> str:
@@ -38,7 +38,7 @@ def _cdef() -> str:
 def make_ffibuilder(module: str = MODULE, absolute: bool = False) -> FFI:
     ffibuilder = FFI()
     ffibuilder.cdef(_cdef())
-    cflags = ["-O3", "-std=c11", "-fno-fast-math", "-fno-strict-aliasing"]
+    cflags = ["-O3", "-std=c11", "-fno-fast-math", "-ffp-contract=off", "-fno-strict-aliasing"]
     cflags += shlex.split(os.environ.get("BITNET_KERNELS_CFLAGS", ""))
     ldflags = shlex.split(os.environ.get("BITNET_KERNELS_LDFLAGS", ""))
     # setuptools builds from the project root and wants relative sources; cffi's compile() changes directory

@@ -67,7 +67,7 @@ def test_decode_steps_and_greedy_identical(fork):
     ref = eng.generate(ids, N_GEN)
     with Model.load(model, "bitnet-cpp") as m:
         st = m.new_state()
-        last = m.forward(ids, st)[-1]
+        last = m.forward(ids, st, last_only=True)[-1]  # llama-cli's prompt: only the last logits
         ours = []
         for _ in range(N_GEN):
             ours.append(int(np.argmax(last)))
@@ -81,6 +81,21 @@ def test_decode_steps_and_greedy_identical(fork):
         st = m.new_state()
         m.forward(ids, st)
         np.testing.assert_array_equal(m.forward([ref[0]], st)[-1], step)
+
+
+@pytest.mark.bitnet_cpp
+def test_last_only_prompt_logits_bit_identical(fork):
+    """Only the last logits asked for (llama-cli, llama-bench): bitnet.cpp's last layer keeps one row for its
+    FFN and its F16 lm_head takes the one-row path; forward(last_only=True) computes the same bits."""
+    model, eng, ids = fork
+    eng._clear()
+    ref = eng._decode(ids, 0, False)
+    with Model.load(model, "bitnet-cpp") as m:
+        ours = m.forward(ids, m.new_state(), last_only=True)
+        every = m.forward(ids, m.new_state())
+    assert ref.shape == ours.shape == (1, m.cfg.vocab)
+    np.testing.assert_array_equal(ours, ref)
+    assert not np.array_equal(every[-1:], ref)  # the every-row run's last row is computed differently
 
 
 def test_i2s_int16_wrap_option():

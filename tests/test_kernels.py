@@ -12,6 +12,8 @@ import os
 import shutil
 import subprocess
 from pathlib import Path
+from types import SimpleNamespace
+from unittest import mock
 
 import numpy as np
 import pytest
@@ -31,12 +33,13 @@ from bitnet_ref.model import (
     tq_dot_q8_k_ggml,
     vec_dot_f16_ggml,
 )
+from bitnet_ref.numerics import get_profile
 from bitnet_ref.synth import SynthSpec, synthesize
 
 NATIVE = kernels.available()
 NAMED = os.environ.get("BITNET_KERNELS_PATH")
 needs_native = pytest.mark.skipif(not NATIVE, reason=f"native kernels unavailable: {kernels.unavailable_reason()}")
-ISAS = [isa for isa in ("portable", "avx2", "avx512-vnni") if NATIVE and kernels.set_isa(isa)]
+ISAS = [isa for isa in ("portable", "avx2", "avx512-vnni", "neon") if NATIVE and kernels.set_isa(isa)]
 kernels.set_isa(os.environ.get("BITNET_KERNELS_ISA", "auto")) if NATIVE else None
 # huge activations overflow ggml's float32 epilogue (inf/nan) on both paths alike
 pytestmark = [pytest.mark.filterwarnings("ignore:overflow encountered:RuntimeWarning"),
@@ -221,6 +224,50 @@ def test_i2s_threads_do_not_change_results(monkeypatch):
     assert same_bits(outs[0], outs[1]) and same_bits(outs[0], outs[2])
 
 
+needs_vnni = pytest.mark.skipif("avx512-vnni" not in ISAS, reason="the CPU has no AVX-512 VNNI")
+
+
+def _i2s_raw_as(isa: str, q: np.ndarray, packed: np.ndarray, rows: int) -> np.ndarray:
+    assert kernels.set_isa(isa)
+    try:
+        return kernels.i2s_raw(q, packed, rows)
+    finally:
+        kernels.set_isa("auto")
+
+
+@needs_vnni
+@SETTINGS
+@given(t=st.one_of(st.integers(1, 40), st.just(512)), rows=st.sampled_from([1, 16, 31, 32, 33, 70]),
+       k=st.sampled_from([128, 384, 2560]), threads=st.sampled_from(["1", "2", "3"]),
+       q_kind=st.sampled_from(["random", "min", "max"]), zero_rows=st.booleans(), seed=st.integers(0, 2**32 - 1))
+def test_i2s_gemm_matches_portable(monkeypatch, t, rows, k, threads, q_kind, zero_rows, seed):
+    """The many-token VNNI path (32-row panels, 12-token tiles; rows and tokens past a multiple, 1-3 threads)
+    against the portable sum; raw bytes, so code 3 occurs too."""
+    rng = np.random.default_rng(seed)
+    packed = rng.integers(0, 256, rows * k // 4, dtype=np.uint8)
+    if zero_rows:  # all-zero codes in a few rows
+        packed.reshape(rows, k // 4)[rng.integers(0, rows, max(1, rows // 4))] = 0
+    if q_kind == "random":
+        q = rng.integers(-128, 128, (t, k)).astype(np.int8)
+    else:
+        q = np.full((t, k), -128 if q_kind == "min" else 127, np.int8)
+    monkeypatch.setenv("BITNET_CPU_THREADS", threads)
+    got = _i2s_raw_as("avx512-vnni", q, packed, rows)
+    assert same_bits(got, _i2s_raw_as("portable", q, packed, rows))
+
+
+@needs_vnni
+def test_i2s_gemm_extremes_and_thread_counts(monkeypatch):
+    """All codes 3 against q = -128 (the largest |sum|, 384*K) and 127, t = 512, for rows just past a panel."""
+    k, rows = 2560, 70
+    packed = np.full(rows * k // 4, 0xFF, np.uint8)
+    for val in (-128, 127):
+        q = np.full((512, k), val, np.int8)
+        for n in ("1", "2", "3"):
+            monkeypatch.setenv("BITNET_CPU_THREADS", n)
+            assert (_i2s_raw_as("avx512-vnni", q, packed, rows) == 3 * val * k).all()
+
+
 def test_i2s_rejects_partial_blocks():
     with pytest.raises(ValueError, match="multiple of the 128-value block"):
         kernels.i2s_raw(np.zeros((1, 200), np.int8), np.zeros(200, np.uint8), 4)
@@ -345,6 +392,196 @@ def test_model_lm_head_native_equals_numpy(profile, tmp_path, monkeypatch):
     assert same_bits(prefill, ref_prefill) and all(same_bits(a, b) for a, b in zip(steps, ref_steps))
 
 
+# -- attention over an f16 KV cache (bitnet-cpp) ------------------------------------------------------
+def attention_numpy(q, kc, vc, s_len: int, n_ctx: int) -> np.ndarray:
+    """The numpy definition, Model._attention_ggml with bitnet-cpp's f16 KV cache, on the same inputs."""
+    t, heads, d = q.shape
+    kvh = kc.shape[1]
+    fake = SimpleNamespace(profile=get_profile("bitnet-cpp"), cfg=SimpleNamespace(context=n_ctx, heads=heads))
+    qg = q.reshape(t, kvh, heads // kvh, d).astype(np.float16).astype(np.float32)
+    with mock.patch.object(kernels, "available", lambda: False):
+        return Model._attention_ggml(fake, qg, kc[:s_len].astype(np.float32), vc[:s_len].astype(np.float32),
+                                     np.arange(s_len - t, s_len))
+
+
+def attention_every_isa(q, kc, vc, s_len: int, n_ctx: int) -> list:
+    outs = []
+    try:
+        for isa in ISAS:
+            assert kernels.set_isa(isa)
+            outs.append((isa, kernels.attention_f16(q, kc, vc, s_len, n_ctx)))
+    finally:
+        kernels.set_isa("auto")
+    return outs
+
+
+def f16_cache(rng, s_len: int, kvh: int, d: int, scale: float) -> np.ndarray:
+    """(s_len + 3, kvh, d) f16 with zeros, f16 subnormals and large values; the 3 positions past s_len hold inf
+    and NaN, which must not be read."""
+    c = rng.standard_normal((s_len + 3, kvh, d)) * scale
+    c[rng.random(c.shape) < 0.03] = 0.0
+    c[rng.random(c.shape) < 0.01] = rng.choice([-6e-8, 3e-6, -2e3, 6e4], 1)
+    c = c.astype(np.float16)
+    c[s_len:] = np.float16(np.inf)
+    c[s_len + 1:, :, : d // 2] = np.float16(np.nan)
+    return c
+
+
+def same_bits_or_nan(a: np.ndarray, b: np.ndarray) -> bool:
+    """NaN in the same places (its payload aside), the same bits everywhere else."""
+    na, nb = np.isnan(a), np.isnan(b)
+    return a.shape == b.shape and (na == nb).all() and same_bits(np.where(na, 0, a), np.where(nb, 0, b))
+
+
+ATT_BUDGET = 6_000_000  # t * heads * keys * d of a case: the numpy definition's float64 products stay small
+
+
+@needs_native
+@SETTINGS
+@given(d=st.sampled_from([16, 64, 80, 128]), kvh=st.integers(1, 3), g=st.integers(1, 4), s_len=st.integers(1, 300),
+       t=st.one_of(st.just(1), st.integers(1, 40)), ctx_extra=st.integers(0, 200),
+       q_scale=st.sampled_from([1e-3, 0.3, 1.0, 4.0, 30.0]), kv_scale=st.sampled_from([1e-4, 1.0, 8.0]),
+       seed=st.integers(0, 2**32 - 1))
+def test_attention_f16_bit_identical(d, kvh, g, s_len, t, ctx_extra, q_scale, kv_scale, seed):
+    """C (every ISA variant) against the numpy definition: prefill (t > 1: sgemm) and decode (t == 1: vec_dot over
+    n_kv cells), keys past 128 (more than 8 chunk sums: their order), GQA groups, head sizes with a vec_dot tail."""
+    t = max(1, min(t, s_len, ATT_BUDGET // (kvh * g * s_len * d)))
+    rng = np.random.default_rng(seed)
+    q = (rng.standard_normal((t, kvh * g, d)) * q_scale).astype(np.float32)
+    kc, vc = f16_cache(rng, s_len, kvh, d, kv_scale), f16_cache(rng, s_len, kvh, d, kv_scale)
+    want = attention_numpy(q, kc, vc, s_len, s_len + ctx_extra)
+    for isa, got in attention_every_isa(q, kc, vc, s_len, s_len + ctx_extra):
+        assert got.dtype == np.float32 and got.shape == (t, kvh * g * d)
+        assert same_bits(got, want), isa
+
+
+@needs_native
+@pytest.mark.parametrize("t", [1, 2, 17])
+@pytest.mark.parametrize("case", ["exp-ramp", "f16-extremes", "one-hot"])
+def test_attention_f16_extremes(case, t):
+    """exp-ramp: scores from 0 down to -150 (ggml_expf through f16-subnormal, float-subnormal and zero results
+    past |n| > 192); f16-extremes: q (float32 rounding to f16 ties and to 65504), K and V at +-65504 and f16
+    subnormals; one-hot: scores so far apart that every probability is 0 or 1."""
+    rng = np.random.default_rng(7)
+    s_len, kvh, g, d = 300, 2, 2, 16
+    if case == "exp-ramp":
+        kc = np.zeros((s_len, kvh, d), np.float16)
+        kc[:, :, 0] = (-0.5 * rng.permutation(s_len)).astype(np.float16)[:, None]  # w = q0 * k0 / 4
+        q = np.zeros((t, kvh * g, d), np.float32)
+        q[:, :, 0] = 4.0
+        vc = rng.standard_normal((s_len, kvh, d)).astype(np.float16)
+    elif case == "f16-extremes":
+        vals = np.array([65504, -65504, 6e-8, -6e-8, 2.0 ** -14, 0.0, 1.0, -3.0], np.float32)
+        kc = rng.choice(vals, (s_len, kvh, d)).astype(np.float16)
+        vc = rng.choice(vals, (s_len, kvh, d)).astype(np.float16)
+        qv = np.array([65519.0, -65519.0, 1 + 2.0 ** -11, 1 + 3 * 2.0 ** -11, 2.0 ** -25, 3e-8, 0.0], np.float32)
+        q = rng.choice(qv, (t, kvh * g, d))
+    else:
+        kc = (rng.standard_normal((s_len, kvh, d)) * 100).astype(np.float16)
+        vc = rng.standard_normal((s_len, kvh, d)).astype(np.float16)
+        q = (rng.standard_normal((t, kvh * g, d)) * 500).astype(np.float32)
+    want = attention_numpy(q, kc, vc, s_len, 4096)
+    assert np.isfinite(want).all()
+    for isa, got in attention_every_isa(q, kc, vc, s_len, 4096):
+        assert same_bits(got, want), isa
+
+
+@needs_native
+def test_attention_f16_sgemm_rounds_as_numpy_fma():
+    """Peaked softmax rows put tiny p*v products next to larger accumulators, where model._fma's two roundings
+    (double, then float) and a float32 FMA differ: about 1 case in 5 here has such an output. C follows the
+    numpy definition (ggml's sgemm is a float32 FMA: the definition's known corner cases)."""
+    s_len, t, kvh, g, d = 64, 8, 1, 2, 64
+    for seed in range(40):
+        rng = np.random.default_rng(seed)
+        q = (rng.standard_normal((t, kvh * g, d)) * 12).astype(np.float32)
+        kc = rng.standard_normal((s_len, kvh, d)).astype(np.float16)
+        vc = rng.standard_normal((s_len, kvh, d)).astype(np.float16)
+        want = attention_numpy(q, kc, vc, s_len, 4096)
+        for isa, got in attention_every_isa(q, kc, vc, s_len, 4096):
+            assert same_bits(got, want), (isa, seed)
+
+
+@needs_native
+@pytest.mark.parametrize("s_len", [1, 2, 15, 16, 17, 31, 32, 33, 63, 64, 65, 95, 96, 97, 127, 128, 129, 160, 161, 257])
+def test_attention_f16_context_padding(s_len):
+    """One decoded row over n_kv = min(ceil32(s_len), ceil32(n_ctx)) cells (the float32 lanes over n_kv & ~63, the
+    rest in double) for contexts at and past s_len; a two-row prefill over keys padded to 16."""
+    rng = np.random.default_rng(s_len)
+    kvh, g, d = 1, 3, 64
+    kc, vc = f16_cache(rng, s_len, kvh, d, 1.0), f16_cache(rng, s_len, kvh, d, 1.0)
+    for t in {1, min(2, s_len)}:
+        q = (rng.standard_normal((t, kvh * g, d)) * 2).astype(np.float32)
+        for n_ctx in (s_len, s_len + 1, -(-s_len // 32) * 32 + 1, 4096):
+            want = attention_numpy(q, kc, vc, s_len, n_ctx)
+            for isa, got in attention_every_isa(q, kc, vc, s_len, n_ctx):
+                assert same_bits(got, want), (isa, t, n_ctx)
+
+
+@needs_native
+@pytest.mark.parametrize("t", [1, 5])
+def test_attention_f16_non_finite(t):
+    """inf in V at a future (masked) key: 0 * inf makes the earlier rows NaN in ggml's sgemm and in the numpy
+    definition, so C must not skip masked keys there; q past the f16 range (inf after rounding) gives NaN rows."""
+    rng = np.random.default_rng(11)
+    s_len, kvh, g, d = 40, 2, 2, 64
+    kc = rng.standard_normal((s_len, kvh, d)).astype(np.float16)
+    vc = rng.standard_normal((s_len, kvh, d)).astype(np.float16)
+    vc[s_len - 2, 0, 3] = np.inf
+    kc[s_len - 1, 1, 5] = -np.inf
+    q = rng.standard_normal((t, kvh * g, d)).astype(np.float32)
+    q[0, 3, 7] = 1e6
+    want = attention_numpy(q, kc, vc, s_len, 4096)
+    assert np.isnan(want).any() and not np.isnan(want).all()
+    for isa, got in attention_every_isa(q, kc, vc, s_len, 4096):
+        assert same_bits_or_nan(got, want), isa
+
+
+@needs_native
+def test_attention_f16_threads_and_views(monkeypatch):
+    """Threads change nothing; the caches are read in place from a longer buffer (only s_len positions)."""
+    rng = np.random.default_rng(5)
+    s_len, t, kvh, g, d = 150, 33, 2, 3, 80
+    kc, vc = f16_cache(rng, s_len, kvh, d, 1.0), f16_cache(rng, s_len, kvh, d, 1.0)
+    q = rng.standard_normal((t, kvh * g, d)).astype(np.float32)
+    outs = []
+    for n in ("1", "2", "5"):
+        monkeypatch.setenv("BITNET_CPU_THREADS", n)
+        outs.append(kernels.attention_f16(q, kc, vc, s_len, 512))
+        outs.append(kernels.attention_f16(q[-1:], kc, vc, s_len, 512))
+    assert same_bits(outs[0], attention_numpy(q, kc, vc, s_len, 512))
+    assert same_bits(outs[1], attention_numpy(q[-1:], kc, vc, s_len, 512))
+    assert all(same_bits(a, b) for a, b in zip(outs[2:], outs * 2))
+
+
+def test_attention_f16_rejects_bad_input():
+    q, c = np.zeros((2, 4, 16), np.float32), np.zeros((8, 2, 16), np.float16)
+    if not NATIVE:
+        with pytest.raises(RuntimeError, match="unavailable"):
+            kernels.attention_f16(q, c, c, 8, 8)
+        return
+    with pytest.raises(ValueError, match="s_len <= n_ctx"):
+        kernels.attention_f16(q, c, c, 8, 7)
+    with pytest.raises(ValueError, match="T <= s_len"):
+        kernels.attention_f16(q, c, c, 1, 8)
+    with pytest.raises(ValueError, match="does not fit"):
+        kernels.attention_f16(q, c, c, 9, 9)
+    with pytest.raises(ValueError, match="does not fit"):
+        kernels.attention_f16(np.zeros((2, 3, 16), np.float32), c, c, 8, 8)
+    with pytest.raises(TypeError, match="float16"):
+        kernels.attention_f16(q, c.astype(np.float32), c, 8, 8)
+    mod = kernels._load()
+    lib, ffi = mod.lib, mod.ffi
+    out = np.zeros((2, 64), np.float32)
+    cb = ffi.from_buffer("uint16_t[]", c.view(np.uint16))
+    args = dict(q=ffi.from_buffer("float[]", q), t=2, heads=4, kv_heads=2, d=16, kc=cb, vc=cb, s_len=8, n_ctx=8,
+                out=ffi.from_buffer("float[]", out), nthreads=2)
+    assert lib.bk_attention_f16(*args.values()) == 0
+    for bad in (dict(t=0), dict(s_len=1), dict(n_ctx=7), dict(kv_heads=3), dict(kv_heads=0), dict(d=0),
+                dict(heads=0), dict(q=ffi.NULL), dict(out=ffi.NULL), dict(kc=ffi.NULL)):
+        assert lib.bk_attention_f16(*{**args, **bad}.values()) == lib.BK_EBADARG, bad
+
+
 # -- the model: native and numpy paths give the same bits ----------------------------------------------
 @needs_native
 @pytest.mark.parametrize("fmt,profile", [("i2_s", "bitnet-cpp"), ("tq2_0", "llama-cpp"), ("tq1_0", "llama-cpp")])
@@ -397,6 +634,38 @@ def test_model_f16_kv_attention_native_equals_numpy(tmp_path, monkeypatch):
     finally:
         monkeypatch.undo()
         kernels._reset_for_tests()
+    assert all(same_bits(a, b) for a, b in zip(native, ref))
+
+
+@needs_native
+@pytest.mark.parametrize("arch", ["bitnet", "bitnet-b1.58"])
+def test_model_attention_native_equals_numpy(arch, tmp_path, monkeypatch):
+    """bitnet-cpp's f16-cache attention in C (kernels.attention_f16 from Model._attention_ggml for the SiLU
+    architecture; bitnet-b1.58's one-call layer calls bk_attention_f16 itself) against BITNET_KERNELS=0: a
+    150-token prefill (more than 8 softmax chunk sums) and decode steps over n_kv = 160 (a double tail past 128
+    cells) and 192 cells, bit for bit."""
+    path = synthesize(SynthSpec(arch=arch, format="i2_s", layers=1), tmp_path)
+    ids = [int(i) for i in np.random.default_rng(4).integers(1, 200, 168)]
+    calls = []
+    real = kernels.attention_f16
+    monkeypatch.setattr(kernels, "attention_f16", lambda *a: calls.append(a[0].shape[0]) or real(*a))
+
+    def run():
+        with Model.load(path, "bitnet-cpp") as m:
+            st_ = m.new_state()
+            out = [m.forward(ids[:150], st_)]
+            return out + [m.forward([i], st_) for i in ids[150:]]
+
+    native = run()
+    assert calls == ([150] + [1] * 18 if arch == "bitnet" else [])
+    monkeypatch.setenv("BITNET_KERNELS", "0")
+    kernels._reset_for_tests()
+    try:
+        ref = run()
+    finally:
+        monkeypatch.delenv("BITNET_KERNELS")
+        kernels._reset_for_tests()
+    assert len(calls) == (19 if arch == "bitnet" else 0)
     assert all(same_bits(a, b) for a, b in zip(native, ref))
 
 

@@ -528,7 +528,7 @@ class LlamaLibEngine(Engine):
             cp.flash_attn_type = 0  # LLAMA_FLASH_ATTN_TYPE_DISABLED
         else:
             cp.flash_attn = False
-            cp.logits_all = True
+            cp.logits_all = False  # each batch says which tokens' logits it wants
         if cb_eval is not None:
             cp.cb_eval = cb_eval
             cp.cb_eval_user_data = ffi.NULL
@@ -611,18 +611,20 @@ class LlamaLibEngine(Engine):
         for s in range(0, len(ids), step):
             chunk = ids[s:s + step]
             toks = ffi.new("llama_token[]", chunk)
+            last = s + len(chunk) >= len(ids)
+            # outputs: every token's, or (as llama-cli asks) only the prompt's last: llama.cpp then drops the
+            # other rows in its last layer, so the last logits can differ from the every-token run's last row
+            flags = ffi.new("int8_t[]", [1] * len(chunk) if want_all else [0] * (len(chunk) - 1) + [int(last)])
             if self.generation == MAINLINE:
                 batch = lib.llama_batch_get_one(toks, len(chunk))
-                flags = ffi.new("int8_t[]", [1] * len(chunk))
                 pos = ffi.new("llama_pos[]", list(range(pos0 + s, pos0 + s + len(chunk))))
-                batch.logits = flags
                 batch.pos = pos
             else:
                 batch = lib.llama_batch_get_one(toks, len(chunk), pos0 + s, 0)
+            batch.logits = flags
             rc = lib.llama_decode(ctx, batch)
             if rc != 0:
                 raise self._fail(f"llama_decode returned {rc}")
-            last = s + len(chunk) >= len(ids)
             if want_all:
                 p = lib.llama_get_logits(ctx)
                 rows.append(np.frombuffer(ffi.buffer(p, 4 * self.n_vocab * len(chunk)), np.float32)

@@ -1,0 +1,456 @@
+/* ggml's non-flash attention over an f16 KV cache (x86 AVX-512 build), as bitnet_ref's bitnet-cpp profile
+ * computes it: bit for bit the numpy definition Model._attention_ggml (kv_cache "f16") in bitnet_ref/model.py.
+ * Per query row (query head hq reads KV head hq / (heads / kv_heads)):
+ *   KQ        ggml_vec_dot_f16 of the f16-rounded query and each visible key (f16 x f16 products are exact in
+ *             float32: 4x16 float32 lanes over d & ~63, (a0+a2)+(a1+a3), _mm512_reduce_add_ps, the rest added
+ *             in double), times the float32 1/sqrtf(d)
+ *   soft_max  the max; ggml's vector expf of x - max; each 16-value chunk reduced in float32 and the chunk sums
+ *             added in order into a double; p = e * (float)(1/sum)
+ *   KQV       t > 1: llamafile's sgemm, one 16-lane float32 FMA accumulator per output over the keys (padded to
+ *             16), then _mm512_reduce_add_ps; t == 1: ggml_vec_dot_f16 of the f16-rounded probabilities and V
+ *             over the n_kv cells the graph sees (sgemm declines one row)
+ * The float32 FMAs whose product is not exact in float32 (the sgemm's p*v, ggml's expf) are computed as the
+ * numpy definition's _fma: the product exact in double, the sum rounded to double, then to float. That equals
+ * a float32 FMA but in double-rounding corner cases, which numpy cannot avoid; matching it keeps C and numpy the
+ * same bits. The build disables FMA contraction (build_kernels.py), so nothing else fuses.
+ *
+ * Masked (future) keys are skipped: their probability is exactly 0, and a zero product changes no float sum here
+ * (the accumulators start at +0 and a round-to-nearest sum is -0 only when both terms are), nor do their zero
+ * exp chunks change the softmax sum. Non-finite inputs keep the definition's bits too: a KV head whose V holds an
+ * inf or NaN runs over every key (t > 1; a decoded row has no masked key), as 0 * inf = NaN reaches the sums; a
+ * NaN or -inf max (scores from infinite inputs) gives masked keys an infinite exp, but then the visible keys
+ * already make the sum infinite and every probability NaN. */
+#include <math.h>
+#include <stdatomic.h>
+#include <stdlib.h>
+#include <string.h>
+
+#include "bitnet_kernels.h"
+#include "bk_internal.h"
+
+#ifdef BK_X86
+#include <immintrin.h>
+#define BK_AVX512 __attribute__((target("avx512f")))
+#endif
+
+/* ggml's expf constants, as model.py's _EXPF_C */
+#define EXP_LOG2E 0x1.715476p+0f
+#define EXP_LN2_HI 0x1.62e4p-1f
+#define EXP_LN2_LO 0x1.7f7d1cp-20f
+#define EXP_C5 0x1.0e4020p-7f
+#define EXP_C4 0x1.573e2ep-5f
+#define EXP_C3 0x1.555e66p-3f
+#define EXP_C2 0x1.fffdb6p-2f
+#define EXP_C1 0x1.ffffecp-1f
+#define EXP_SHIFT 0x1.8p+23f /* 1.5 * 2^23: adding it rounds to an integer */
+
+/* ---------------------------------------------------------------- portable pieces */
+
+static float h2f(uint16_t h) {
+    uint32_t sign = (uint32_t)(h & 0x8000u) << 16, em = h & 0x7fffu, bits;
+    if (em >= 0x7c00u) {
+        bits = sign | 0x7f800000u | ((em & 0x3ffu) << 13); /* inf / nan */
+    } else if (em >= 0x400u) {
+        bits = sign | ((em + (112u << 10)) << 13); /* rebias the exponent 15 -> 127 */
+    } else {
+        float f = (float)em * 0x1p-24f; /* subnormal (or zero): exact */
+        memcpy(&bits, &f, sizeof bits);
+        bits |= sign;
+    }
+    float f;
+    memcpy(&f, &bits, sizeof f);
+    return f;
+}
+
+/* x rounded to the nearest f16 value (ties to even), as numpy's astype(float16) */
+static float round_f16(float x) { return h2f(bk_f32_to_f16_bits(x)); }
+
+/* model.py's _fma: a*b is exact in double, the sum is rounded to double and then to float */
+static inline float fma_np(float a, float b, float c) { return (float)((double)a * (double)b + (double)c); }
+
+/* model.py's ggml_expf, one value */
+static float expf_ggml(float x) {
+    float n = fma_np(x, EXP_LOG2E, EXP_SHIFT) - EXP_SHIFT;
+    float b = fma_np(-n, EXP_LN2_LO, fma_np(-n, EXP_LN2_HI, x));
+    float u = b * b;
+    float j = fma_np(fma_np(fma_np(EXP_C5, b, EXP_C4), u, fma_np(EXP_C3, b, EXP_C2)), u, fma_np(EXP_C1, b, 1.0f));
+    if (!(fabsf(n) <= 192.0f)) return n <= 0.0f ? 0.0f : INFINITY; /* a NaN n (from NaN or inf - inf) gives inf */
+    return ldexpf(j, (int)n);
+}
+
+/* _mm512_reduce_add_ps: halves, quarters, then (b0+b2)+(b1+b3) */
+static float reduce16(const float *s) {
+    float a[8], b[4];
+    for (int l = 0; l < 8; l++) a[l] = s[8 + l] + s[l];
+    for (int l = 0; l < 4; l++) b[l] = a[4 + l] + a[l];
+    return (b[0] + b[2]) + (b[1] + b[3]);
+}
+
+/* ggml_vec_dot_f16 of an f16-valued float row and an f16 row (exact products) */
+static float dot_f16_portable(const float *q, const uint16_t *k, int64_t d) {
+    float acc[64] = {0};
+    int64_t body = d & ~(int64_t)63;
+    for (int64_t c = 0; c < body; c += 64)
+        for (int l = 0; l < 64; l++) acc[l] = acc[l] + q[c + l] * h2f(k[c + l]);
+    float s16[16];
+    for (int l = 0; l < 16; l++) s16[l] = (acc[l] + acc[32 + l]) + (acc[16 + l] + acc[48 + l]);
+    double s = (double)reduce16(s16);
+    for (int64_t i = body; i < d; i++) s = s + (double)q[i] * (double)h2f(k[i]);
+    return (float)s;
+}
+
+/* soft_max over one row w[0, ns) in place (ns a multiple of 16; w[nvis, ns) are masked): w becomes p */
+static void softmax_portable(float *w, int64_t nvis, int64_t ns) {
+    float mx = -INFINITY;
+    int nan = 0;
+    for (int64_t s = 0; s < nvis; s++) {
+        if (isnan(w[s])) nan = 1;
+        else if (w[s] > mx) mx = w[s];
+    }
+    if (nan) mx = NAN; /* numpy's max propagates NaN */
+    for (int64_t s = nvis; s < ns; s++) w[s] = -INFINITY;
+    double sum = 0.0;
+    for (int64_t c = 0; c < ns; c += 16) {
+        for (int l = 0; l < 16; l++) w[c + l] = expf_ggml(w[c + l] - mx);
+        sum += (double)reduce16(w + c);
+    }
+    float inv = (float)(1.0 / sum);
+    for (int64_t s = 0; s < ns; s++) w[s] = w[s] * inv;
+}
+
+/* the sgemm lanes of one probability row p (nc chunks of 16) against nd rows of V^T (ld apart), reduced */
+static void kqv_portable(const double *p, const double *vt, int64_t ld, int64_t nc, int nd, float *out) {
+    for (int j = 0; j < nd; j++) {
+        const double *v = vt + j * ld;
+        float acc[16] = {0};
+        for (int64_t c = 0; c < 16 * nc; c += 16)
+            for (int l = 0; l < 16; l++) acc[l] = (float)(p[c + l] * v[c + l] + (double)acc[l]);
+        out[j] = reduce16(acc);
+    }
+}
+
+/* decode: the 64 float32 lanes of ggml_vec_dot_f16(pf, V column) for every column at once, over the first nb
+ * cells (acc: 64 rows of d, lane l of column dd at acc[l * d + dd]) */
+static void vp_lanes_portable(const float *pf, const uint16_t *v, int64_t vs, int64_t nb, int64_t d, float *acc) {
+    for (int64_t s = 0; s < nb; s++) {
+        float *a = acc + (s & 63) * d;
+        const uint16_t *vr = v + s * vs;
+        for (int64_t dd = 0; dd < d; dd++) a[dd] = a[dd] + pf[s] * h2f(vr[dd]);
+    }
+}
+
+static void f16_row_portable(const uint16_t *src, float *dst, int64_t n) {
+    for (int64_t i = 0; i < n; i++) dst[i] = h2f(src[i]);
+}
+
+static void round_f16_portable(float *x, int64_t n) {
+    for (int64_t i = 0; i < n; i++) x[i] = round_f16(x[i]);
+}
+
+/* ---------------------------------------------------------------- AVX-512 */
+
+#ifdef BK_X86
+BK_AVX512 static inline float reduce16_avx512(__m512 v) {
+    __m256 a = _mm256_add_ps(_mm256_castpd_ps(_mm512_extractf64x4_pd(_mm512_castps_pd(v), 1)),
+                             _mm512_castps512_ps256(v));
+    __m128 b = _mm_add_ps(_mm256_extractf128_ps(a, 1), _mm256_castps256_ps128(a));
+    __m128 c = _mm_add_ps(b, _mm_movehl_ps(b, b)); /* b0+b2, b1+b3 */
+    return _mm_cvtss_f32(_mm_add_ss(c, _mm_shuffle_ps(c, c, 1)));
+}
+
+BK_AVX512 static inline __m256 hi256(__m512 v) {
+    return _mm256_castpd_ps(_mm512_extractf64x4_pd(_mm512_castps_pd(v), 1));
+}
+
+/* fma_np on 16 lanes: two halves of 8 through double */
+BK_AVX512 static inline __m512 fma_np16(__m512 a, __m512 b, __m512 c) {
+    __m256 lo = _mm512_cvtpd_ps(_mm512_fmadd_pd(_mm512_cvtps_pd(_mm512_castps512_ps256(a)),
+                                                _mm512_cvtps_pd(_mm512_castps512_ps256(b)),
+                                                _mm512_cvtps_pd(_mm512_castps512_ps256(c))));
+    __m256 hi = _mm512_cvtpd_ps(_mm512_fmadd_pd(_mm512_cvtps_pd(hi256(a)), _mm512_cvtps_pd(hi256(b)),
+                                                _mm512_cvtps_pd(hi256(c))));
+    return _mm512_castpd_ps(_mm512_insertf64x4(_mm512_castpd256_pd512(_mm256_castps_pd(lo)), _mm256_castps_pd(hi), 1));
+}
+
+/* expf_ggml on 16 lanes; scalef is ldexpf's correctly rounded x * 2^n */
+BK_AVX512 static __m512 expf_ggml16(__m512 x) {
+    const __m512 shift = _mm512_set1_ps(EXP_SHIFT), zero = _mm512_setzero_ps();
+    __m512 n = _mm512_sub_ps(fma_np16(x, _mm512_set1_ps(EXP_LOG2E), shift), shift);
+    __m512 mn = _mm512_castsi512_ps(_mm512_xor_si512(_mm512_castps_si512(n), _mm512_set1_epi32(INT32_MIN)));
+    __m512 b = fma_np16(mn, _mm512_set1_ps(EXP_LN2_LO), fma_np16(mn, _mm512_set1_ps(EXP_LN2_HI), x));
+    __m512 u = _mm512_mul_ps(b, b);
+    __m512 j = fma_np16(fma_np16(fma_np16(_mm512_set1_ps(EXP_C5), b, _mm512_set1_ps(EXP_C4)), u,
+                                 fma_np16(_mm512_set1_ps(EXP_C3), b, _mm512_set1_ps(EXP_C2))),
+                        u, fma_np16(_mm512_set1_ps(EXP_C1), b, _mm512_set1_ps(1.0f)));
+    __mmask16 ok = _mm512_cmp_ps_mask(_mm512_abs_ps(n), _mm512_set1_ps(192.0f), _CMP_LE_OQ);
+    __mmask16 le0 = _mm512_cmp_ps_mask(n, zero, _CMP_LE_OQ);
+    __m512 big = _mm512_mask_blend_ps(le0, _mm512_set1_ps(INFINITY), zero);
+    return _mm512_mask_blend_ps(ok, big, _mm512_scalef_ps(j, n));
+}
+
+BK_AVX512 static inline __m512 load_f16x16(const uint16_t *p) {
+    return _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i *)p));
+}
+
+BK_AVX512 static float dot_f16_avx512(const float *q, const uint16_t *k, int64_t d) {
+    __m512 a0 = _mm512_setzero_ps(), a1 = a0, a2 = a0, a3 = a0;
+    int64_t body = d & ~(int64_t)63;
+    for (int64_t c = 0; c < body; c += 64) { /* exact products: each FMA is the lane's add */
+        a0 = _mm512_fmadd_ps(_mm512_loadu_ps(q + c), load_f16x16(k + c), a0);
+        a1 = _mm512_fmadd_ps(_mm512_loadu_ps(q + c + 16), load_f16x16(k + c + 16), a1);
+        a2 = _mm512_fmadd_ps(_mm512_loadu_ps(q + c + 32), load_f16x16(k + c + 32), a2);
+        a3 = _mm512_fmadd_ps(_mm512_loadu_ps(q + c + 48), load_f16x16(k + c + 48), a3);
+    }
+    double s = (double)reduce16_avx512(_mm512_add_ps(_mm512_add_ps(a0, a2), _mm512_add_ps(a1, a3)));
+    for (int64_t i = body; i < d; i++) s = s + (double)q[i] * (double)h2f(k[i]);
+    return (float)s;
+}
+
+BK_AVX512 static void softmax_avx512(float *w, int64_t nvis, int64_t ns) {
+    for (int64_t s = nvis; s < ns; s++) w[s] = -INFINITY;
+    __m512 vmx = _mm512_set1_ps(-INFINITY);
+    __mmask16 nan = 0;
+    for (int64_t c = 0; c < ns; c += 16) {
+        __m512 x = _mm512_loadu_ps(w + c);
+        nan |= _mm512_cmp_ps_mask(x, x, _CMP_UNORD_Q);
+        vmx = _mm512_max_ps(vmx, x);
+    }
+    float mx = nan ? NAN : _mm512_reduce_max_ps(vmx); /* numpy's max propagates NaN; otherwise any order */
+    __m512 m = _mm512_set1_ps(mx);
+    double sum = 0.0;
+    for (int64_t c = 0; c < ns; c += 16) {
+        __m512 e = expf_ggml16(_mm512_sub_ps(_mm512_loadu_ps(w + c), m));
+        _mm512_storeu_ps(w + c, e);
+        sum += (double)reduce16_avx512(e);
+    }
+    __m512 inv = _mm512_set1_ps((float)(1.0 / sum));
+    for (int64_t c = 0; c < ns; c += 16) _mm512_storeu_ps(w + c, _mm512_mul_ps(_mm512_loadu_ps(w + c), inv));
+}
+
+/* kqv_portable for nd <= 4 columns: each accumulator half goes float -> double -> FMA -> float per chunk */
+BK_AVX512 static inline __attribute__((always_inline)) void kqv_tile_avx512(const double *p, const double *vt,
+                                                                           int64_t ld, int64_t nc, int nd,
+                                                                           float *out) {
+    __m256 lo[4], hi[4];
+    for (int j = 0; j < nd; j++) lo[j] = hi[j] = _mm256_setzero_ps();
+    for (int64_t c = 0; c < 16 * nc; c += 16) {
+        __m512d pl = _mm512_loadu_pd(p + c), ph = _mm512_loadu_pd(p + c + 8);
+        for (int j = 0; j < nd; j++) {
+            const double *v = vt + j * ld + c;
+            lo[j] = _mm512_cvtpd_ps(_mm512_fmadd_pd(pl, _mm512_loadu_pd(v), _mm512_cvtps_pd(lo[j])));
+            hi[j] = _mm512_cvtpd_ps(_mm512_fmadd_pd(ph, _mm512_loadu_pd(v + 8), _mm512_cvtps_pd(hi[j])));
+        }
+    }
+    for (int j = 0; j < nd; j++)
+        out[j] = reduce16_avx512(
+            _mm512_castpd_ps(_mm512_insertf64x4(_mm512_castpd256_pd512(_mm256_castps_pd(lo[j])), _mm256_castps_pd(hi[j]), 1)));
+}
+
+BK_AVX512 static void kqv_avx512(const double *p, const double *vt, int64_t ld, int64_t nc, int nd, float *out) {
+    if (nd == 4) kqv_tile_avx512(p, vt, ld, nc, 4, out);
+    else
+        for (int j = 0; j < nd; j++) kqv_tile_avx512(p, vt + j * ld, ld, nc, 1, out + j);
+}
+
+BK_AVX512 static void vp_lanes_avx512(const float *pf, const uint16_t *v, int64_t vs, int64_t nb, int64_t d,
+                                      float *acc) {
+    int64_t d16 = d & ~(int64_t)15;
+    for (int64_t s = 0; s < nb; s++) {
+        float *a = acc + (s & 63) * d;
+        const uint16_t *vr = v + s * vs;
+        __m512 ps = _mm512_set1_ps(pf[s]);
+        for (int64_t dd = 0; dd < d16; dd += 16) /* exact products: each FMA is the lane's add */
+            _mm512_storeu_ps(a + dd, _mm512_fmadd_ps(ps, load_f16x16(vr + dd), _mm512_loadu_ps(a + dd)));
+        for (int64_t dd = d16; dd < d; dd++) a[dd] = a[dd] + pf[s] * h2f(vr[dd]);
+    }
+}
+
+BK_AVX512 static void f16_row_avx512(const uint16_t *src, float *dst, int64_t n) {
+    int64_t i = 0;
+    for (; i + 16 <= n; i += 16) _mm512_storeu_ps(dst + i, load_f16x16(src + i));
+    f16_row_portable(src + i, dst + i, n - i);
+}
+
+/* x rounded to f16 values (vcvtps2ph, round to nearest even) */
+BK_AVX512 static void round_f16_avx512(float *x, int64_t n) {
+    int64_t i = 0;
+    for (; i + 16 <= n; i += 16)
+        _mm512_storeu_ps(x + i, _mm512_cvtph_ps(_mm512_cvtps_ph(_mm512_loadu_ps(x + i),
+                                                               _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC)));
+    round_f16_portable(x + i, n - i);
+}
+#endif
+
+/* ---------------------------------------------------------------- dispatch, work items */
+
+typedef struct {
+    float (*dot)(const float *q, const uint16_t *k, int64_t d);
+    void (*softmax)(float *w, int64_t nvis, int64_t ns);
+    void (*kqv)(const double *p, const double *vt, int64_t ld, int64_t nc, int nd, float *out);
+    void (*vp_lanes)(const float *pf, const uint16_t *v, int64_t vs, int64_t nb, int64_t d, float *acc);
+    void (*f16_row)(const uint16_t *src, float *dst, int64_t n);
+    void (*round_f16)(float *x, int64_t n);
+} att_fns;
+
+static att_fns att_fn(void) {
+    att_fns f = {dot_f16_portable, softmax_portable, kqv_portable, vp_lanes_portable, f16_row_portable,
+                 round_f16_portable};
+#ifdef BK_X86
+    if (bk_current_isa() == ISA_VNNI) /* implies AVX-512F, all these need */
+        f = (att_fns){dot_f16_avx512, softmax_avx512, kqv_avx512, vp_lanes_avx512, f16_row_avx512, round_f16_avx512};
+#endif
+    return f;
+}
+
+typedef struct {
+    att_fns fn;
+    const float *q;
+    const uint16_t *kc, *vc;
+    float *out;
+    int64_t t, heads, kvh, g, d, s_len, sp, n_kv, pd_len; /* pd_len = max(sp, d): pd also holds the decode sums */
+    float scale;
+    double *vt;           /* t > 1: (kvh, d, sp) V transposed, zero past s_len */
+    unsigned char *v_bad; /* t > 1: per KV head, V holds an inf or NaN */
+    char *scratch;        /* per task: scratch_stride bytes */
+    size_t scratch_stride;
+    int64_t items;
+    atomic_llong next;
+} att_t;
+
+/* per task scratch: pd (pd_len doubles), w (sp floats), q16 (d floats), acc (64 * d floats when t == 1) */
+static void task_scratch(const att_t *a, int ith, float **w, double **pd, float **q16, float **acc) {
+    char *base = a->scratch + (size_t)ith * a->scratch_stride;
+    *pd = (double *)base;
+    *w = (float *)(*pd + a->pd_len);
+    *q16 = *w + a->sp;
+    *acc = *q16 + a->d;
+}
+
+/* t > 1: V^T in double for the sgemm lanes, one KV head per step */
+static void transpose_v_task(void *ctx, int ith, int nth) {
+    att_t *a = (att_t *)ctx;
+    float *w, *q16, *acc;
+    double *pd;
+    task_scratch(a, ith, &w, &pd, &q16, &acc);
+    for (int64_t h = ith; h < a->kvh; h += nth) {
+        double *vt = a->vt + h * a->d * a->sp;
+        unsigned char bad = 0;
+        for (int64_t s = 0; s < a->s_len; s++) {
+            const uint16_t *vr = a->vc + (s * a->kvh + h) * a->d;
+            a->fn.f16_row(vr, q16, a->d);
+            for (int64_t dd = 0; dd < a->d; dd++) {
+                bad |= (vr[dd] & 0x7c00u) == 0x7c00u;
+                vt[dd * a->sp + s] = (double)q16[dd];
+            }
+        }
+        for (int64_t dd = 0; dd < a->d; dd++)
+            for (int64_t s = a->s_len; s < a->sp; s++) vt[dd * a->sp + s] = 0.0;
+        a->v_bad[h] = bad;
+    }
+}
+
+/* decode: the lanes (acc, filled by vp_lanes; NULL when n_kv < 64 left them zero) combined as ggml_vec_dot_f16
+ * does, then the cells past n_kv & ~63 added in double, in order; sd (d doubles) and vr (d floats): scratch */
+static void vp_finish(const att_t *a, const float *acc, const float *pf, const uint16_t *v, int64_t vs, double *sd,
+                      float *vr, float *out) {
+    int64_t d = a->d, body = a->n_kv & ~(int64_t)63;
+    for (int64_t dd = 0; dd < d; dd++) {
+        float s16[16];
+        for (int l = 0; l < 16; l++)
+            s16[l] = acc ? (acc[l * d + dd] + acc[(32 + l) * d + dd]) + (acc[(16 + l) * d + dd] + acc[(48 + l) * d + dd])
+                         : 0.0f;
+        sd[dd] = (double)reduce16(s16);
+    }
+    for (int64_t c = body; c < a->s_len; c++) { /* cells s_len .. n_kv - 1 hold zeros on both sides */
+        a->fn.f16_row(v + c * vs, vr, d);
+        double p = (double)pf[c];
+        for (int64_t dd = 0; dd < d; dd++) sd[dd] = sd[dd] + p * (double)vr[dd];
+    }
+    for (int64_t dd = 0; dd < d; dd++) out[dd] = (float)sd[dd];
+}
+
+/* one work item: query head hq of query row ti; the most expensive (latest) rows are handed out first */
+static void attention_task(void *ctx, int ith, int nth) {
+    (void)nth;
+    att_t *a = (att_t *)ctx;
+    float *w, *q16, *acc;
+    double *pd;
+    task_scratch(a, ith, &w, &pd, &q16, &acc);
+    const int64_t d = a->d, kvd = a->kvh * a->d;
+    for (;;) {
+        int64_t i = atomic_fetch_add_explicit(&a->next, 1, memory_order_relaxed);
+        if (i >= a->items) break;
+        int64_t ti = a->t - 1 - i / a->heads, hq = i % a->heads, h = hq / a->g;
+        memcpy(q16, a->q + (ti * a->heads + hq) * d, sizeof(float) * (size_t)d);
+        a->fn.round_f16(q16, d);
+        int64_t nvis = a->s_len - a->t + ti + 1, ns = (nvis + 15) & ~(int64_t)15;
+        for (int64_t s = 0; s < nvis; s++) w[s] = a->fn.dot(q16, a->kc + s * kvd + h * d, d) * a->scale;
+        a->fn.softmax(w, nvis, ns);
+        float *o = a->out + (ti * a->heads + hq) * d;
+        if (a->t == 1) { /* nvis == s_len: no masked cell */
+            a->fn.round_f16(w, a->s_len);
+            int64_t body = a->n_kv & ~(int64_t)63, nb = body < a->s_len ? body : a->s_len;
+            if (nb > 0) {
+                memset(acc, 0, sizeof(float) * 64 * (size_t)d);
+                a->fn.vp_lanes(w, a->vc + h * d, kvd, nb, d, acc);
+            }
+            vp_finish(a, nb > 0 ? acc : NULL, w, a->vc + h * d, kvd, pd, q16, o); /* pd, q16: free scratch now */
+            continue;
+        }
+        int64_t nk = a->v_bad[h] ? a->sp : ns; /* 0 * inf must reach the sums: every key */
+        for (int64_t s = 0; s < ns; s++) pd[s] = (double)w[s];
+        for (int64_t s = ns; s < nk; s++) pd[s] = 0.0;
+        const double *vt = a->vt + h * d * a->sp;
+        int64_t dd = 0;
+        for (; dd + 4 <= d; dd += 4) a->fn.kqv(pd, vt + dd * a->sp, a->sp, nk / 16, 4, o + dd);
+        if (dd < d) a->fn.kqv(pd, vt + dd * a->sp, a->sp, nk / 16, (int)(d - dd), o + dd);
+    }
+}
+
+static int add_size(size_t *acc, size_t a, size_t b) { /* *acc += a * b, 0 on overflow */
+    size_t m;
+    if (__builtin_mul_overflow(a, b, &m) || __builtin_add_overflow(*acc, m, acc)) return 0;
+    return 1;
+}
+
+int bk_attention_f16(const float *q, int64_t t, int64_t heads, int64_t kv_heads, int64_t d, const uint16_t *kc,
+                     const uint16_t *vc, int64_t s_len, int64_t n_ctx, float *out, int nthreads) {
+    if (!q || !kc || !vc || !out || t < 1 || heads < 1 || kv_heads < 1 || heads % kv_heads || d < 1 || s_len < t ||
+        n_ctx < s_len || d > INT32_MAX || heads > INT32_MAX || s_len > INT64_MAX / 64 || t > INT64_MAX / heads)
+        return BK_EBADARG;
+    att_t a = {0};
+    a.fn = att_fn();
+    a.q = q, a.kc = kc, a.vc = vc, a.out = out;
+    a.t = t, a.heads = heads, a.kvh = kv_heads, a.g = heads / kv_heads, a.d = d, a.s_len = s_len;
+    a.sp = (s_len + 15) & ~(int64_t)15;
+    int64_t c32 = (s_len + 31) & ~(int64_t)31; /* n_kv = min(ceil32(s_len), ceil32(n_ctx)) */
+    a.n_kv = n_ctx >= c32 ? c32 : (n_ctx + 31) & ~(int64_t)31;
+    a.scale = 1.0f / sqrtf((float)d);
+    a.items = heads * t;
+
+    /* small problems are not worth waking the pool */
+    double work = (double)heads * (double)t * (double)s_len * (double)d;
+    int n = nthreads < 1 || work < 65536.0 ? 1 : nthreads;
+    if (n > BK_MAX_THREADS) n = BK_MAX_THREADS;
+    if (n > a.items) n = (int)a.items;
+
+    size_t stride = 64, vt_bytes = 0, total = 0;
+    a.pd_len = a.sp > d ? a.sp : d;
+    int ok = add_size(&stride, (size_t)a.pd_len, sizeof(double)) && add_size(&stride, (size_t)a.sp, sizeof(float)) &&
+             add_size(&stride, (size_t)d, 4) &&
+             (t > 1 || add_size(&stride, (size_t)d, 64 * sizeof(float)));
+    stride &= ~(size_t)63;
+    if (t > 1) ok = ok && add_size(&vt_bytes, (size_t)(kv_heads * d), (size_t)a.sp * sizeof(double));
+    ok = ok && add_size(&total, (size_t)n, stride) && add_size(&total, vt_bytes, 1) &&
+         add_size(&total, (size_t)kv_heads, 1);
+    char *mem = ok ? (char *)malloc(total) : NULL;
+    if (!mem) return BK_ENOMEM;
+    a.scratch = mem, a.scratch_stride = stride;
+    a.vt = (double *)(mem + (size_t)n * stride);
+    a.v_bad = (unsigned char *)(mem + (size_t)n * stride + vt_bytes);
+    atomic_init(&a.next, 0);
+    if (t > 1) bk_parallel(transpose_v_task, &a, n < kv_heads ? n : (int)kv_heads);
+    bk_parallel(attention_task, &a, n);
+    free(mem);
+    return 0;
+}

@@ -1,0 +1,132 @@
+"""The native one-call-per-layer forward (kernels.bitnet_layer, native/bk_layer.c) against the numpy
+definition: the same logits bit for bit in the bitnet-cpp profile, for every-row and last-row prefills and
+decode steps, with any thread count; and its f32 -> f16 rounding against numpy's."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from bitnet_ref import kernels
+from bitnet_ref.model import Model
+from bitnet_ref.synth import SynthSpec, synthesize
+
+needs_native = pytest.mark.skipif(not kernels.available(),
+                                  reason="native kernels not built (python native/build_kernels.py)")
+
+
+def same_bits(a, b) -> bool:
+    a, b = np.asarray(a), np.asarray(b)
+    return a.shape == b.shape and a.dtype == b.dtype and np.array_equal(a.view(np.uint32), b.view(np.uint32))
+
+
+@needs_native
+def test_f32_to_f16_rounds_as_numpy():
+    rng = np.random.default_rng(0)
+    bits = rng.integers(0, 2**32, 200_000, dtype=np.uint64).astype(np.uint32)
+    special = np.array([0.0, -0.0, 65504.0, 65519.99, 65520.0, 65536.0, 2**-24, 2**-25, 1.5 * 2**-25, 2**-14,
+                        2**-14 - 2**-25, np.inf, -np.inf, 1e-45, 3.0000002], np.float32)
+    x = np.concatenate([bits.view(np.float32), special])
+    x = x[~np.isnan(x)]  # NaN payloads: both quiet them, not compared bit for bit
+    mod = kernels._load()
+    out = np.empty(x.size, np.uint16)
+    assert mod.lib.bk_f32_to_f16(mod.ffi.from_buffer("float[]", x), x.size, mod.ffi.from_buffer("uint16_t[]", out)) == 0
+    np.testing.assert_array_equal(out, x.astype(np.float16).view(np.uint16))
+
+
+def _run(path, ids, monkeypatch=None, threads=None):
+    """logits of every row, of the last row, and of three decode steps after a 4-token prompt"""
+    if threads is not None:
+        monkeypatch.setenv("BITNET_CPU_THREADS", str(threads))
+    with Model.load(path, "bitnet-cpp") as m:
+        fused = m._layer_plans() is not None
+        every = m.logits(ids)
+        last = m.forward(ids, m.new_state(), last_only=True)
+        st = m.new_state()
+        m.forward(ids[:4], st, last_only=True)
+        steps = [m.forward([i], st) for i in ids[4:7]]
+    return fused, every, last, steps
+
+
+@needs_native
+def test_layer_kernel_equals_numpy(tmp_path, monkeypatch):
+    path = synthesize(SynthSpec(arch="bitnet-b1.58", format="i2_s", zero_tokens=(5,)), tmp_path)
+    ids = [5, 1, 2, 3, 200, 7, 9, 44, 300, 12] * 5  # 50 positions: past the 32-cell padding of the V path
+    fused, every, last, steps = _run(path, ids)
+    assert fused
+    monkeypatch.setenv("BITNET_KERNELS", "0")
+    kernels._reset_for_tests()
+    try:
+        ref_fused, ref_every, ref_last, ref_steps = _run(path, ids)
+    finally:
+        monkeypatch.undo()
+        kernels._reset_for_tests()
+    assert not ref_fused
+    assert same_bits(every, ref_every) and same_bits(last, ref_last)
+    assert all(same_bits(a, b) for a, b in zip(steps, ref_steps))
+    assert not same_bits(last, every[-1:])  # last-row-only is computed differently (FFN rows, lm_head path)
+
+
+@needs_native
+def test_layer_kernel_threads_do_not_change_results(tmp_path, monkeypatch):
+    path = synthesize(SynthSpec(arch="bitnet-b1.58", format="i2_s"), tmp_path)
+    ids = [1, 2, 3, 4, 5, 6, 7, 8, 9]
+    one = _run(path, ids, monkeypatch, 1)
+    three = _run(path, ids, monkeypatch, 3)
+    assert same_bits(one[1], three[1]) and same_bits(one[2], three[2])
+    assert all(same_bits(a, b) for a, b in zip(one[3], three[3]))
+
+
+@needs_native
+def test_layer_kernel_not_used_where_it_does_not_apply(tmp_path):
+    """Other profiles, SiLU-gated archs and taps take the numpy layers."""
+    b158 = synthesize(SynthSpec(arch="bitnet-b1.58", format="i2_s"), tmp_path)
+    silu = synthesize(SynthSpec(arch="bitnet", format="i2_s"), tmp_path)
+    with Model.load(b158, "exact") as m:
+        assert m._layer_plans() is None
+    with Model.load(silu, "bitnet-cpp") as m:
+        assert m._layer_plans() is None
+    with Model.load(b158, "bitnet-cpp") as m:
+        st = m.new_state()
+        st.taps = {}
+        tapped = m.forward([1, 2, 3], st)
+        assert "l_out-1" in st.taps
+        assert same_bits(tapped, m.logits([1, 2, 3]))
+
+
+@needs_native
+def test_layer_kernel_rejects_short_caches(tmp_path):
+    path = synthesize(SynthSpec(arch="bitnet-b1.58", format="i2_s"), tmp_path)
+    with Model.load(path, "bitnet-cpp") as m:
+        plan = m._layer_plans()[0]
+        c = m.cfg
+        x = np.zeros((2, c.hidden), np.float32)
+        cache = np.zeros((1, c.kv_heads, c.head_dim), np.float16)
+        angles = np.zeros((2, c.head_dim // 2), np.float32)
+        with pytest.raises(ValueError, match="caches of 1 positions"):
+            kernels.bitnet_layer(plan, x, 2, cache, cache, angles, angles, False)
+        with pytest.raises(ValueError, match="C-contiguous float32"):
+            kernels.bitnet_layer(plan, x.astype(np.float64), 2, cache, cache, angles, angles, False)
+
+
+@needs_native
+def test_tl2_runs_repacked_as_i2s(tmp_path, monkeypatch):
+    """bitnet-cpp computes TL2 products as I2_S ones: the native path repacks them at load (2 bits a weight,
+    never int8) and gives the numpy path's logits."""
+    path = synthesize(SynthSpec(preset="large-shapes", arch="bitnet-b1.58", format="tl2"), tmp_path)
+    ids = [1, 2, 3, 4, 5, 6]
+    with Model.load(path, "bitnet-cpp") as m:
+        lin = m.layers[0].proj["ffn_up"]
+        assert lin.fmt == "tl2" and lin.values is None and lin.packed.nbytes < lin.shape[0] * lin.shape[1] // 3
+        assert m._layer_plans() is not None
+        native = m.logits(ids)
+    monkeypatch.setenv("BITNET_KERNELS", "0")
+    kernels._reset_for_tests()
+    try:
+        with Model.load(path, "bitnet-cpp") as m:
+            assert m.layers[0].proj["ffn_up"].values is not None
+            ref = m.logits(ids)
+    finally:
+        monkeypatch.undo()
+        kernels._reset_for_tests()
+    assert same_bits(native, ref)
