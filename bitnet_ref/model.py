@@ -95,17 +95,30 @@ def _rms(x: np.ndarray, gain: np.ndarray, eps: float, ggml: bool = False) -> np.
     return (x * (1.0 / np.sqrt(ms + eps)).astype(x.dtype)) * gain.astype(x.dtype)
 
 
-def _fma32(a: np.ndarray, b: np.ndarray, c: np.ndarray) -> np.ndarray:
-    """float32 fused multiply-add: a*b is exact in float64 for the small integers a here; one rounding
-    (two, through float64, which differs from one only on a float32 tie: not modelled)."""
-    return (a.astype(np.float64) * b.astype(np.float64) + c.astype(np.float64)).astype(np.float32)
+def _add_f32(p, c) -> np.ndarray:
+    """float32(p + c) rounded once (to nearest even), p and c float64 values (p exact, e.g. a product of
+    float32 values; c a float32). The float64 sum s is made "round to odd" (where TwoSum's exact error e
+    is not 0 and s's last bit is even, s moves one float64 ulp toward e), so the float32 rounding of s is
+    the rounding of the exact sum: 53 >= 24 + 2 bits, so s never lands on a float32 tie it did not hold."""
+    with np.errstate(invalid="ignore", over="ignore"):
+        p, c = np.asarray(p, dtype=np.float64), np.asarray(c, dtype=np.float64)
+        s = p + c
+        pv = s - c  # TwoSum: s + e == p + c exactly (finite s)
+        e = (p - pv) + (c - (s - pv))
+        shape = np.shape(s)
+        s, e = np.atleast_1d(s), np.atleast_1d(e)
+        bits = s.view(np.int64)
+        fix = (e != 0) & ((bits & 1) == 0) & np.isfinite(s)
+        # toward e: one up in magnitude where e has s's sign (s != 0 where e != 0), else one down
+        bits = bits + np.where((e > 0) == (s > 0), fix, -fix.astype(np.int64))
+        return bits.view(np.float64).reshape(shape).astype(np.float32)
 
 
 def _fma(a, b, c) -> np.ndarray:
-    """float32 fma of float32 operands: the product is exact in float64; the sum rounds twice (float64, then
-    float32), which differs from one rounding only in double-rounding corner cases (not modelled)."""
+    """float32 fma of float32 operands, as a hardware FMA (fmaf, vfmadd*ps): a*b is exact in float64, the
+    sum with c rounded once to float32 (`_add_f32`)."""
     f64 = np.float64
-    return (np.asarray(a, dtype=f64) * np.asarray(b, dtype=f64) + np.asarray(c, dtype=f64)).astype(np.float32)
+    return _add_f32(np.asarray(a, dtype=f64) * np.asarray(b, dtype=f64), c)
 
 
 # ggml's vectorized expf (x86 AVX-512 build): the argument is reduced with n = round(x*log2(e)) (the
@@ -206,7 +219,7 @@ def _tq_epilogue(lanes: np.ndarray, dy: np.ndarray, dw: np.ndarray) -> np.ndarra
     acc = np.zeros((t, r, 8), dtype=np.float32)
     for b in range(nb):
         d = (dy[:, b][:, None] * dw[:, b][None, :]).astype(np.float32)  # (T, R)
-        acc = _fma32(lanes[:, :, b, :], d[:, :, None], acc)
+        acc = _fma(lanes[:, :, b, :], d[:, :, None], acc)
     return _ggml_hsum8(acc)
 
 
@@ -265,8 +278,8 @@ def f16_gemm_ggml(a: np.ndarray, w: np.ndarray) -> np.ndarray:
     """llamafile's tinyBLAS on AVX-512 for F16 weights x F32 activations (the 2024 `llamafile_sgemm`,
     which takes an F32 B for an F16 A, so the activations are not rounded to f16): float32 (T, R).
 
-    Each output keeps one 16-lane float32 accumulator, an FMA per 16 values of K (f16 widened to f32;
-    the product of a float32 and an f16 is exact in float64), then `_mm512_reduce_add_ps`.
+    Each output keeps one 16-lane float32 accumulator, a float32 FMA per 16 values of K (f16 widened to
+    f32; one rounding: `_add_f32` of the product, exact in float64), then `_mm512_reduce_add_ps`.
     a (T, K) float32; w (R, K) holding f16 values; K % 16 == 0.
     """
     f32, f64 = np.float32, np.float64
@@ -275,7 +288,7 @@ def f16_gemm_ggml(a: np.ndarray, w: np.ndarray) -> np.ndarray:
     w64 = w.astype(f64).reshape(1, w.shape[0], k // 16, 16)
     acc = np.zeros((t, w.shape[0], 16), f32)
     for c in range(k // 16):
-        acc = (a64[:, :, c, :] * w64[:, :, c, :] + acc).astype(f32)
+        acc = _add_f32(a64[:, :, c, :] * w64[:, :, c, :], acc)
     return _reduce16(acc)
 
 
@@ -327,6 +340,19 @@ def _repack_i2s(lin: Linear, tern, shape) -> None:
     lin.packed, lin.type_id, lin.shape = packed, I2S_X86.type_id, shape
     lin.unpack = _unpacker(I2S_X86, packed, shape)
     lin.scale = scale.reshape(1, 1)
+
+
+def _make_resident(gf, entries) -> None:
+    """Copy the packed tensors the native kernels stream into one array of process memory (huge pages; see
+    GGUFFile.resident_copy), 64-byte aligned each, and point their Linear at it."""
+    sizes = [-(-t.nbytes // 64) * 64 for _, t, _ in entries]
+    arena = np.empty(sum(sizes) + 64, np.uint8)
+    off = (-arena.ctypes.data) % 64
+    for (lin, t, fmt), size in zip(entries, sizes):
+        data = gf.resident_copy(t, arena[off: off + t.nbytes])
+        lin.packed = data
+        lin.unpack = _unpacker(fmt, data, lin.shape)
+        off += size
 
 
 def _unpacker(fmt, data: np.ndarray, shape):
@@ -395,7 +421,7 @@ class Model:
                 t = info(name)
                 return fmt_of(t).decode(gf.tensor_bytes(t), t.shape).astype(np.float32)
 
-            layers = []
+            layers, resident = [], []
             for i in range(cfg.layers):
                 norms, proj = {}, {}
                 for n in LAYER_TENSORS:
@@ -410,9 +436,8 @@ class Model:
                     try:
                         if fmt.ternary and _native_packed(prof, fmt.name, t.shape):
                             lin.scale = _packed_scale(fmt, data, tuple(t.shape))
-                            data = gf.resident_copy(t)
                             lin.packed, lin.type_id, lin.shape = data, fmt.type_id, tuple(t.shape)
-                            lin.unpack = _unpacker(fmt, data, tuple(t.shape))
+                            resident.append((lin, t, fmt))
                         elif fmt.ternary and _native_as_i2s(prof, fmt.name, t.shape):
                             _repack_i2s(lin, fmt.unpack(data, t.shape), tuple(t.shape))
                         elif fmt.ternary:
@@ -433,6 +458,7 @@ class Model:
                         lin.out_scale = float(sv[0])
                     proj[n] = lin
                 layers.append(Layer(norms, proj))
+            _make_resident(gf, resident)
             output_norm = floats("output_norm.weight")
             embd = info("token_embd.weight")
             embd_fmt = fmt_of(embd)
@@ -697,10 +723,10 @@ class Model:
             kq = kq.transpose(1, 2, 0, 3)  # (kvh, g, t, sp)
         elif d % 64 == 0:
             prod = (qg.astype(f64)[:, :, :, None, :] * kp.transpose(1, 0, 2).astype(f64)[None, :, None, :, :])
-            prod = prod.reshape(t, kvh, g, sp, d // 64, 4, 16)  # exact float64 products
+            prod = prod.reshape(t, kvh, g, sp, d // 64, 4, 16)  # exact float64 products, FMA'd into float32
             accs = prod[..., 0, :, :].astype(f32)  # the first FMA into zeroed accumulators
             for c in range(1, d // 64):
-                accs = (prod[..., c, :, :] + accs).astype(f32)
+                accs = _add_f32(prod[..., c, :, :], accs)
             acc = (accs[..., 0, :] + accs[..., 2, :]) + (accs[..., 1, :] + accs[..., 3, :])
             kq = _reduce16(acc).transpose(1, 2, 0, 3)  # (kvh, g, t, sp)
         else:

@@ -14,26 +14,69 @@
 
 /* ---------------------------------------------------------------- activation quantizers */
 
+/* one row of quantize_row_i8_s: q, its scale and the sum of q */
+static void quantize_i8_s_row(const float *row, int64_t k, int8_t *q, float *s, int32_t *sums) {
+    double mx = 1e-5; /* bitnet.cpp: max starts at 1e-5, |x| compared in double */
+    for (int64_t j = 0; j < k; j++) {
+        double a = fabs((double)row[j]);
+        if (a > mx) mx = a;
+    }
+    float sc = (float)(127.0 / mx);
+    int32_t sum = 0;
+    for (int64_t j = 0; j < k; j++) {
+        float v = nearbyintf(row[j] * sc); /* float product, round half to even */
+        v = v > 127.0f ? 127.0f : (v < -128.0f ? -128.0f : v);
+        q[j] = (int8_t)v;
+        sum += (int8_t)v;
+    }
+    *s = sc;
+    *sums = sum;
+}
+
+#ifdef BK_X86
+/* the same with AVX-512: the float max of |x| is the double max (widening is monotonic; max_ps keeps the
+ * running max when x is NaN, as the scalar compare does), roundscale is round-half-even like nearbyintf */
+__attribute__((target("avx512f,avx512bw"))) static void quantize_i8_s_row_avx512(const float *row, int64_t k,
+                                                                                int8_t *q, float *s, int32_t *sums) {
+    __m512 m = _mm512_setzero_ps();
+    int64_t j = 0, body = k & ~(int64_t)15;
+    for (; j < body; j += 16) m = _mm512_max_ps(_mm512_abs_ps(_mm512_loadu_ps(row + j)), m);
+    double mx = 1e-5;
+    float m16[16];
+    _mm512_storeu_ps(m16, m);
+    for (int l = 0; l < 16; l++)
+        if ((double)m16[l] > mx) mx = m16[l];
+    for (; j < k; j++)
+        if (fabs((double)row[j]) > mx) mx = fabs((double)row[j]);
+    float sc = (float)(127.0 / mx);
+    const __m512 vs = _mm512_set1_ps(sc), hi = _mm512_set1_ps(127.0f), lo = _mm512_set1_ps(-128.0f);
+    __m512i acc = _mm512_setzero_si512();
+    for (j = 0; j < body; j += 16) {
+        __m512 v = _mm512_roundscale_ps(_mm512_mul_ps(_mm512_loadu_ps(row + j), vs),
+                                        _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+        __m512i iv = _mm512_cvtps_epi32(_mm512_max_ps(_mm512_min_ps(v, hi), lo));
+        _mm_storeu_si128((__m128i *)(q + j), _mm512_cvtepi32_epi8(iv));
+        acc = _mm512_add_epi32(acc, iv);
+    }
+    int32_t sum = _mm512_reduce_add_epi32(acc);
+    for (; j < k; j++) {
+        float v = nearbyintf(row[j] * sc);
+        v = v > 127.0f ? 127.0f : (v < -128.0f ? -128.0f : v);
+        q[j] = (int8_t)v;
+        sum += (int8_t)v;
+    }
+    *s = sc;
+    *sums = sum;
+}
+#endif
+
 int bk_quantize_i8_s(const float *x, int64_t t, int64_t k, int8_t *q, float *s, int32_t *sums) {
     if (t < 0 || k < 0) return BK_EBADARG;
-    for (int64_t i = 0; i < t; i++) {
-        const float *row = x + i * k;
-        double mx = 1e-5; /* bitnet.cpp: max starts at 1e-5, |x| compared in double */
-        for (int64_t j = 0; j < k; j++) {
-            double a = fabs((double)row[j]);
-            if (a > mx) mx = a;
-        }
-        float sc = (float)(127.0 / mx);
-        int32_t sum = 0;
-        for (int64_t j = 0; j < k; j++) {
-            float v = nearbyintf(row[j] * sc); /* float product, round half to even */
-            v = v > 127.0f ? 127.0f : (v < -128.0f ? -128.0f : v);
-            q[i * k + j] = (int8_t)v;
-            sum += (int8_t)v;
-        }
-        s[i] = sc;
-        sums[i] = sum;
-    }
+    void (*row_fn)(const float *, int64_t, int8_t *, float *, int32_t *) = quantize_i8_s_row;
+#ifdef BK_X86
+    if (bk_current_isa() == ISA_VNNI) row_fn = quantize_i8_s_row_avx512;
+#endif
+    for (int64_t i = 0; i < t; i++) row_fn(x + i * k, k, q + i * k, s + i, sums + i);
     return 0;
 }
 
@@ -108,20 +151,20 @@ __attribute__((target("avx2"))) static int32_t i2s_dot_avx2(const uint8_t *w, co
     return _mm_cvtsi128_si32(r);
 }
 
-__attribute__((target(BK_VNNI_TARGET))) static int32_t i2s_dot_vnni(const uint8_t *w, const int8_t *q,
+/* one row against activations in "pair order" (vnni_pair_order): per pair of blocks, for each 2-bit group g the 32
+ * q values of the first block then the 32 of the second, so one 64-byte load serves a group of both blocks; an
+ * odd last block stays in natural order */
+__attribute__((target(BK_VNNI_TARGET))) static int32_t i2s_dot_vnni(const uint8_t *w, const int8_t *qp,
                                                                     int64_t nb) {
     const __m512i mask = _mm512_set1_epi8(3);
     __m512i acc[4] = {_mm512_setzero_si512(), _mm512_setzero_si512(), _mm512_setzero_si512(), _mm512_setzero_si512()};
     int64_t b = 0;
     for (; b + 2 <= nb; b += 2) { /* two blocks: 64 packed bytes */
         __m512i p = _mm512_loadu_si512((const void *)(w + 32 * b));
-        const int8_t *q0 = q + QK_I2S * b, *q1 = q0 + QK_I2S;
+        const int8_t *qb = qp + QK_I2S * b;
         for (int g = 0; g < 4; g++) { /* one accumulator per group: four independent dpbusd chains */
             __m512i c = _mm512_and_si512(_mm512_srli_epi16(p, 6 - 2 * g), mask);
-            __m512i qv = _mm512_inserti64x4(
-                _mm512_castsi256_si512(_mm256_loadu_si256((const __m256i *)(q0 + 32 * g))),
-                _mm256_loadu_si256((const __m256i *)(q1 + 32 * g)), 1);
-            acc[g] = _mm512_dpbusd_epi32(acc[g], c, qv); /* u8 x s8, 4 products into int32, no saturation */
+            acc[g] = _mm512_dpbusd_epi32(acc[g], c, _mm512_loadu_si512((const void *)(qb + 64 * g)));
         }
     }
     int32_t sum = _mm512_reduce_add_epi32(
@@ -130,7 +173,7 @@ __attribute__((target(BK_VNNI_TARGET))) static int32_t i2s_dot_vnni(const uint8_
         const __m256i m = _mm256_set1_epi8(3);
         __m256i a = _mm256_setzero_si256();
         __m256i p = _mm256_loadu_si256((const __m256i *)(w + 32 * b));
-        const int8_t *q0 = q + QK_I2S * b;
+        const int8_t *q0 = qp + QK_I2S * b;
         for (int g = 0; g < 4; g++) {
             __m256i c = _mm256_and_si256(_mm256_srli_epi16(p, 6 - 2 * g), m);
             a = _mm256_dpbusd_epi32(a, c, _mm256_loadu_si256((const __m256i *)(q0 + 32 * g)));
@@ -141,6 +184,20 @@ __attribute__((target(BK_VNNI_TARGET))) static int32_t i2s_dot_vnni(const uint8_
         sum += _mm_cvtsi128_si32(r);
     }
     return sum;
+}
+
+/* q (t, k) -> pair order, row by row (see i2s_dot_vnni) */
+static void vnni_pair_order(const int8_t *q, int64_t t, int64_t k, int8_t *qp) {
+    int64_t nb = k / QK_I2S;
+    for (int64_t i = 0; i < t; i++, q += k, qp += k) {
+        int64_t b = 0;
+        for (; b + 2 <= nb; b += 2)
+            for (int g = 0; g < 4; g++) {
+                memcpy(qp + QK_I2S * b + 64 * g, q + QK_I2S * b + 32 * g, 32);
+                memcpy(qp + QK_I2S * b + 64 * g + 32, q + QK_I2S * (b + 1) + 32 * g, 32);
+            }
+        if (b < nb) memcpy(qp + QK_I2S * b, q + QK_I2S * b, QK_I2S);
+    }
 }
 
 #endif
@@ -259,25 +316,24 @@ static void f16_row_portable(const uint8_t *src, float *dst, int64_t n) {
     for (int64_t i = body; i < k; i++) s = s + (double)x[i] * (double)w[i];                                  \
     return (float)s;
 
-/* llamafile's tinyBLAS (AVX-512, F16 A x F32 B) as the numpy code emulates it: one 16-lane float32
- * accumulator, acc = (float)((double)x*w + acc) per 16 values, then _mm512_reduce_add_ps; k % 16 == 0 */
+/* llamafile's tinyBLAS (AVX-512, F16 A x F32 B): one 16-lane float32 accumulator, acc = fmaf(x, w, acc) per
+ * 16 values (one rounding, as vfmadd231ps), then _mm512_reduce_add_ps; k % 16 == 0 */
 #define BK_GEMM_F16_BODY                                                                                     \
     float acc[16];                                                                                           \
     for (int l = 0; l < 16; l++) acc[l] = 0.0f;                                                              \
     for (int64_t c = 0; c < k; c += 16)                                                                      \
-        for (int l = 0; l < 16; l++) acc[l] = (float)((double)x[c + l] * (double)w[c + l] + (double)acc[l]); \
+        for (int l = 0; l < 16; l++) acc[l] = fmaf(x[c + l], w[c + l], acc[l]);                              \
     return reduce16(acc);
 
-/* the same for BK_GEMM_NU tokens at once (x rows xs apart): independent accumulator chains hide the latency
- * of the float -> double -> float round trip (BK_GEMM_NU: bk_internal.h) */
+/* the same for BK_GEMM_NU tokens at once (x rows xs apart): independent accumulator chains hide the FMA
+ * latency (BK_GEMM_NU: bk_internal.h) */
 #define BK_GEMMN_F16_BODY                                                                                    \
     float acc[BK_GEMM_NU][16];                                                                               \
     for (int u = 0; u < BK_GEMM_NU; u++)                                                                     \
         for (int l = 0; l < 16; l++) acc[u][l] = 0.0f;                                                       \
     for (int64_t c = 0; c < k; c += 16)                                                                      \
         for (int u = 0; u < BK_GEMM_NU; u++)                                                                 \
-            for (int l = 0; l < 16; l++)                                                                     \
-                acc[u][l] = (float)((double)x[u * xs + c + l] * (double)w[c + l] + (double)acc[u][l]);       \
+            for (int l = 0; l < 16; l++) acc[u][l] = fmaf(x[u * xs + c + l], w[c + l], acc[u][l]);           \
     for (int u = 0; u < BK_GEMM_NU; u++) out[u] = reduce16(acc[u]);
 
 /* _mm512_reduce_add_ps: halves, quarters, then (b0+b2)+(b1+b3) */
@@ -326,26 +382,19 @@ __attribute__((target("avx2,fma"))) static void gemmn_f16_avx2(const float *x, i
                                                                float *out) {
     BK_GEMMN_F16_BODY
 }
-/* explicit AVX-512 form of BK_GEMMN_F16_BODY: per 8 lanes, (float)fma_pd((double)x, (double)w, (double)acc); the
- * product is exact in double, so the FMA's one double rounding is the body's sum rounding, then the float cast */
+/* explicit AVX-512 form of BK_GEMMN_F16_BODY: one vfmadd231ps per token and 16 values, accumulators in registers */
 __attribute__((target("avx512f"))) static void gemmn_f16_avx512(const float *x, int64_t xs, const float *w,
                                                                 int64_t k, float *out) {
-    __m256 lo[BK_GEMM_NU], hi[BK_GEMM_NU];
-    for (int u = 0; u < BK_GEMM_NU; u++) lo[u] = hi[u] = _mm256_setzero_ps();
+    __m512 acc[BK_GEMM_NU];
+    for (int u = 0; u < BK_GEMM_NU; u++) acc[u] = _mm512_setzero_ps();
     for (int64_t c = 0; c < k; c += 16) {
-        __m512d wl = _mm512_cvtps_pd(_mm256_loadu_ps(w + c)), wh = _mm512_cvtps_pd(_mm256_loadu_ps(w + c + 8));
-        for (int u = 0; u < BK_GEMM_NU; u++) {
-            const float *xu = x + u * xs + c;
-            lo[u] = _mm512_cvtpd_ps(_mm512_fmadd_pd(_mm512_cvtps_pd(_mm256_loadu_ps(xu)), wl, _mm512_cvtps_pd(lo[u])));
-            hi[u] = _mm512_cvtpd_ps(
-                _mm512_fmadd_pd(_mm512_cvtps_pd(_mm256_loadu_ps(xu + 8)), wh, _mm512_cvtps_pd(hi[u])));
-        }
+        __m512 wv = _mm512_loadu_ps(w + c);
+        for (int u = 0; u < BK_GEMM_NU; u++) acc[u] = _mm512_fmadd_ps(_mm512_loadu_ps(x + u * xs + c), wv, acc[u]);
     }
     for (int u = 0; u < BK_GEMM_NU; u++) {
-        float acc[16];
-        _mm256_storeu_ps(acc, lo[u]);
-        _mm256_storeu_ps(acc + 8, hi[u]);
-        out[u] = reduce16(acc);
+        float a[16];
+        _mm512_storeu_ps(a, acc[u]);
+        out[u] = reduce16(a);
     }
 }
 /* BK_VEC_DOT_F16_BODY reading the f16 row straight from memory (decode: the row is used once, so widening it
@@ -587,11 +636,21 @@ static int i2s_common(const int8_t *q, int64_t t, int64_t k, const uint8_t *w, i
     if (dot == i2s_dot_vnni && BK_I2S_USE_GEMM(t))
         return bk_i2s_gemm_vnni(q, t, k, w, r, out, nthreads);
 #endif
+    int8_t *qp = NULL;
+#ifdef BK_X86
+    if (dot == i2s_dot_vnni) { /* its activations in pair order */
+        qp = (int8_t *)malloc((size_t)(t * k) + 1);
+        if (!qp) return BK_ENOMEM;
+        vnni_pair_order(q, t, k, qp);
+        q = qp;
+    }
+#endif
     job_t j = {0};
     j.kind = 0;
     j.dot = dot;
     j.q = q, j.t = t, j.k = k, j.r = r, j.w = w, j.out = out;
     run_split(j, nthreads);
+    free(qp);
     return 0;
 }
 

@@ -47,7 +47,7 @@ int bk_tq_lanes(int type, const int8_t *q, int64_t t, int64_t k, const uint8_t *
  * (read in place, e.g. from a mapped file), in ggml's order for the mode:
  *   BK_F16_VEC_DOT  ggml_vec_dot_f16 (AVX-512): 4x16 float32 lanes over k & ~63, (a0+a2)+(a1+a3),
  *                   _mm512_reduce_add_ps, the tail added in double; x must hold f16 values
- *   BK_F16_GEMM     llamafile tinyBLAS F16 x F32: one 16-lane accumulator (float)((double)x*w + acc),
+ *   BK_F16_GEMM     llamafile tinyBLAS F16 x F32: one 16-lane accumulator acc = fmaf(x, w, acc),
  *                   _mm512_reduce_add_ps; k % 16 == 0 (else BK_EBADK)
  * BK_ENOMEM when a thread's row buffer cannot be allocated. */
 int bk_f16_matmul(int mode, const float *x, int64_t t, int64_t k, const uint8_t *w, int64_t r, float *out,

@@ -9,10 +9,9 @@
  *   KQV       t > 1: llamafile's sgemm, one 16-lane float32 FMA accumulator per output over the keys (padded to
  *             16), then _mm512_reduce_add_ps; t == 1: ggml_vec_dot_f16 of the f16-rounded probabilities and V
  *             over the n_kv cells the graph sees (sgemm declines one row)
- * The float32 FMAs whose product is not exact in float32 (the sgemm's p*v, ggml's expf) are computed as the
- * numpy definition's _fma: the product exact in double, the sum rounded to double, then to float. That equals
- * a float32 FMA but in double-rounding corner cases, which numpy cannot avoid; matching it keeps C and numpy the
- * same bits. The build disables FMA contraction (build_kernels.py), so nothing else fuses.
+ * The float32 FMAs whose product is not exact in float32 (the sgemm's p*v, ggml's expf) are real FMAs (fmaf,
+ * vfmadd*ps: one rounding), as ggml's and the numpy definition's _fma. The build disables FMA contraction
+ * (build_kernels.py), so nothing else fuses.
  *
  * Masked (future) keys are skipped: their probability is exactly 0, and a zero product changes no float sum here
  * (the accumulators start at +0 and a round-to-nearest sum is -0 only when both terms are), nor do their zero
@@ -44,6 +43,8 @@
 #define EXP_C1 0x1.ffffecp-1f
 #define EXP_SHIFT 0x1.8p+23f /* 1.5 * 2^23: adding it rounds to an integer */
 
+#define KQV_TILE 8 /* V columns per sgemm pass: independent FMA chains share each probability load */
+
 /* ---------------------------------------------------------------- portable pieces */
 
 static float h2f(uint16_t h) {
@@ -65,15 +66,12 @@ static float h2f(uint16_t h) {
 /* x rounded to the nearest f16 value (ties to even), as numpy's astype(float16) */
 static float round_f16(float x) { return h2f(bk_f32_to_f16_bits(x)); }
 
-/* model.py's _fma: a*b is exact in double, the sum is rounded to double and then to float */
-static inline float fma_np(float a, float b, float c) { return (float)((double)a * (double)b + (double)c); }
-
 /* model.py's ggml_expf, one value */
 static float expf_ggml(float x) {
-    float n = fma_np(x, EXP_LOG2E, EXP_SHIFT) - EXP_SHIFT;
-    float b = fma_np(-n, EXP_LN2_LO, fma_np(-n, EXP_LN2_HI, x));
+    float n = fmaf(x, EXP_LOG2E, EXP_SHIFT) - EXP_SHIFT;
+    float b = fmaf(-n, EXP_LN2_LO, fmaf(-n, EXP_LN2_HI, x));
     float u = b * b;
-    float j = fma_np(fma_np(fma_np(EXP_C5, b, EXP_C4), u, fma_np(EXP_C3, b, EXP_C2)), u, fma_np(EXP_C1, b, 1.0f));
+    float j = fmaf(fmaf(fmaf(EXP_C5, b, EXP_C4), u, fmaf(EXP_C3, b, EXP_C2)), u, fmaf(EXP_C1, b, 1.0f));
     if (!(fabsf(n) <= 192.0f)) return n <= 0.0f ? 0.0f : INFINITY; /* a NaN n (from NaN or inf - inf) gives inf */
     return ldexpf(j, (int)n);
 }
@@ -119,12 +117,12 @@ static void softmax_portable(float *w, int64_t nvis, int64_t ns) {
 }
 
 /* the sgemm lanes of one probability row p (nc chunks of 16) against nd rows of V^T (ld apart), reduced */
-static void kqv_portable(const double *p, const double *vt, int64_t ld, int64_t nc, int nd, float *out) {
+static void kqv_portable(const float *p, const float *vt, int64_t ld, int64_t nc, int nd, float *out) {
     for (int j = 0; j < nd; j++) {
-        const double *v = vt + j * ld;
+        const float *v = vt + j * ld;
         float acc[16] = {0};
         for (int64_t c = 0; c < 16 * nc; c += 16)
-            for (int l = 0; l < 16; l++) acc[l] = (float)(p[c + l] * v[c + l] + (double)acc[l]);
+            for (int l = 0; l < 16; l++) acc[l] = fmaf(p[c + l], v[c + l], acc[l]);
         out[j] = reduce16(acc);
     }
 }
@@ -158,30 +156,16 @@ BK_AVX512 static inline float reduce16_avx512(__m512 v) {
     return _mm_cvtss_f32(_mm_add_ss(c, _mm_shuffle_ps(c, c, 1)));
 }
 
-BK_AVX512 static inline __m256 hi256(__m512 v) {
-    return _mm256_castpd_ps(_mm512_extractf64x4_pd(_mm512_castps_pd(v), 1));
-}
-
-/* fma_np on 16 lanes: two halves of 8 through double */
-BK_AVX512 static inline __m512 fma_np16(__m512 a, __m512 b, __m512 c) {
-    __m256 lo = _mm512_cvtpd_ps(_mm512_fmadd_pd(_mm512_cvtps_pd(_mm512_castps512_ps256(a)),
-                                                _mm512_cvtps_pd(_mm512_castps512_ps256(b)),
-                                                _mm512_cvtps_pd(_mm512_castps512_ps256(c))));
-    __m256 hi = _mm512_cvtpd_ps(_mm512_fmadd_pd(_mm512_cvtps_pd(hi256(a)), _mm512_cvtps_pd(hi256(b)),
-                                                _mm512_cvtps_pd(hi256(c))));
-    return _mm512_castpd_ps(_mm512_insertf64x4(_mm512_castpd256_pd512(_mm256_castps_pd(lo)), _mm256_castps_pd(hi), 1));
-}
-
 /* expf_ggml on 16 lanes; scalef is ldexpf's correctly rounded x * 2^n */
 BK_AVX512 static __m512 expf_ggml16(__m512 x) {
     const __m512 shift = _mm512_set1_ps(EXP_SHIFT), zero = _mm512_setzero_ps();
-    __m512 n = _mm512_sub_ps(fma_np16(x, _mm512_set1_ps(EXP_LOG2E), shift), shift);
+    __m512 n = _mm512_sub_ps(_mm512_fmadd_ps(x, _mm512_set1_ps(EXP_LOG2E), shift), shift);
     __m512 mn = _mm512_castsi512_ps(_mm512_xor_si512(_mm512_castps_si512(n), _mm512_set1_epi32(INT32_MIN)));
-    __m512 b = fma_np16(mn, _mm512_set1_ps(EXP_LN2_LO), fma_np16(mn, _mm512_set1_ps(EXP_LN2_HI), x));
+    __m512 b = _mm512_fmadd_ps(mn, _mm512_set1_ps(EXP_LN2_LO), _mm512_fmadd_ps(mn, _mm512_set1_ps(EXP_LN2_HI), x));
     __m512 u = _mm512_mul_ps(b, b);
-    __m512 j = fma_np16(fma_np16(fma_np16(_mm512_set1_ps(EXP_C5), b, _mm512_set1_ps(EXP_C4)), u,
-                                 fma_np16(_mm512_set1_ps(EXP_C3), b, _mm512_set1_ps(EXP_C2))),
-                        u, fma_np16(_mm512_set1_ps(EXP_C1), b, _mm512_set1_ps(1.0f)));
+    __m512 j = _mm512_fmadd_ps(_mm512_fmadd_ps(_mm512_fmadd_ps(_mm512_set1_ps(EXP_C5), b, _mm512_set1_ps(EXP_C4)), u,
+                                               _mm512_fmadd_ps(_mm512_set1_ps(EXP_C3), b, _mm512_set1_ps(EXP_C2))),
+                               u, _mm512_fmadd_ps(_mm512_set1_ps(EXP_C1), b, _mm512_set1_ps(1.0f)));
     __mmask16 ok = _mm512_cmp_ps_mask(_mm512_abs_ps(n), _mm512_set1_ps(192.0f), _CMP_LE_OQ);
     __mmask16 le0 = _mm512_cmp_ps_mask(n, zero, _CMP_LE_OQ);
     __m512 big = _mm512_mask_blend_ps(le0, _mm512_set1_ps(INFINITY), zero);
@@ -227,27 +211,21 @@ BK_AVX512 static void softmax_avx512(float *w, int64_t nvis, int64_t ns) {
     for (int64_t c = 0; c < ns; c += 16) _mm512_storeu_ps(w + c, _mm512_mul_ps(_mm512_loadu_ps(w + c), inv));
 }
 
-/* kqv_portable for nd <= 4 columns: each accumulator half goes float -> double -> FMA -> float per chunk */
-BK_AVX512 static inline __attribute__((always_inline)) void kqv_tile_avx512(const double *p, const double *vt,
+/* kqv_portable for nd <= KQV_TILE columns: one 16-lane FMA accumulator per column, in registers */
+BK_AVX512 static inline __attribute__((always_inline)) void kqv_tile_avx512(const float *p, const float *vt,
                                                                            int64_t ld, int64_t nc, int nd,
                                                                            float *out) {
-    __m256 lo[4], hi[4];
-    for (int j = 0; j < nd; j++) lo[j] = hi[j] = _mm256_setzero_ps();
+    __m512 acc[KQV_TILE];
+    for (int j = 0; j < nd; j++) acc[j] = _mm512_setzero_ps();
     for (int64_t c = 0; c < 16 * nc; c += 16) {
-        __m512d pl = _mm512_loadu_pd(p + c), ph = _mm512_loadu_pd(p + c + 8);
-        for (int j = 0; j < nd; j++) {
-            const double *v = vt + j * ld + c;
-            lo[j] = _mm512_cvtpd_ps(_mm512_fmadd_pd(pl, _mm512_loadu_pd(v), _mm512_cvtps_pd(lo[j])));
-            hi[j] = _mm512_cvtpd_ps(_mm512_fmadd_pd(ph, _mm512_loadu_pd(v + 8), _mm512_cvtps_pd(hi[j])));
-        }
+        __m512 pv = _mm512_loadu_ps(p + c);
+        for (int j = 0; j < nd; j++) acc[j] = _mm512_fmadd_ps(pv, _mm512_loadu_ps(vt + j * ld + c), acc[j]);
     }
-    for (int j = 0; j < nd; j++)
-        out[j] = reduce16_avx512(
-            _mm512_castpd_ps(_mm512_insertf64x4(_mm512_castpd256_pd512(_mm256_castps_pd(lo[j])), _mm256_castps_pd(hi[j]), 1)));
+    for (int j = 0; j < nd; j++) out[j] = reduce16_avx512(acc[j]);
 }
 
-BK_AVX512 static void kqv_avx512(const double *p, const double *vt, int64_t ld, int64_t nc, int nd, float *out) {
-    if (nd == 4) kqv_tile_avx512(p, vt, ld, nc, 4, out);
+BK_AVX512 static void kqv_avx512(const float *p, const float *vt, int64_t ld, int64_t nc, int nd, float *out) {
+    if (nd == KQV_TILE) kqv_tile_avx512(p, vt, ld, nc, KQV_TILE, out);
     else
         for (int j = 0; j < nd; j++) kqv_tile_avx512(p, vt + j * ld, ld, nc, 1, out + j);
 }
@@ -286,7 +264,7 @@ BK_AVX512 static void round_f16_avx512(float *x, int64_t n) {
 typedef struct {
     float (*dot)(const float *q, const uint16_t *k, int64_t d);
     void (*softmax)(float *w, int64_t nvis, int64_t ns);
-    void (*kqv)(const double *p, const double *vt, int64_t ld, int64_t nc, int nd, float *out);
+    void (*kqv)(const float *p, const float *vt, int64_t ld, int64_t nc, int nd, float *out);
     void (*vp_lanes)(const float *pf, const uint16_t *v, int64_t vs, int64_t nb, int64_t d, float *acc);
     void (*f16_row)(const uint16_t *src, float *dst, int64_t n);
     void (*round_f16)(float *x, int64_t n);
@@ -307,9 +285,9 @@ typedef struct {
     const float *q;
     const uint16_t *kc, *vc;
     float *out;
-    int64_t t, heads, kvh, g, d, s_len, sp, n_kv, pd_len; /* pd_len = max(sp, d): pd also holds the decode sums */
+    int64_t t, heads, kvh, g, d, s_len, sp, n_kv;
     float scale;
-    double *vt;           /* t > 1: (kvh, d, sp) V transposed, zero past s_len */
+    float *vt;            /* t > 1: (kvh, d, sp) V transposed, zero past s_len */
     unsigned char *v_bad; /* t > 1: per KV head, V holds an inf or NaN */
     char *scratch;        /* per task: scratch_stride bytes */
     size_t scratch_stride;
@@ -317,34 +295,35 @@ typedef struct {
     atomic_llong next;
 } att_t;
 
-/* per task scratch: pd (pd_len doubles), w (sp floats), q16 (d floats), acc (64 * d floats when t == 1) */
+/* per task scratch: pd (d doubles: the decode sums), w (sp floats), q16 (d floats), acc (64 * d floats when
+ * t == 1) */
 static void task_scratch(const att_t *a, int ith, float **w, double **pd, float **q16, float **acc) {
     char *base = a->scratch + (size_t)ith * a->scratch_stride;
     *pd = (double *)base;
-    *w = (float *)(*pd + a->pd_len);
+    *w = (float *)(*pd + a->d);
     *q16 = *w + a->sp;
     *acc = *q16 + a->d;
 }
 
-/* t > 1: V^T in double for the sgemm lanes, one KV head per step */
+/* t > 1: V^T (float32) for the sgemm lanes, one KV head per step */
 static void transpose_v_task(void *ctx, int ith, int nth) {
     att_t *a = (att_t *)ctx;
     float *w, *q16, *acc;
     double *pd;
     task_scratch(a, ith, &w, &pd, &q16, &acc);
     for (int64_t h = ith; h < a->kvh; h += nth) {
-        double *vt = a->vt + h * a->d * a->sp;
+        float *vt = a->vt + h * a->d * a->sp;
         unsigned char bad = 0;
         for (int64_t s = 0; s < a->s_len; s++) {
             const uint16_t *vr = a->vc + (s * a->kvh + h) * a->d;
             a->fn.f16_row(vr, q16, a->d);
             for (int64_t dd = 0; dd < a->d; dd++) {
                 bad |= (vr[dd] & 0x7c00u) == 0x7c00u;
-                vt[dd * a->sp + s] = (double)q16[dd];
+                vt[dd * a->sp + s] = q16[dd];
             }
         }
         for (int64_t dd = 0; dd < a->d; dd++)
-            for (int64_t s = a->s_len; s < a->sp; s++) vt[dd * a->sp + s] = 0.0;
+            for (int64_t s = a->s_len; s < a->sp; s++) vt[dd * a->sp + s] = 0.0f;
         a->v_bad[h] = bad;
     }
 }
@@ -398,12 +377,11 @@ static void attention_task(void *ctx, int ith, int nth) {
             continue;
         }
         int64_t nk = a->v_bad[h] ? a->sp : ns; /* 0 * inf must reach the sums: every key */
-        for (int64_t s = 0; s < ns; s++) pd[s] = (double)w[s];
-        for (int64_t s = ns; s < nk; s++) pd[s] = 0.0;
-        const double *vt = a->vt + h * d * a->sp;
+        for (int64_t s = ns; s < nk; s++) w[s] = 0.0f;
+        const float *vt = a->vt + h * d * a->sp;
         int64_t dd = 0;
-        for (; dd + 4 <= d; dd += 4) a->fn.kqv(pd, vt + dd * a->sp, a->sp, nk / 16, 4, o + dd);
-        if (dd < d) a->fn.kqv(pd, vt + dd * a->sp, a->sp, nk / 16, (int)(d - dd), o + dd);
+        for (; dd + KQV_TILE <= d; dd += KQV_TILE) a->fn.kqv(w, vt + dd * a->sp, a->sp, nk / 16, KQV_TILE, o + dd);
+        if (dd < d) a->fn.kqv(w, vt + dd * a->sp, a->sp, nk / 16, (int)(d - dd), o + dd);
     }
 }
 
@@ -435,22 +413,20 @@ int bk_attention_f16(const float *q, int64_t t, int64_t heads, int64_t kv_heads,
     if (n > a.items) n = (int)a.items;
 
     size_t stride = 64, vt_bytes = 0, total = 0;
-    a.pd_len = a.sp > d ? a.sp : d;
-    int ok = add_size(&stride, (size_t)a.pd_len, sizeof(double)) && add_size(&stride, (size_t)a.sp, sizeof(float)) &&
+    int ok = add_size(&stride, (size_t)d, sizeof(double)) && add_size(&stride, (size_t)a.sp, sizeof(float)) &&
              add_size(&stride, (size_t)d, 4) &&
              (t > 1 || add_size(&stride, (size_t)d, 64 * sizeof(float)));
     stride &= ~(size_t)63;
-    if (t > 1) ok = ok && add_size(&vt_bytes, (size_t)(kv_heads * d), (size_t)a.sp * sizeof(double));
+    if (t > 1) ok = ok && add_size(&vt_bytes, (size_t)(kv_heads * d), (size_t)a.sp * sizeof(float));
     ok = ok && add_size(&total, (size_t)n, stride) && add_size(&total, vt_bytes, 1) &&
          add_size(&total, (size_t)kv_heads, 1);
-    char *mem = ok ? (char *)malloc(total) : NULL;
+    char *mem = ok ? (char *)bk_scratch(BK_SCRATCH_ATTENTION, total) : NULL;
     if (!mem) return BK_ENOMEM;
     a.scratch = mem, a.scratch_stride = stride;
-    a.vt = (double *)(mem + (size_t)n * stride);
+    a.vt = (float *)(mem + (size_t)n * stride);
     a.v_bad = (unsigned char *)(mem + (size_t)n * stride + vt_bytes);
     atomic_init(&a.next, 0);
     if (t > 1) bk_parallel(transpose_v_task, &a, n < kv_heads ? n : (int)kv_heads);
     bk_parallel(attention_task, &a, n);
-    free(mem);
     return 0;
 }

@@ -185,7 +185,7 @@ int bk_i2s_gemm_vnni(const int8_t *q, int64_t t, int64_t k, const uint8_t *w, in
     if (nthreads > npanel) nthreads = (int)npanel;
     uint8_t *bufs[BK_MAX_THREADS] = {0};
     /* 64-byte aligned, sizes multiples of 64 (k % 128 == 0); a panel buffer has 8 spare entries */
-    uint8_t *qp = (uint8_t *)aligned_alloc(64, (size_t)(t * k));
+    uint8_t *qp = (uint8_t *)bk_scratch(BK_SCRATCH_GEMM, (size_t)(t * k));
     int err = qp == NULL;
     for (int i = 0; i < nthreads && !err; i++)
         err = (bufs[i] = (uint8_t *)aligned_alloc(64, (size_t)(PR * 4 * (k / 16 + 8)))) == NULL;
@@ -195,7 +195,6 @@ int bk_i2s_gemm_vnni(const int8_t *q, int64_t t, int64_t k, const uint8_t *w, in
         bk_parallel(gemm_task, &c, nthreads);
     }
     for (int i = 0; i < nthreads; i++) free(bufs[i]);
-    free(qp);
     return err ? BK_ENOMEM : 0;
 }
 #endif

@@ -3,6 +3,7 @@
 #ifndef BK_INTERNAL_H
 #define BK_INTERNAL_H
 
+#include <stddef.h>
 #include <stdint.h>
 
 #if defined(__x86_64__) || defined(__i386__)
@@ -24,6 +25,12 @@ typedef void (*bk_task_fn)(void *ctx, int ith, int nth);
  * a persistent pool (started on first use, restarted after fork). Callers are serialized; a call from inside
  * a task runs its n tasks on that thread, one after another. n is clamped to [1, BK_MAX_THREADS]. */
 void bk_parallel(bk_task_fn fn, void *ctx, int n);
+
+/* A grow-only buffer of at least `bytes` bytes (64-byte aligned) of the calling thread's slot, kept across calls so
+ * that large per-call buffers do not pay their page faults every time; NULL if it cannot grow. Its contents are
+ * undefined, and the next request for the same slot on the same thread may move it. Slots: */
+enum { BK_SCRATCH_LAYER, BK_SCRATCH_GEMM, BK_SCRATCH_ATTENTION, BK_SCRATCH_SLOTS };
+void *bk_scratch(int slot, size_t bytes);
 
 /* the instruction set the kernels dispatch to */
 enum { ISA_AUTO = -1, ISA_PORTABLE = 0, ISA_AVX2 = 1, ISA_VNNI = 2, ISA_NEON = 3 };

@@ -9,6 +9,10 @@
 #include "bitnet_kernels.h"
 #include "bk_internal.h"
 
+#ifdef BK_X86
+#include <immintrin.h>
+#endif
+
 enum { P_Q, P_K, P_V, P_O, P_GATE, P_UP, P_DOWN };
 
 uint16_t bk_f32_to_f16_bits(float f) {
@@ -36,17 +40,66 @@ int bk_f32_to_f16(const float *x, int64_t n, uint16_t *out) {
     return 0;
 }
 
+/* row-parallel work: fn(ctx, i0, i1) over [0, t) in contiguous ranges; a single range below ROWS_PER_TASK rows */
+#define ROWS_PER_TASK 8
+typedef void (*rows_fn)(void *ctx, int64_t i0, int64_t i1);
+typedef struct {
+    rows_fn fn;
+    void *ctx;
+    int64_t t;
+} rows_job;
+
+static void rows_task(void *arg, int ith, int nth) {
+    rows_job *j = (rows_job *)arg;
+    j->fn(j->ctx, j->t * ith / nth, j->t * (ith + 1) / nth);
+}
+
+static void for_rows(rows_fn fn, void *ctx, int64_t t, int nthreads) {
+    rows_job j = {fn, ctx, t};
+    int64_t most = t / ROWS_PER_TASK;
+    int n = most < 1 ? 1 : (most < nthreads ? (int)most : nthreads);
+    bk_parallel(rows_task, &j, n);
+}
+
 /* ggml's rms_norm then the gain: float32 squares summed in double in order, mean rounded to float,
  * scale = 1/sqrtf(mean + eps), y = (x * scale) * gain */
-static void rms_norm(const float *x, int64_t t, int64_t n, const float *gain, float eps, float *y) {
-    for (int64_t i = 0; i < t; i++) {
-        const float *r = x + i * n;
+typedef struct {
+    const float *x, *gain;
+    float *y;
+    int64_t n;
+    float eps;
+} rms_t;
+
+static void rms_rows(void *arg, int64_t i0, int64_t i1) {
+    const rms_t *a = (const rms_t *)arg;
+    int64_t n = a->n, i = i0;
+    for (; i + 4 <= i1; i += 4) { /* four rows' sums side by side: four independent chains, each in order */
+        const float *r = a->x + i * n;
+        double s0 = 0.0, s1 = 0.0, s2 = 0.0, s3 = 0.0;
+        for (int64_t j = 0; j < n; j++) {
+            s0 += (double)(r[j] * r[j]);
+            s1 += (double)(r[n + j] * r[n + j]);
+            s2 += (double)(r[2 * n + j] * r[2 * n + j]);
+            s3 += (double)(r[3 * n + j] * r[3 * n + j]);
+        }
+        double sums[4] = {s0, s1, s2, s3};
+        for (int u = 0; u < 4; u++) {
+            float scale = 1.0f / sqrtf((float)(sums[u] / (double)n) + a->eps);
+            for (int64_t j = 0; j < n; j++) a->y[(i + u) * n + j] = (r[u * n + j] * scale) * a->gain[j];
+        }
+    }
+    for (; i < i1; i++) {
+        const float *r = a->x + i * n;
         double sum = 0.0;
         for (int64_t j = 0; j < n; j++) sum += (double)(r[j] * r[j]);
-        float mean = (float)(sum / (double)n);
-        float scale = 1.0f / sqrtf(mean + eps);
-        for (int64_t j = 0; j < n; j++) y[i * n + j] = (r[j] * scale) * gain[j];
+        float scale = 1.0f / sqrtf((float)(sum / (double)n) + a->eps);
+        for (int64_t j = 0; j < n; j++) a->y[i * n + j] = (r[j] * scale) * a->gain[j];
     }
+}
+
+static void rms_norm(const float *x, int64_t t, int64_t n, const float *gain, float eps, float *y, int nthreads) {
+    rms_t a = {x, gain, y, n, eps};
+    for_rows(rms_rows, &a, t, nthreads);
 }
 
 /* what a layer call needs besides the weights: the i8_s activations of one input and its products */
@@ -63,22 +116,85 @@ static int quantize(scratch_t *sc, const float *x, int64_t t, int64_t k) {
 
 /* ggml.c's I2_S epilogue on the quantized input: ((float)raw - (float)act_sum) / act_scale * w_scale, then the
  * optional `.scale` tensor (a factor of 1 changes nothing) */
+typedef struct {
+    const scratch_t *sc;
+    int64_t rows;
+    float w_scale, out_scale;
+    float *out;
+} epi_t;
+
+static void epilogue_rows_portable(void *arg, int64_t i0, int64_t i1) {
+    const epi_t *e = (const epi_t *)arg;
+    for (int64_t i = i0; i < i1; i++) {
+        float asum = (float)e->sc->sums[i], s = e->sc->s[i];
+        const int32_t *raw = e->sc->raw + i * e->rows;
+        float *o = e->out + i * e->rows;
+        for (int64_t r = 0; r < e->rows; r++) o[r] = ((((float)raw[r] - asum) / s) * e->w_scale) * e->out_scale;
+    }
+}
+
+#ifdef BK_X86
+/* the same IEEE operations on 16 lanes */
+__attribute__((target("avx512f"))) static void epilogue_rows_avx512(void *arg, int64_t i0, int64_t i1) {
+    const epi_t *e = (const epi_t *)arg;
+    const __m512 ws = _mm512_set1_ps(e->w_scale), os = _mm512_set1_ps(e->out_scale);
+    for (int64_t i = i0; i < i1; i++) {
+        float asum = (float)e->sc->sums[i], s = e->sc->s[i];
+        const __m512 va = _mm512_set1_ps(asum), vs = _mm512_set1_ps(s);
+        const int32_t *raw = e->sc->raw + i * e->rows;
+        float *o = e->out + i * e->rows;
+        int64_t r = 0;
+        for (; r + 16 <= e->rows; r += 16) {
+            __m512 v = _mm512_sub_ps(_mm512_cvtepi32_ps(_mm512_loadu_si512((const void *)(raw + r))), va);
+            _mm512_storeu_ps(o + r, _mm512_mul_ps(_mm512_mul_ps(_mm512_div_ps(v, vs), ws), os));
+        }
+        for (; r < e->rows; r++) o[r] = ((((float)raw[r] - asum) / s) * e->w_scale) * e->out_scale;
+    }
+}
+#endif
+
+/* gate = relu(gate)^2 * up (ggml_relu: x > 0 ? x : 0, then ggml_sqr and ggml_mul, float32) */
+static void relu2_mul_portable(float *gate, const float *up, int64_t n) {
+    for (int64_t j = 0; j < n; j++) {
+        float g = gate[j] > 0.0f ? gate[j] : 0.0f;
+        gate[j] = (g * g) * up[j];
+    }
+}
+
+#ifdef BK_X86
+/* max_ps(x, 0) returns its second operand, +0, for a NaN or a zero x: x > 0 ? x : 0 exactly */
+__attribute__((target("avx512f"))) static void relu2_mul_avx512(float *gate, const float *up, int64_t n) {
+    const __m512 zero = _mm512_setzero_ps();
+    int64_t j = 0;
+    for (; j + 16 <= n; j += 16) {
+        __m512 g = _mm512_max_ps(_mm512_loadu_ps(gate + j), zero);
+        _mm512_storeu_ps(gate + j, _mm512_mul_ps(_mm512_mul_ps(g, g), _mm512_loadu_ps(up + j)));
+    }
+    relu2_mul_portable(gate + j, up + j, n - j);
+}
+#endif
+
+static void relu2_mul(float *gate, const float *up, int64_t n) {
+#ifdef BK_X86
+    if (bk_current_isa() == ISA_VNNI) {
+        relu2_mul_avx512(gate, up, n);
+        return;
+    }
+#endif
+    relu2_mul_portable(gate, up, n);
+}
+
 static int project(scratch_t *sc, const bk_layer *L, int p, int64_t t, int64_t k, int64_t rows, float *out) {
     int rc = bk_i2s_raw(sc->q, t, k, L->w[p], rows, sc->raw, sc->nthreads);
     if (rc) return rc;
-    for (int64_t i = 0; i < t; i++) {
-        float asum = (float)sc->sums[i], s = sc->s[i];
-        for (int64_t r = 0; r < rows; r++) {
-            float v = (((float)sc->raw[i * rows + r] - asum) / s) * L->w_scale[p];
-            out[i * rows + r] = v * L->out_scale[p];
-        }
-    }
+    epi_t e = {sc, rows, L->w_scale[p], L->out_scale[p], out};
+    rows_fn fn = epilogue_rows_portable;
+#ifdef BK_X86
+    if (bk_current_isa() == ISA_VNNI) fn = epilogue_rows_avx512;
+#endif
+    for_rows(fn, &e, t, sc->nthreads);
     return 0;
 }
-
-/* model.py's _fma: the float32 product is exact in double, then one double and one float rounding (ggml's true
- * fmaf differs only where that double rounding does, which the numpy definition does not model either) */
-static inline float fma_np(float a, float b, float c) { return (float)((double)a * (double)b + (double)c); }
 
 /* NeoX RoPE on (t, heads, d): pairs (i, i + d/2), fma(x0, c, -(x1*s)) and fma(x0, s, x1*c) */
 static void rope(float *x, int64_t t, int64_t heads, int64_t d, const float *cs, const float *sn) {
@@ -88,8 +204,8 @@ static void rope(float *x, int64_t t, int64_t heads, int64_t d, const float *cs,
             float *v = x + (i * heads + h) * d;
             for (int64_t j = 0; j < half; j++) {
                 float c = cs[i * half + j], s = sn[i * half + j], x0 = v[j], x1 = v[j + half];
-                v[j] = fma_np(x0, c, -(x1 * s));
-                v[j + half] = fma_np(x0, s, x1 * c);
+                v[j] = fmaf(x0, c, -(x1 * s)); /* ggml's contracted rotation, model.py's _fma: one rounding */
+                v[j + half] = fmaf(x0, s, x1 * c);
             }
         }
 }
@@ -104,7 +220,7 @@ int bk_bitnet_layer(const bk_layer *L, float *x, int64_t t, int64_t s_len, uint1
     int64_t n = L->hidden, nf = L->ffn, kvd = L->kv_heads * L->head_dim, wide = nf > n ? nf : n;
     size_t nbytes = sizeof(float) * (size_t)(t * (3 * n + 2 * kvd + 2 * nf)) + sizeof(int32_t) * (size_t)(t * wide) +
                     (size_t)(t * wide) + (sizeof(float) + sizeof(int32_t)) * (size_t)t + 64;
-    char *mem = (char *)malloc(nbytes);
+    char *mem = (char *)bk_scratch(BK_SCRATCH_LAYER, nbytes);
     if (!mem) return BK_ENOMEM;
     float *h = (float *)mem, *qf = h + t * n, *kf = qf + t * n, *vf = kf + t * kvd, *att = vf + t * kvd;
     float *gate = att + t * n, *up = gate + t * nf;
@@ -123,7 +239,7 @@ int bk_bitnet_layer(const bk_layer *L, float *x, int64_t t, int64_t s_len, uint1
     } while (0)
 
     /* attention */
-    rms_norm(x, t, n, L->attn_norm, L->eps, h);
+    rms_norm(x, t, n, L->attn_norm, L->eps, h, nthreads);
     TRY(quantize(&sc, h, t, n));
     TRY(project(&sc, L, P_Q, t, n, n, qf));
     TRY(project(&sc, L, P_K, t, n, kvd, kf));
@@ -134,7 +250,7 @@ int bk_bitnet_layer(const bk_layer *L, float *x, int64_t t, int64_t s_len, uint1
     bk_f32_to_f16(kf, t * kvd, kc + p0 * kvd);
     bk_f32_to_f16(vf, t * kvd, vc + p0 * kvd);
     TRY(bk_attention_f16(qf, t, L->heads, L->kv_heads, L->head_dim, kc, vc, s_len, L->n_ctx, att, nthreads));
-    rms_norm(att, t, n, L->attn_sub_norm, L->eps, h);
+    rms_norm(att, t, n, L->attn_sub_norm, L->eps, h, nthreads);
     TRY(quantize(&sc, h, t, n));
     TRY(project(&sc, L, P_O, t, n, n, qf));
     for (int64_t j = 0; j < t * n; j++) x[j] = x[j] + qf[j];
@@ -147,20 +263,16 @@ int bk_bitnet_layer(const bk_layer *L, float *x, int64_t t, int64_t s_len, uint1
     }
 
     /* feed-forward: relu(gate)^2 * up */
-    rms_norm(x, tf, n, L->ffn_norm, L->eps, h);
+    rms_norm(x, tf, n, L->ffn_norm, L->eps, h, nthreads);
     TRY(quantize(&sc, h, tf, n));
     TRY(project(&sc, L, P_GATE, tf, n, nf, gate));
     TRY(project(&sc, L, P_UP, tf, n, nf, up));
-    for (int64_t j = 0; j < tf * nf; j++) {
-        float g = gate[j] > 0.0f ? gate[j] : 0.0f;
-        gate[j] = (g * g) * up[j];
-    }
-    rms_norm(gate, tf, nf, L->ffn_sub_norm, L->eps, up);
+    relu2_mul(gate, up, tf * nf);
+    rms_norm(gate, tf, nf, L->ffn_sub_norm, L->eps, up, nthreads);
     TRY(quantize(&sc, up, tf, nf));
     TRY(project(&sc, L, P_DOWN, tf, nf, n, qf));
     for (int64_t j = 0; j < tf * n; j++) x[j] = x[j] + qf[j];
 #undef TRY
 done:
-    free(mem);
     return rc;
 }

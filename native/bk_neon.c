@@ -160,29 +160,19 @@ float bk_vec_dot_f16_neon(const float *x, const float *w, int64_t k) {
     return (float)r;
 }
 
-/* one step of BK_GEMM_F16_BODY on 4 lanes: acc = (float)((double)x*w + (double)acc). w is f16-valued, so the
- * product is exact in double (24 + 11 bits) and one fused multiply-add rounds as the body's add does. */
-static inline float32x4_t gemm_step(float32x4_t acc, float32x4_t x, float64x2_t wl, float64x2_t wh) {
-    float64x2_t lo = vfmaq_f64(vcvt_f64_f32(vget_low_f32(acc)), vcvt_f64_f32(vget_low_f32(x)), wl);
-    float64x2_t hi = vfmaq_f64(vcvt_high_f64_f32(acc), vcvt_high_f64_f32(x), wh);
-    return vcvt_high_f32_f64(vcvt_f32_f64(lo), hi);
-}
-
+/* BK_GEMM_F16_BODY: acc = fmaf(x, w, acc) per lane, as FMLA (fused, one rounding) */
 float bk_gemm_f16_neon(const float *x, const float *w, int64_t k) {
     float32x4_t a[4];
     for (int i = 0; i < 4; i++) a[i] = vdupq_n_f32(0.0f);
     for (int64_t c = 0; c < k; c += 16) {
 #pragma GCC unroll 4
-        for (int i = 0; i < 4; i++) {
-            float32x4_t wv = vld1q_f32(w + c + 4 * i);
-            a[i] = gemm_step(a[i], vld1q_f32(x + c + 4 * i), vcvt_f64_f32(vget_low_f32(wv)), vcvt_high_f64_f32(wv));
-        }
+        for (int i = 0; i < 4; i++) a[i] = vfmaq_f32(a[i], vld1q_f32(x + c + 4 * i), vld1q_f32(w + c + 4 * i));
     }
     return reduce16_neon(a[0], a[1], a[2], a[3]);
 }
 
 /* BK_GEMM_NU tokens, 4 at a time (each token's chain is independent, so grouping changes no rounding):
- * 16 accumulators and the row's 16 values widened once per step fit the 32 vector registers */
+ * 16 accumulators and the row's 16 values fit the 32 vector registers */
 _Static_assert(BK_GEMM_NU % 4 == 0, "bk_gemmn_f16_neon takes tokens in fours");
 void bk_gemmn_f16_neon(const float *x, int64_t xs, const float *w, int64_t k, float *out) {
     for (int u0 = 0; u0 < BK_GEMM_NU; u0 += 4) {
@@ -190,17 +180,14 @@ void bk_gemmn_f16_neon(const float *x, int64_t xs, const float *w, int64_t k, fl
         for (int u = 0; u < 4; u++)
             for (int i = 0; i < 4; i++) a[u][i] = vdupq_n_f32(0.0f);
         for (int64_t c = 0; c < k; c += 16) {
-            float64x2_t wl[4], wh[4];
+            float32x4_t wv[4];
 #pragma GCC unroll 4
-            for (int i = 0; i < 4; i++) {
-                float32x4_t wv = vld1q_f32(w + c + 4 * i);
-                wl[i] = vcvt_f64_f32(vget_low_f32(wv)), wh[i] = vcvt_high_f64_f32(wv);
-            }
+            for (int i = 0; i < 4; i++) wv[i] = vld1q_f32(w + c + 4 * i);
 #pragma GCC unroll 4
             for (int u = 0; u < 4; u++) {
                 const float *xu = x + (u0 + u) * xs + c;
 #pragma GCC unroll 4
-                for (int i = 0; i < 4; i++) a[u][i] = gemm_step(a[u][i], vld1q_f32(xu + 4 * i), wl[i], wh[i]);
+                for (int i = 0; i < 4; i++) a[u][i] = vfmaq_f32(a[u][i], vld1q_f32(xu + 4 * i), wv[i]);
             }
         }
         for (int u = 0; u < 4; u++) out[u0 + u] = reduce16_neon(a[u][0], a[u][1], a[u][2], a[u][3]);

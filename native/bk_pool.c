@@ -2,6 +2,8 @@
  * so the hundreds of small products of one decoded token do not each pay for thread creation. */
 #include <pthread.h>
 #include <stdatomic.h>
+#include <stdlib.h>
+#include <sys/mman.h>
 
 #include "bk_internal.h"
 
@@ -110,4 +112,46 @@ void bk_parallel(bk_task_fn fn, void *ctx, int n) {
         pthread_mutex_unlock(&g_mu);
     }
     pthread_mutex_unlock(&g_call);
+}
+
+/* ---------------------------------------------------------------- per-thread scratch buffers */
+
+typedef struct {
+    void *p[BK_SCRATCH_SLOTS];
+    size_t cap[BK_SCRATCH_SLOTS];
+} scratch_set;
+
+static pthread_key_t g_scratch_key;
+static pthread_once_t g_scratch_once = PTHREAD_ONCE_INIT;
+
+static void scratch_free(void *arg) {
+    scratch_set *set = (scratch_set *)arg;
+    for (int i = 0; i < BK_SCRATCH_SLOTS; i++) free(set->p[i]);
+    free(set);
+}
+
+static void scratch_key_init(void) { pthread_key_create(&g_scratch_key, scratch_free); }
+
+void *bk_scratch(int slot, size_t bytes) {
+    if (slot < 0 || slot >= BK_SCRATCH_SLOTS) return NULL;
+    pthread_once(&g_scratch_once, scratch_key_init);
+    scratch_set *set = (scratch_set *)pthread_getspecific(g_scratch_key);
+    if (!set) {
+        set = (scratch_set *)calloc(1, sizeof *set);
+        if (!set || pthread_setspecific(g_scratch_key, set) != 0) {
+            free(set);
+            return NULL;
+        }
+    }
+    if (set->cap[slot] >= bytes && set->p[slot]) return set->p[slot];
+    free(set->p[slot]);
+    /* big buffers on 2 MiB boundaries with huge pages: a few faults instead of one per 4 KiB page */
+    size_t align = bytes >= ((size_t)4 << 20) ? ((size_t)2 << 20) : 64;
+    size_t size = (bytes + align - 1) / align * align;
+    set->p[slot] = aligned_alloc(align, size ? size : align);
+    set->cap[slot] = set->p[slot] ? size : 0;
+#ifdef MADV_HUGEPAGE
+    if (set->p[slot] && align > 64) madvise(set->p[slot], size, MADV_HUGEPAGE);
+#endif
+    return set->p[slot];
 }

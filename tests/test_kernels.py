@@ -21,6 +21,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from bitnet_ref import kernels
+from bitnet_ref import model as model_module
 from bitnet_ref.formats.activations import quantize_i8_s, quantize_q8_k_blocks
 from bitnet_ref.formats.i2s import I2S_X86
 from bitnet_ref.formats.tq import TQ1_0, TQ2_0
@@ -335,6 +336,28 @@ def test_f16_matmul_bit_identical(isa, mode, t, blocks, extra, rows, scale, seed
 
 
 @needs_native
+@pytest.mark.parametrize("isa", ISAS, indirect=True)
+def test_f16_gemm_rounds_once(isa):
+    """tinyBLAS's acc = fma(x, w, acc) rounds once: on constructed cases where rounding x*w + acc to double and
+    then to float (the former definition) is wrong, C (fmaf, vfmadd231ps, FMLA) and f16_gemm_ggml give the exact
+    rational answer. K = 32: lane 0 of token i holds c_i (times w = 1), then a_i times row j's f16 b_j; the other
+    lanes are 0. 19 tokens: the 8-token gemmn blocks and the single-token tail."""
+    from test_fma import double_rounding_cases, fma_exact, old_double_rounding
+
+    n = 19
+    a, b, c = double_rounding_cases(np.random.default_rng(31), 11, n, f16_b=True)
+    x = np.zeros((n, 32), np.float32)
+    w = np.zeros((n, 32), np.float16)
+    x[:, 0], x[:, 16] = c, a
+    w[:, 0], w[:, 16] = 1.0, b
+    assert (w[:, 16].astype(np.float32) == b).all()
+    want = np.array([[fma_exact(a[i], b[j], c[i]) for j in range(n)] for i in range(n)], np.float32)
+    assert (old_double_rounding(a, b, c) != np.diagonal(want)).sum() >= 4  # the corner is reached
+    assert same_bits(f16_gemm_ggml(x, w.astype(np.float32)), want)
+    assert same_bits(kernels.f16_matmul(x, w.reshape(-1).view(np.uint8), n, "gemm"), want)
+
+
+@needs_native
 def test_f16_matmul_unaligned_bytes_and_threads(monkeypatch):
     rng = np.random.default_rng(3)
     k, rows = 320, 1031
@@ -487,19 +510,35 @@ def test_attention_f16_extremes(case, t):
 
 
 @needs_native
-def test_attention_f16_sgemm_rounds_as_numpy_fma():
-    """Peaked softmax rows put tiny p*v products next to larger accumulators, where model._fma's two roundings
-    (double, then float) and a float32 FMA differ: about 1 case in 5 here has such an output. C follows the
-    numpy definition (ggml's sgemm is a float32 FMA: the definition's known corner cases)."""
+def test_attention_f16_sgemm_rounds_once():
+    """Peaked softmax rows put tiny p*v products next to larger accumulators, where rounding the sum to double
+    and then to float (the former definition) and a float32 FMA (ggml's sgemm) differ: about 1 case in 5 here
+    has such an output. Every FMA step of the numpy definition where the two differ is checked against exact
+    rational arithmetic, and C (fmaf, vfmadd231ps) gives the definition's bits."""
+    from test_fma import fma_exact, old_double_rounding
+
     s_len, t, kvh, g, d = 64, 8, 1, 2, 64
+    real_fma, corners = model_module._fma, []
+
+    def spy(a, b, c):
+        got = real_fma(a, b, c)
+        a, b, c = np.broadcast_arrays(a, b, c)
+        finite = np.isfinite(a) & np.isfinite(b) & np.isfinite(c)  # expf meets -inf (masked keys) too
+        for i in zip(*np.nonzero(finite & (old_double_rounding(a, b, c) != got))):
+            corners.append(i)
+            assert same_bits(got[i], fma_exact(a[i], b[i], c[i]))
+        return got
+
     for seed in range(40):
         rng = np.random.default_rng(seed)
         q = (rng.standard_normal((t, kvh * g, d)) * 12).astype(np.float32)
         kc = rng.standard_normal((s_len, kvh, d)).astype(np.float16)
         vc = rng.standard_normal((s_len, kvh, d)).astype(np.float16)
-        want = attention_numpy(q, kc, vc, s_len, 4096)
+        with mock.patch.object(model_module, "_fma", spy):
+            want = attention_numpy(q, kc, vc, s_len, 4096)
         for isa, got in attention_every_isa(q, kc, vc, s_len, 4096):
             assert same_bits(got, want), (isa, seed)
+    assert len(corners) >= 5  # the double-rounding corners were reached
 
 
 @needs_native

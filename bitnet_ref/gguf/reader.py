@@ -369,13 +369,14 @@ class GGUFFile:
             )
         return self.data[t.data_start : t.data_start + n]
 
-    def resident_copy(self, name_or_info: str | TensorInfo) -> np.ndarray:
-        """The tensor's bytes copied into process memory (large copies get transparent huge pages from numpy,
-        which streams faster than 4 KiB page-cache pages), then the pages of the mapping they came from
-        dropped from this process (MADV_DONTNEED; the page cache keeps them): the process holds one copy."""
+    def resident_copy(self, name_or_info: str | TensorInfo, out: np.ndarray | None = None) -> np.ndarray:
+        """The tensor's bytes copied into process memory (`out`, uint8 of the tensor's size, or a new array;
+        large arrays get transparent huge pages from numpy, which stream faster than 4 KiB page-cache pages),
+        then the pages of the mapping they came from dropped from this process (MADV_DONTNEED; the page cache
+        keeps them): the process holds one copy."""
         view = self.tensor_bytes(name_or_info)
         t = self.tensor(name_or_info) if isinstance(name_or_info, str) else name_or_info
-        out = np.empty(view.size, np.uint8)
+        out = np.empty(view.size, np.uint8) if out is None else out
         page, chunk = mmap.PAGESIZE, 1 << 26
         for lo in range(0, view.size, chunk):  # chunk by chunk, so the process never holds both whole copies
             hi = min(lo + chunk, view.size)
