@@ -307,6 +307,19 @@ def attention_f16(q, kc, vc, s_len: int, n_ctx: int) -> np.ndarray:
     return out
 
 
+def cos_sin(theta) -> tuple[np.ndarray, np.ndarray] | None:
+    """cosf and sinf of float32 angles from the C math library the extension links (the functions ggml's RoPE
+    calls), or None without the native kernels."""
+    mod = _load()
+    if mod is None:
+        return None
+    th = np.ascontiguousarray(theta, dtype=np.float32)
+    c, s = np.empty_like(th), np.empty_like(th)
+    _check(mod.lib.bk_cos_sin(_ptr(mod, "float[]", th), th.size, _ptr(mod, "float[]", c), _ptr(mod, "float[]", s)),
+           "cos_sin", 0, 1)
+    return c, s
+
+
 class LayerPlan:
     """One decoder layer prepared for `bitnet_layer`: the C struct and the arrays it points into (kept alive
     here). Made by `layer_plan`; tied to the extension that was loaded when it was made."""

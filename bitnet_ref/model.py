@@ -163,6 +163,9 @@ def cos_sin_f32(theta: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     is not correctly rounded (about 2% of results differ by one ulp from cos/sin rounded from float64);
     the float64 rounding where no libm loads."""
     th = np.asarray(theta, dtype=np.float32)
+    native = kernels.cos_sin(th)  # the same libm functions, called from C
+    if native is not None:
+        return native
     if _COSF is None or _SINF is None:
         return np.cos(th.astype(np.float64)).astype(np.float32), np.sin(th.astype(np.float64)).astype(np.float32)
     flat = th.ravel().tolist()
@@ -499,6 +502,10 @@ class Model:
         return self._embd_fmt.decode(data[start * rb: stop * rb], (stop - start, self.cfg.hidden))
 
     def embed(self, ids: np.ndarray) -> np.ndarray:
+        if self._embd_fmt.name in ("f32", "f16") and self._row_bytes is not None:  # rows gathered at once
+            data = self._embd_bytes if self._embd_bytes is not None else self._gf.tensor_bytes(self._embd)
+            table = data.view(np.float16 if self._embd_fmt.name == "f16" else np.float32).reshape(-1, self.cfg.hidden)
+            return table[np.asarray(ids, dtype=np.int64)].astype(self.dtype)
         return np.stack([self._embedding_rows(int(i), int(i) + 1)[0] for i in ids]).astype(self.dtype)
 
     # -- products --------------------------------------------------------------------------------

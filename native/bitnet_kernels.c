@@ -3,6 +3,7 @@
 #include "bitnet_kernels.h"
 
 #include <math.h>
+#include <stdatomic.h>
 #include <stdlib.h>
 #include <string.h>
 
@@ -597,13 +598,27 @@ static void *job_main(void *arg) {
     return NULL;
 }
 
+/* output rows are handed out in chunks from a shared counter: a thread that lost its core for a moment does
+ * not leave the others waiting at the end */
 typedef struct {
-    job_t *jobs;
+    const job_t *base;
+    int64_t chunk;
+    atomic_llong next;
+    atomic_int err;
 } split_t;
 
 static void split_task(void *ctx, int ith, int nth) {
-    (void)nth;
-    job_main(&((split_t *)ctx)->jobs[ith]);
+    (void)ith, (void)nth;
+    split_t *sp = (split_t *)ctx;
+    job_t j = *sp->base;
+    for (;;) {
+        int64_t r0 = atomic_fetch_add_explicit(&sp->next, sp->chunk, memory_order_relaxed);
+        if (r0 >= j.r) break;
+        j.r0 = r0;
+        j.r1 = r0 + sp->chunk < j.r ? r0 + sp->chunk : j.r;
+        job_main(&j);
+        if (j.err) atomic_store(&sp->err, 1);
+    }
 }
 
 static int run_split(job_t base, int nthreads) {
@@ -611,17 +626,10 @@ static int run_split(job_t base, int nthreads) {
     if (nthreads < 1 || base.r * base.k * base.t < (1 << 16)) nthreads = 1;
     if (nthreads > BK_MAX_THREADS) nthreads = BK_MAX_THREADS;
     if (nthreads > base.r) nthreads = (int)(base.r > 0 ? base.r : 1);
-    job_t jobs[BK_MAX_THREADS];
-    for (int i = 0; i < nthreads; i++) {
-        jobs[i] = base;
-        jobs[i].r0 = base.r * i / nthreads;
-        jobs[i].r1 = base.r * (i + 1) / nthreads;
-    }
-    split_t sp = {jobs};
+    split_t sp = {&base, (base.r / (16 * nthreads) + 15) & ~(int64_t)15, 0, 0};
+    if (sp.chunk < 16) sp.chunk = 16;
     bk_parallel(split_task, &sp, nthreads);
-    int err = 0;
-    for (int i = 0; i < nthreads; i++) err |= jobs[i].err;
-    return err;
+    return atomic_load(&sp.err);
 }
 
 /* the GEMM (bk_i2s_gemm.c) against one row dot per (token, row), measured on Zen 4: 0.95x at 1 token, faster

@@ -62,6 +62,9 @@ int bk_f16_matmul(int mode, const float *x, int64_t t, int64_t k, const uint8_t 
 int bk_attention_f16(const float *q, int64_t t, int64_t heads, int64_t kv_heads, int64_t d, const uint16_t *kc,
                      const uint16_t *vc, int64_t s_len, int64_t n_ctx, float *out, int nthreads);
 
+/* cosf and sinf of n float32 angles, from the C math library this module links (ggml's RoPE calls them) */
+int bk_cos_sin(const float *theta, int64_t n, float *c, float *s);
+
 /* float32 -> f16 bits, round to nearest even (numpy's astype(float16)) */
 int bk_f32_to_f16(const float *x, int64_t n, uint16_t *out);
 

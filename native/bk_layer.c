@@ -34,9 +34,24 @@ uint16_t bk_f32_to_f16_bits(float f) {
     return sign | (uint16_t)q;
 }
 
+#ifdef BK_X86
+/* vcvtps2ph rounds to nearest even and quiets a NaN keeping its top payload bits: bk_f32_to_f16_bits exactly */
+__attribute__((target("avx512f"))) static int64_t f32_to_f16_avx512(const float *x, int64_t n, uint16_t *out) {
+    int64_t i = 0;
+    for (; i + 16 <= n; i += 16)
+        _mm256_storeu_si256((__m256i *)(out + i),
+                            _mm512_cvtps_ph(_mm512_loadu_ps(x + i), _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC));
+    return i;
+}
+#endif
+
 int bk_f32_to_f16(const float *x, int64_t n, uint16_t *out) {
     if (n < 0) return BK_EBADARG;
-    for (int64_t i = 0; i < n; i++) out[i] = bk_f32_to_f16_bits(x[i]);
+    int64_t i = 0;
+#ifdef BK_X86
+    if (bk_current_isa() == ISA_VNNI) i = f32_to_f16_avx512(x, n, out);
+#endif
+    for (; i < n; i++) out[i] = bk_f32_to_f16_bits(x[i]);
     return 0;
 }
 
@@ -59,6 +74,12 @@ static void for_rows(rows_fn fn, void *ctx, int64_t t, int nthreads) {
     int64_t most = t / ROWS_PER_TASK;
     int n = most < 1 ? 1 : (most < nthreads ? (int)most : nthreads);
     bk_parallel(rows_task, &j, n);
+}
+
+int bk_cos_sin(const float *theta, int64_t n, float *c, float *s) {
+    if (n < 0) return BK_EBADARG;
+    for (int64_t i = 0; i < n; i++) c[i] = cosf(theta[i]), s[i] = sinf(theta[i]);
+    return 0;
 }
 
 /* ggml's rms_norm then the gain: float32 squares summed in double in order, mean rounded to float,
@@ -110,8 +131,23 @@ typedef struct {
     int nthreads;
 } scratch_t;
 
+typedef struct {
+    scratch_t *sc;
+    const float *x;
+    int64_t k;
+} quant_t;
+
+static void quantize_rows(void *arg, int64_t i0, int64_t i1) {
+    const quant_t *a = (const quant_t *)arg;
+    scratch_t *sc = a->sc;
+    bk_quantize_i8_s(a->x + i0 * a->k, i1 - i0, a->k, sc->q + i0 * a->k, sc->s + i0, sc->sums + i0);
+}
+
+/* quantize_row_i8_s per row, rows split over the pool (k >= 0, so it cannot fail) */
 static int quantize(scratch_t *sc, const float *x, int64_t t, int64_t k) {
-    return bk_quantize_i8_s(x, t, k, sc->q, sc->s, sc->sums);
+    quant_t a = {sc, x, k};
+    for_rows(quantize_rows, &a, t, sc->nthreads);
+    return 0;
 }
 
 /* ggml.c's I2_S epilogue on the quantized input: ((float)raw - (float)act_sum) / act_scale * w_scale, then the
@@ -196,18 +232,60 @@ static int project(scratch_t *sc, const bk_layer *L, int p, int64_t t, int64_t k
     return 0;
 }
 
-/* NeoX RoPE on (t, heads, d): pairs (i, i + d/2), fma(x0, c, -(x1*s)) and fma(x0, s, x1*c) */
-static void rope(float *x, int64_t t, int64_t heads, int64_t d, const float *cs, const float *sn) {
-    int64_t half = d / 2;
-    for (int64_t i = 0; i < t; i++)
-        for (int64_t h = 0; h < heads; h++) {
-            float *v = x + (i * heads + h) * d;
-            for (int64_t j = 0; j < half; j++) {
-                float c = cs[i * half + j], s = sn[i * half + j], x0 = v[j], x1 = v[j + half];
-                v[j] = fmaf(x0, c, -(x1 * s)); /* ggml's contracted rotation, model.py's _fma: one rounding */
-                v[j + half] = fmaf(x0, s, x1 * c);
+/* NeoX RoPE on the rows [i0, i1) of (t, heads, d): pairs (j, j + d/2), fma(x0, c, -(x1*s)) and fma(x0, s, x1*c)
+ * (ggml's contracted rotation, model.py's _fma: one rounding each) */
+typedef struct {
+    float *x;
+    int64_t heads, d;
+    const float *cs, *sn;
+} rope_t;
+
+static void rope_pairs(float *v, const float *cs, const float *sn, int64_t j0, int64_t half) {
+    for (int64_t j = j0; j < half; j++) {
+        float c = cs[j], s = sn[j], x0 = v[j], x1 = v[j + half];
+        v[j] = fmaf(x0, c, -(x1 * s));
+        v[j + half] = fmaf(x0, s, x1 * c);
+    }
+}
+
+static void rope_rows_portable(void *arg, int64_t i0, int64_t i1) {
+    const rope_t *a = (const rope_t *)arg;
+    int64_t half = a->d / 2;
+    for (int64_t i = i0; i < i1; i++)
+        for (int64_t h = 0; h < a->heads; h++)
+            rope_pairs(a->x + (i * a->heads + h) * a->d, a->cs + i * half, a->sn + i * half, 0, half);
+}
+
+#ifdef BK_X86
+/* the same on 16 pairs at a time; -(x1*s) flips the sign bit of the rounded product, as the scalar code does */
+__attribute__((target("avx512f"))) static void rope_rows_avx512(void *arg, int64_t i0, int64_t i1) {
+    const rope_t *a = (const rope_t *)arg;
+    int64_t half = a->d / 2, body = half & ~(int64_t)15;
+    const __m512i sign = _mm512_set1_epi32((int32_t)0x80000000u);
+    for (int64_t i = i0; i < i1; i++) {
+        const float *cs = a->cs + i * half, *sn = a->sn + i * half;
+        for (int64_t h = 0; h < a->heads; h++) {
+            float *v = a->x + (i * a->heads + h) * a->d;
+            for (int64_t j = 0; j < body; j += 16) {
+                __m512 c = _mm512_loadu_ps(cs + j), s = _mm512_loadu_ps(sn + j);
+                __m512 x0 = _mm512_loadu_ps(v + j), x1 = _mm512_loadu_ps(v + j + half);
+                __m512 nxs = _mm512_castsi512_ps(_mm512_xor_si512(_mm512_castps_si512(_mm512_mul_ps(x1, s)), sign));
+                _mm512_storeu_ps(v + j, _mm512_fmadd_ps(x0, c, nxs));
+                _mm512_storeu_ps(v + j + half, _mm512_fmadd_ps(x0, s, _mm512_mul_ps(x1, c)));
             }
+            rope_pairs(v, cs, sn, body, half);
         }
+    }
+}
+#endif
+
+static void rope(float *x, int64_t t, int64_t heads, int64_t d, const float *cs, const float *sn, int nthreads) {
+    rope_t a = {x, heads, d, cs, sn};
+    rows_fn fn = rope_rows_portable;
+#ifdef BK_X86
+    if (bk_current_isa() == ISA_VNNI) fn = rope_rows_avx512;
+#endif
+    for_rows(fn, &a, t, nthreads);
 }
 
 int bk_bitnet_layer(const bk_layer *L, float *x, int64_t t, int64_t s_len, uint16_t *kc, uint16_t *vc,
@@ -244,8 +322,8 @@ int bk_bitnet_layer(const bk_layer *L, float *x, int64_t t, int64_t s_len, uint1
     TRY(project(&sc, L, P_Q, t, n, n, qf));
     TRY(project(&sc, L, P_K, t, n, kvd, kf));
     TRY(project(&sc, L, P_V, t, n, kvd, vf));
-    rope(qf, t, L->heads, L->head_dim, cos, sin);
-    rope(kf, t, L->kv_heads, L->head_dim, cos, sin);
+    rope(qf, t, L->heads, L->head_dim, cos, sin, nthreads);
+    rope(kf, t, L->kv_heads, L->head_dim, cos, sin, nthreads);
     int64_t p0 = s_len - t;
     bk_f32_to_f16(kf, t * kvd, kc + p0 * kvd);
     bk_f32_to_f16(vf, t * kvd, vc + p0 * kvd);

@@ -15,6 +15,10 @@ needs_native = pytest.mark.skipif(not kernels.available(),
                                   reason="native kernels not built (python native/build_kernels.py)")
 
 
+ISAS = [isa for isa in ("portable", "avx2", "avx512-vnni", "neon") if kernels.available() and kernels.set_isa(isa)]
+kernels.set_isa("auto") if kernels.available() else None
+
+
 def same_bits(a, b) -> bool:
     a, b = np.asarray(a), np.asarray(b)
     return a.shape == b.shape and a.dtype == b.dtype and np.array_equal(a.view(np.uint32), b.view(np.uint32))
@@ -27,11 +31,18 @@ def test_f32_to_f16_rounds_as_numpy():
     special = np.array([0.0, -0.0, 65504.0, 65519.99, 65520.0, 65536.0, 2**-24, 2**-25, 1.5 * 2**-25, 2**-14,
                         2**-14 - 2**-25, np.inf, -np.inf, 1e-45, 3.0000002], np.float32)
     x = np.concatenate([bits.view(np.float32), special])
-    x = x[~np.isnan(x)]  # NaN payloads: both quiet them, not compared bit for bit
     mod = kernels._load()
-    out = np.empty(x.size, np.uint16)
-    assert mod.lib.bk_f32_to_f16(mod.ffi.from_buffer("float[]", x), x.size, mod.ffi.from_buffer("uint16_t[]", out)) == 0
-    np.testing.assert_array_equal(out, x.astype(np.float16).view(np.uint16))
+    outs = []
+    for isa in ISAS:  # every variant gives the same bits, NaN payloads included
+        assert kernels.set_isa(isa)
+        out = np.empty(x.size, np.uint16)
+        assert mod.lib.bk_f32_to_f16(mod.ffi.from_buffer("float[]", x), x.size,
+                                     mod.ffi.from_buffer("uint16_t[]", out)) == 0
+        outs.append(out)
+    kernels.set_isa("auto")
+    assert all(np.array_equal(o, outs[0]) for o in outs[1:])
+    keep = ~np.isnan(x)  # numpy quiets NaN payloads its own way
+    np.testing.assert_array_equal(outs[0][keep], x[keep].astype(np.float16).view(np.uint16))
 
 
 def _run(path, ids, monkeypatch=None, threads=None):
@@ -49,10 +60,15 @@ def _run(path, ids, monkeypatch=None, threads=None):
 
 
 @needs_native
-def test_layer_kernel_equals_numpy(tmp_path, monkeypatch):
+@pytest.mark.parametrize("isa", ISAS)
+def test_layer_kernel_equals_numpy(isa, tmp_path, monkeypatch):
     path = synthesize(SynthSpec(arch="bitnet-b1.58", format="i2_s", zero_tokens=(5,)), tmp_path)
     ids = [5, 1, 2, 3, 200, 7, 9, 44, 300, 12] * 5  # 50 positions: past the 32-cell padding of the V path
-    fused, every, last, steps = _run(path, ids)
+    assert kernels.set_isa(isa)
+    try:
+        fused, every, last, steps = _run(path, ids)
+    finally:
+        kernels.set_isa("auto")
     assert fused
     monkeypatch.setenv("BITNET_KERNELS", "0")
     kernels._reset_for_tests()
@@ -130,3 +146,18 @@ def test_tl2_runs_repacked_as_i2s(tmp_path, monkeypatch):
         monkeypatch.undo()
         kernels._reset_for_tests()
     assert same_bits(native, ref)
+
+
+@needs_native
+def test_cos_sin_are_the_libm_functions(monkeypatch):
+    """RoPE's cosf/sinf from C and through ctypes: the same library functions, the same bits."""
+    import bitnet_ref.model as model
+
+    theta = np.concatenate([np.random.default_rng(1).uniform(-5000, 5000, 20000),
+                            [0.0, -0.0, 1e-30, 3.0e38, np.pi, 4096.0]]).astype(np.float32)
+    native = model.cos_sin_f32(theta)
+    monkeypatch.setattr(kernels, "cos_sin", lambda th: None)
+    if model._COSF is None:
+        pytest.skip("no libm through ctypes here")
+    by_ctypes = model.cos_sin_f32(theta)
+    assert same_bits(native[0], by_ctypes[0]) and same_bits(native[1], by_ctypes[1])
