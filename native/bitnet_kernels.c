@@ -152,24 +152,31 @@ __attribute__((target("avx2"))) static int32_t i2s_dot_avx2(const uint8_t *w, co
     return _mm_cvtsi128_si32(r);
 }
 
+/* acc += u8 codes x the 64 s8 bytes at p, in place (inline asm: GCC copies the accumulator of
+ * _mm512_dpbusd_epi32 around each use in this loop) */
+__attribute__((target(BK_VNNI_TARGET))) static inline __attribute__((always_inline)) __m512i
+dpbusd_mem(__m512i acc, __m512i codes, const __m512i *p) {
+    __asm__("vpdpbusd %2, %1, %0" : "+v"(acc) : "v"(codes), "m"(*p));
+    return acc;
+}
+
 /* one row against activations in "pair order" (vnni_pair_order): per pair of blocks, for each 2-bit group g the 32
  * q values of the first block then the 32 of the second, so one 64-byte load serves a group of both blocks; an
  * odd last block stays in natural order */
 __attribute__((target(BK_VNNI_TARGET))) static int32_t i2s_dot_vnni(const uint8_t *w, const int8_t *qp,
                                                                     int64_t nb) {
     const __m512i mask = _mm512_set1_epi8(3);
-    __m512i acc[4] = {_mm512_setzero_si512(), _mm512_setzero_si512(), _mm512_setzero_si512(), _mm512_setzero_si512()};
+    __m512i a0 = _mm512_setzero_si512(), a1 = a0, a2 = a0, a3 = a0; /* one per group: independent chains */
     int64_t b = 0;
     for (; b + 2 <= nb; b += 2) { /* two blocks: 64 packed bytes */
         __m512i p = _mm512_loadu_si512((const void *)(w + 32 * b));
-        const int8_t *qb = qp + QK_I2S * b;
-        for (int g = 0; g < 4; g++) { /* one accumulator per group: four independent dpbusd chains */
-            __m512i c = _mm512_and_si512(_mm512_srli_epi16(p, 6 - 2 * g), mask);
-            acc[g] = _mm512_dpbusd_epi32(acc[g], c, _mm512_loadu_si512((const void *)(qb + 64 * g)));
-        }
+        const __m512i *qb = (const __m512i *)(qp + QK_I2S * b);
+        a0 = dpbusd_mem(a0, _mm512_and_si512(_mm512_srli_epi16(p, 6), mask), qb);
+        a1 = dpbusd_mem(a1, _mm512_and_si512(_mm512_srli_epi16(p, 4), mask), qb + 1);
+        a2 = dpbusd_mem(a2, _mm512_and_si512(_mm512_srli_epi16(p, 2), mask), qb + 2);
+        a3 = dpbusd_mem(a3, _mm512_and_si512(p, mask), qb + 3);
     }
-    int32_t sum = _mm512_reduce_add_epi32(
-        _mm512_add_epi32(_mm512_add_epi32(acc[0], acc[1]), _mm512_add_epi32(acc[2], acc[3])));
+    int32_t sum = _mm512_reduce_add_epi32(_mm512_add_epi32(_mm512_add_epi32(a0, a1), _mm512_add_epi32(a2, a3)));
     if (b < nb) {
         const __m256i m = _mm256_set1_epi8(3);
         __m256i a = _mm256_setzero_si256();
