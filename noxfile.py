@@ -84,11 +84,12 @@ def neon(session: nox.Session) -> None:
 @nox.session
 def sanitize(session: nox.Session) -> None:
     """The native kernels built with -fsanitize=address,undefined (a separate build in a temp dir) under
-    tests/test_kernels.py. The build is loaded through BITNET_KERNELS_PATH (the test suite fails if it does not
-    load). A Python host needs the ASan runtime first in the process: LD_PRELOAD=$(cc -print-file-name=libasan.so)
-    (the compiler that built the extension); ASAN_OPTIONS=detect_leaks=0 because the interpreter itself
-    leaks by design; PYTHONMALLOC=malloc so that Python buffers come from malloc, where ASan sees their
-    bounds (pymalloc's arenas hide overflows). UBSan aborts on the first report (-fno-sanitize-recover)."""
+    tests/test_kernels.py and tests/test_layer_kernel.py. The build is loaded through BITNET_KERNELS_PATH (the
+    test suite fails if it does not load). A Python host needs the ASan runtime first in the process:
+    LD_PRELOAD=$(cc -print-file-name=libasan.so) (the compiler that built the extension);
+    ASAN_OPTIONS=detect_leaks=0 because the interpreter itself leaks by design; PYTHONMALLOC=malloc so that
+    Python buffers come from malloc, where ASan sees their bounds (pymalloc's arenas hide overflows). UBSan
+    aborts on the first report (-fno-sanitize-recover)."""
     import subprocess
     import sysconfig
 
@@ -100,7 +101,8 @@ def sanitize(session: nox.Session) -> None:
     built = [f for f in os.listdir(os.path.join(out, "sanitize")) if f.endswith(".so")]
     cc = (sysconfig.get_config_var("CC") or "cc").split()[0]
     libasan = subprocess.run([cc, "-print-file-name=libasan.so"], capture_output=True, text=True).stdout.strip()
-    session.run("pytest", "-q", "-p", "no:cacheprovider", "tests/test_kernels.py", *session.posargs,
+    session.run("pytest", "-q", "-p", "no:cacheprovider", "tests/test_kernels.py", "tests/test_layer_kernel.py",
+                *session.posargs,
                 env={"BITNET_KERNELS_PATH": os.path.join(out, "sanitize", built[0]), "LD_PRELOAD": libasan,
                      "ASAN_OPTIONS": "detect_leaks=0:abort_on_error=1", "PYTHONMALLOC": "malloc",
                      "UBSAN_OPTIONS": "print_stacktrace=1:halt_on_error=1", "BITNET_KERNEL_EXAMPLES": "100"})

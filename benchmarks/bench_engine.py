@@ -86,22 +86,20 @@ def _peak_rss_mib() -> float:
     return float("nan")
 
 
-def bench_i2s(path, n_prefill, n_decode):
-    """bitnet_ref prefill and decode tokens/s (bitnet-cpp profile; last logits only, as llama-bench) and the peak
-    RSS: a prefill of n_prefill tokens, then n_decode tokens one at a time from a fresh one-token state."""
-    with Model.load(path, "bitnet-cpp") as m:
-        m.forward([1], m.new_state(), last_only=True)  # warm-up (maps the pages, starts the thread pool)
-        ids = [int(x) for x in np.random.default_rng(0).integers(0, 500, n_prefill)]
-        t = time.perf_counter()
-        m.forward(ids, m.new_state(), last_only=True)
-        pp = n_prefill / (time.perf_counter() - t)
-        st = m.new_state()
-        m.forward([1], st)
-        t = time.perf_counter()
-        for i in range(n_decode):
-            m.forward([2 + i], st)
-        tg = n_decode / (time.perf_counter() - t)
-    return pp, tg, _peak_rss_mib()
+def bench_i2s(m, n_prefill, n_decode):
+    """bitnet_ref prefill and decode tokens/s on a loaded model (bitnet-cpp profile; last logits only, as
+    llama-bench): a prefill of n_prefill tokens, then n_decode tokens one at a time from a one-token state."""
+    m.forward([1], m.new_state(), last_only=True)  # warm-up (starts the thread pool, grows the scratch)
+    ids = [int(x) for x in np.random.default_rng(0).integers(0, 500, n_prefill)]
+    t = time.perf_counter()
+    m.forward(ids, m.new_state(), last_only=True)
+    pp = n_prefill / (time.perf_counter() - t)
+    st = m.new_state()
+    m.forward([1], st)
+    t = time.perf_counter()
+    for i in range(n_decode):
+        m.forward([2 + i], st)
+    return pp, n_decode / (time.perf_counter() - t)
 
 
 def bench_llama_cpp_last(path, n_prefill, n_decode, threads):
@@ -139,7 +137,7 @@ def bench_bitnet_cpp(path, n_prompt, n_gen, threads):
     if exe is None:
         return None
     r = subprocess.run([str(exe), "-m", str(path), "-p", str(n_prompt), "-n", str(n_gen), "-t", str(threads),
-                        "-r", "2", "-o", "json"], capture_output=True, text=True, check=True)
+                        "-r", "1", "-o", "json"], capture_output=True, text=True, check=True)
     out = {}
     for row in json.loads(r.stdout):
         out["pp" if row["n_prompt"] > 0 else "tg"] = float(row["avg_ts"])
@@ -166,6 +164,7 @@ def main() -> None:
     ap.add_argument("--i2s-decode", type=int, default=128)
     ap.add_argument("--i2s-prefill", type=int, default=512)
     ap.add_argument("--tq2", help="the TQ2_0 file of the same shapes for mainline llama.cpp, or `synth`")
+    ap.add_argument("--repeat", type=int, default=3, help="alternating rounds of bitnet_ref and bitnet.cpp (--i2s)")
     args = ap.parse_args()
     threads = int(os.environ.get("BITNET_CPU_THREADS", "2"))
     native = f"bitnet_ref ({kernels.active()})"
@@ -187,15 +186,29 @@ def main() -> None:
             os.unlink(path)
     if args.i2s:
         size = os.path.getsize(args.i2s) / 2**20
-        pp, tg, peak = _with_kernels(True, bench_i2s, args.i2s, args.i2s_prefill, args.i2s_decode)
         print(f"\nI2_S {Path(args.i2s).name} ({size:.0f} MiB), pp {args.i2s_prefill}, tg {args.i2s_decode}, "
-              f"{threads} threads")
+              f"{threads} threads; {args.repeat} rounds, bitnet_ref and bitnet.cpp alternating, medians")
+        ours, theirs = [], []
+
+        def rounds():
+            with Model.load(args.i2s, "bitnet-cpp") as m:
+                for _ in range(args.repeat):
+                    ours.append(bench_i2s(m, args.i2s_prefill, args.i2s_decode))
+                    bc = bench_bitnet_cpp(args.i2s, args.i2s_prefill, args.i2s_decode, threads)
+                    if bc is not None:
+                        theirs.append((bc["pp"], bc["tg"]))
+                    print(f"  round {len(ours)}: bitnet_ref {ours[-1][0]:.2f} / {ours[-1][1]:.2f}" +
+                          (f", bitnet.cpp {theirs[-1][0]:.2f} / {theirs[-1][1]:.2f}" if bc else ""))
+            return _peak_rss_mib()
+
+        peak = _with_kernels(True, rounds)
+        pp, tg = (float(np.median([r[i] for r in ours])) for i in (0, 1))
         print(f"{'engine':<34}{'prefill tok/s':>15}{'decode tok/s':>15}")
         print(f"{native:<34}{pp:>15.2f}{tg:>15.2f}   peak RSS {peak:.0f} MiB ({peak / size:.2f}x file)")
-        bc = bench_bitnet_cpp(args.i2s, args.i2s_prefill, args.i2s_decode, threads)
-        if bc is not None:
-            print(f"{'bitnet.cpp llama-bench (I2_S)':<34}{bc['pp']:>15.2f}{bc['tg']:>15.2f}")
-            print(f"{'ratio ours/bitnet.cpp':<34}{pp / bc['pp']:>15.3f}{tg / bc['tg']:>15.3f}")
+        if theirs:
+            bpp, btg = (float(np.median([r[i] for r in theirs])) for i in (0, 1))
+            print(f"{'bitnet.cpp llama-bench (I2_S)':<34}{bpp:>15.2f}{btg:>15.2f}")
+            print(f"{'ratio ours/bitnet.cpp':<34}{pp / bpp:>15.3f}{tg / btg:>15.3f}")
         else:
             print("bitnet.cpp: not measured (set BITNET_CPP_DIR to a build with bin/llama-bench)")
         if args.tq2:
