@@ -44,6 +44,7 @@
 #define EXP_SHIFT 0x1.8p+23f /* 1.5 * 2^23: adding it rounds to an integer */
 
 #define KQV_TILE 8 /* V columns per sgemm pass: independent FMA chains share each probability load */
+#define HG 4       /* prefill: the query heads of one KV head taken together (when they come in fours) */
 
 /* ---------------------------------------------------------------- portable pieces */
 
@@ -190,6 +191,21 @@ BK_AVX512 static float dot_f16_avx512(const float *q, const uint16_t *k, int64_t
     return (float)s;
 }
 
+/* dot_f16_avx512 with the key widened beforehand (the same floats: every f16 value is a float32) */
+BK_AVX512 static float dotf_avx512(const float *q, const float *k, int64_t d) {
+    __m512 a0 = _mm512_setzero_ps(), a1 = a0, a2 = a0, a3 = a0;
+    int64_t body = d & ~(int64_t)63;
+    for (int64_t c = 0; c < body; c += 64) { /* exact products: each FMA is the lane's add */
+        a0 = _mm512_fmadd_ps(_mm512_loadu_ps(q + c), _mm512_loadu_ps(k + c), a0);
+        a1 = _mm512_fmadd_ps(_mm512_loadu_ps(q + c + 16), _mm512_loadu_ps(k + c + 16), a1);
+        a2 = _mm512_fmadd_ps(_mm512_loadu_ps(q + c + 32), _mm512_loadu_ps(k + c + 32), a2);
+        a3 = _mm512_fmadd_ps(_mm512_loadu_ps(q + c + 48), _mm512_loadu_ps(k + c + 48), a3);
+    }
+    double s = (double)reduce16_avx512(_mm512_add_ps(_mm512_add_ps(a0, a2), _mm512_add_ps(a1, a3)));
+    for (int64_t i = body; i < d; i++) s = s + (double)q[i] * (double)k[i];
+    return (float)s;
+}
+
 BK_AVX512 static void softmax_avx512(float *w, int64_t nvis, int64_t ns) {
     for (int64_t s = nvis; s < ns; s++) w[s] = -INFINITY;
     __m512 vmx = _mm512_set1_ps(-INFINITY);
@@ -230,6 +246,35 @@ BK_AVX512 static void kqv_avx512(const float *p, const float *vt, int64_t ld, in
         for (int j = 0; j < nd; j++) kqv_tile_avx512(p, vt + j * ld, ld, nc, 1, out + j);
 }
 
+/* kqv_tile_avx512 for the 4 query heads that share a KV head, 4 columns: each V^T load serves all four. The 16
+ * accumulators are named variables (GCC keeps arrays of vectors on the stack). */
+#define KQV4_ROW(u)                                                                                                \
+    do {                                                                                                           \
+        __m512 pv = _mm512_loadu_ps(p + (u) * ps + c);                                                             \
+        a##u##0 = _mm512_fmadd_ps(pv, v0, a##u##0), a##u##1 = _mm512_fmadd_ps(pv, v1, a##u##1);                   \
+        a##u##2 = _mm512_fmadd_ps(pv, v2, a##u##2), a##u##3 = _mm512_fmadd_ps(pv, v3, a##u##3);                   \
+    } while (0)
+#define KQV4_OUT(u)                                                                                                \
+    out[(u) * os] = reduce16_avx512(a##u##0), out[(u) * os + 1] = reduce16_avx512(a##u##1),                       \
+    out[(u) * os + 2] = reduce16_avx512(a##u##2), out[(u) * os + 3] = reduce16_avx512(a##u##3)
+BK_AVX512 static void kqv4_avx512(const float *p, int64_t ps, const float *vt, int64_t ld, int64_t nc, float *out,
+                                  int64_t os) {
+    __m512 a00 = _mm512_setzero_ps(), a01 = a00, a02 = a00, a03 = a00, a10 = a00, a11 = a00, a12 = a00, a13 = a00;
+    __m512 a20 = a00, a21 = a00, a22 = a00, a23 = a00, a30 = a00, a31 = a00, a32 = a00, a33 = a00;
+    for (int64_t c = 0; c < 16 * nc; c += 16) {
+        __m512 v0 = _mm512_loadu_ps(vt + c), v1 = _mm512_loadu_ps(vt + ld + c);
+        __m512 v2 = _mm512_loadu_ps(vt + 2 * ld + c), v3 = _mm512_loadu_ps(vt + 3 * ld + c);
+        KQV4_ROW(0);
+        KQV4_ROW(1);
+        KQV4_ROW(2);
+        KQV4_ROW(3);
+    }
+    KQV4_OUT(0);
+    KQV4_OUT(1);
+    KQV4_OUT(2);
+    KQV4_OUT(3);
+}
+
 BK_AVX512 static void vp_lanes_avx512(const float *pf, const uint16_t *v, int64_t vs, int64_t nb, int64_t d,
                                       float *acc) {
     int64_t d16 = d & ~(int64_t)15;
@@ -265,17 +310,22 @@ typedef struct {
     float (*dot)(const float *q, const uint16_t *k, int64_t d);
     void (*softmax)(float *w, int64_t nvis, int64_t ns);
     void (*kqv)(const float *p, const float *vt, int64_t ld, int64_t nc, int nd, float *out);
+    /* kqv for 4 query heads (p rows ps apart, outputs os apart) x 4 columns at once, or NULL */
+    void (*kqv4)(const float *p, int64_t ps, const float *vt, int64_t ld, int64_t nc, float *out, int64_t os);
+    /* dot against a key already widened to float32 (prefill), or NULL */
+    float (*dotf)(const float *q, const float *k, int64_t d);
     void (*vp_lanes)(const float *pf, const uint16_t *v, int64_t vs, int64_t nb, int64_t d, float *acc);
     void (*f16_row)(const uint16_t *src, float *dst, int64_t n);
     void (*round_f16)(float *x, int64_t n);
 } att_fns;
 
 static att_fns att_fn(void) {
-    att_fns f = {dot_f16_portable, softmax_portable, kqv_portable, vp_lanes_portable, f16_row_portable,
-                 round_f16_portable};
+    att_fns f = {dot_f16_portable,  softmax_portable, kqv_portable,      NULL, NULL,
+                 vp_lanes_portable, f16_row_portable, round_f16_portable};
 #ifdef BK_X86
     if (bk_current_isa() == ISA_VNNI) /* implies AVX-512F, all these need */
-        f = (att_fns){dot_f16_avx512, softmax_avx512, kqv_avx512, vp_lanes_avx512, f16_row_avx512, round_f16_avx512};
+        f = (att_fns){dot_f16_avx512,  softmax_avx512, kqv_avx512,      kqv4_avx512, dotf_avx512,
+                      vp_lanes_avx512, f16_row_avx512, round_f16_avx512};
 #endif
     return f;
 }
@@ -286,8 +336,10 @@ typedef struct {
     const uint16_t *kc, *vc;
     float *out;
     int64_t t, heads, kvh, g, d, s_len, sp, n_kv;
+    int hg; /* query heads per work item: HG in prefill when the grouped kernel applies, else 1 */
     float scale;
     float *vt;            /* t > 1: (kvh, d, sp) V transposed, zero past s_len */
+    float *kf;            /* t > 1 with fn.dotf: (kvh, s_len, d) K widened to float32 */
     unsigned char *v_bad; /* t > 1: per KV head, V holds an inf or NaN */
     char *scratch;        /* per task: scratch_stride bytes */
     size_t scratch_stride;
@@ -295,14 +347,14 @@ typedef struct {
     atomic_llong next;
 } att_t;
 
-/* per task scratch: pd (d doubles: the decode sums), w (sp floats), q16 (d floats), acc (64 * d floats when
- * t == 1) */
+/* per task scratch: pd (d doubles: the decode sums), w (HG * sp floats), q16 (HG * d floats), acc (64 * d floats
+ * when t == 1); HG: the query heads an item takes */
 static void task_scratch(const att_t *a, int ith, float **w, double **pd, float **q16, float **acc) {
     char *base = a->scratch + (size_t)ith * a->scratch_stride;
     *pd = (double *)base;
     *w = (float *)(*pd + a->d);
-    *q16 = *w + a->sp;
-    *acc = *q16 + a->d;
+    *q16 = *w + HG * a->sp;
+    *acc = *q16 + HG * a->d;
 }
 
 /* t > 1: V^T (float32) for the sgemm lanes, one KV head per step */
@@ -325,6 +377,9 @@ static void transpose_v_task(void *ctx, int ith, int nth) {
         for (int64_t dd = 0; dd < a->d; dd++)
             for (int64_t s = a->s_len; s < a->sp; s++) vt[dd * a->sp + s] = 0.0f;
         a->v_bad[h] = bad;
+        if (a->kf)
+            for (int64_t s = 0; s < a->s_len; s++)
+                a->fn.f16_row(a->kc + (s * a->kvh + h) * a->d, a->kf + (h * a->s_len + s) * a->d, a->d);
     }
 }
 
@@ -348,25 +403,35 @@ static void vp_finish(const att_t *a, const float *acc, const float *pf, const u
     for (int64_t dd = 0; dd < d; dd++) out[dd] = (float)sd[dd];
 }
 
-/* one work item: query head hq of query row ti; the most expensive (latest) rows are handed out first */
+/* one work item: query heads hq0 .. hq0 + hg - 1 (one KV head) of query row ti; the most expensive (latest) rows
+ * are handed out first */
 static void attention_task(void *ctx, int ith, int nth) {
     (void)nth;
     att_t *a = (att_t *)ctx;
     float *w, *q16, *acc;
     double *pd;
     task_scratch(a, ith, &w, &pd, &q16, &acc);
-    const int64_t d = a->d, kvd = a->kvh * a->d;
+    const int64_t d = a->d, kvd = a->kvh * a->d, hg = a->hg, groups = a->heads / hg;
     for (;;) {
         int64_t i = atomic_fetch_add_explicit(&a->next, 1, memory_order_relaxed);
         if (i >= a->items) break;
-        int64_t ti = a->t - 1 - i / a->heads, hq = i % a->heads, h = hq / a->g;
-        memcpy(q16, a->q + (ti * a->heads + hq) * d, sizeof(float) * (size_t)d);
-        a->fn.round_f16(q16, d);
+        int64_t ti = a->t - 1 - i / groups, hq0 = (i % groups) * hg, h = hq0 / a->g;
         int64_t nvis = a->s_len - a->t + ti + 1, ns = (nvis + 15) & ~(int64_t)15;
-        for (int64_t s = 0; s < nvis; s++) w[s] = a->fn.dot(q16, a->kc + s * kvd + h * d, d) * a->scale;
-        a->fn.softmax(w, nvis, ns);
-        float *o = a->out + (ti * a->heads + hq) * d;
-        if (a->t == 1) { /* nvis == s_len: no masked cell */
+        memcpy(q16, a->q + (ti * a->heads + hq0) * d, sizeof(float) * (size_t)(hg * d));
+        a->fn.round_f16(q16, hg * d);
+        for (int64_t u = 0; u < hg; u++) {
+            const float *qu = q16 + u * d;
+            float *wu = w + u * a->sp;
+            if (a->kf) {
+                const float *kh = a->kf + h * a->s_len * d;
+                for (int64_t s = 0; s < nvis; s++) wu[s] = a->fn.dotf(qu, kh + s * d, d) * a->scale;
+            } else {
+                for (int64_t s = 0; s < nvis; s++) wu[s] = a->fn.dot(qu, a->kc + s * kvd + h * d, d) * a->scale;
+            }
+        }
+        for (int64_t u = 0; u < hg; u++) a->fn.softmax(w + u * a->sp, nvis, ns);
+        float *o = a->out + (ti * a->heads + hq0) * d;
+        if (a->t == 1) { /* nvis == s_len: no masked cell; hg == 1 */
             a->fn.round_f16(w, a->s_len);
             int64_t body = a->n_kv & ~(int64_t)63, nb = body < a->s_len ? body : a->s_len;
             if (nb > 0) {
@@ -377,11 +442,18 @@ static void attention_task(void *ctx, int ith, int nth) {
             continue;
         }
         int64_t nk = a->v_bad[h] ? a->sp : ns; /* 0 * inf must reach the sums: every key */
-        for (int64_t s = ns; s < nk; s++) w[s] = 0.0f;
+        for (int64_t u = 0; u < hg; u++)
+            for (int64_t s = ns; s < nk; s++) w[u * a->sp + s] = 0.0f;
         const float *vt = a->vt + h * d * a->sp;
         int64_t dd = 0;
-        for (; dd + KQV_TILE <= d; dd += KQV_TILE) a->fn.kqv(w, vt + dd * a->sp, a->sp, nk / 16, KQV_TILE, o + dd);
-        if (dd < d) a->fn.kqv(w, vt + dd * a->sp, a->sp, nk / 16, (int)(d - dd), o + dd);
+        if (hg == HG)
+            for (; dd + 4 <= d; dd += 4) a->fn.kqv4(w, a->sp, vt + dd * a->sp, a->sp, nk / 16, o + dd, d);
+        for (int64_t u = 0; u < hg; u++) {
+            int64_t c = dd;
+            for (; c + KQV_TILE <= d; c += KQV_TILE)
+                a->fn.kqv(w + u * a->sp, vt + c * a->sp, a->sp, nk / 16, KQV_TILE, o + u * d + c);
+            if (c < d) a->fn.kqv(w + u * a->sp, vt + c * a->sp, a->sp, nk / 16, (int)(d - c), o + u * d + c);
+        }
     }
 }
 
@@ -404,7 +476,8 @@ int bk_attention_f16(const float *q, int64_t t, int64_t heads, int64_t kv_heads,
     int64_t c32 = (s_len + 31) & ~(int64_t)31; /* n_kv = min(ceil32(s_len), ceil32(n_ctx)) */
     a.n_kv = n_ctx >= c32 ? c32 : (n_ctx + 31) & ~(int64_t)31;
     a.scale = 1.0f / sqrtf((float)d);
-    a.items = heads * t;
+    a.hg = t > 1 && a.fn.kqv4 && a.g % HG == 0 ? HG : 1;
+    a.items = heads / a.hg * t;
 
     /* small problems are not worth waking the pool */
     double work = (double)heads * (double)t * (double)s_len * (double)d;
@@ -413,17 +486,19 @@ int bk_attention_f16(const float *q, int64_t t, int64_t heads, int64_t kv_heads,
     if (n > a.items) n = (int)a.items;
 
     size_t stride = 64, vt_bytes = 0, total = 0;
-    int ok = add_size(&stride, (size_t)d, sizeof(double)) && add_size(&stride, (size_t)a.sp, sizeof(float)) &&
-             add_size(&stride, (size_t)d, 4) &&
+    int ok = add_size(&stride, (size_t)d, sizeof(double)) && add_size(&stride, (size_t)a.sp, HG * sizeof(float)) &&
+             add_size(&stride, (size_t)d, HG * 4) &&
              (t > 1 || add_size(&stride, (size_t)d, 64 * sizeof(float)));
     stride &= ~(size_t)63;
     if (t > 1) ok = ok && add_size(&vt_bytes, (size_t)(kv_heads * d), (size_t)a.sp * sizeof(float));
+    if (t > 1 && a.fn.dotf) ok = ok && add_size(&vt_bytes, (size_t)(kv_heads * d), (size_t)s_len * sizeof(float));
     ok = ok && add_size(&total, (size_t)n, stride) && add_size(&total, vt_bytes, 1) &&
          add_size(&total, (size_t)kv_heads, 1);
     char *mem = ok ? (char *)bk_scratch(BK_SCRATCH_ATTENTION, total) : NULL;
     if (!mem) return BK_ENOMEM;
     a.scratch = mem, a.scratch_stride = stride;
     a.vt = (float *)(mem + (size_t)n * stride);
+    a.kf = t > 1 && a.fn.dotf ? a.vt + kv_heads * d * a.sp : NULL;
     a.v_bad = (unsigned char *)(mem + (size_t)n * stride + vt_bytes);
     atomic_init(&a.next, 0);
     if (t > 1) bk_parallel(transpose_v_task, &a, n < kv_heads ? n : (int)kv_heads);

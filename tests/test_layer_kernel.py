@@ -42,7 +42,9 @@ def test_f32_to_f16_rounds_as_numpy():
     kernels.set_isa("auto")
     assert all(np.array_equal(o, outs[0]) for o in outs[1:])
     keep = ~np.isnan(x)  # numpy quiets NaN payloads its own way
-    np.testing.assert_array_equal(outs[0][keep], x[keep].astype(np.float16).view(np.uint16))
+    with np.errstate(over="ignore"):  # values past 65504 become inf, as in C
+        want = x[keep].astype(np.float16).view(np.uint16)
+    np.testing.assert_array_equal(outs[0][keep], want)
 
 
 def _run(path, ids, monkeypatch=None, threads=None):
