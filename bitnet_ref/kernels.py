@@ -300,10 +300,7 @@ def attention_f16(q, kc, vc, s_len: int, n_ctx: int) -> np.ndarray:
     rc = mod.lib.bk_attention_f16(_ptr(mod, "float[]", a), t, heads, kvh, d, _ptr(mod, "uint16_t[]", caches[0]),
                                   _ptr(mod, "uint16_t[]", caches[1]), s_len, n_ctx, _ptr(mod, "float[]", out),
                                   threads())
-    if rc == -3:
-        raise MemoryError("attention_f16: no memory for the score and V buffers")
-    if rc != 0:
-        raise ValueError(f"attention_f16: bad arguments (rc={rc})")
+    _check(rc, "attention_f16", d, 1)
     return out
 
 
@@ -370,13 +367,19 @@ def bitnet_layer(plan: LayerPlan, x: np.ndarray, s_len: int, kc: np.ndarray, vc:
                         ("cos", cos, np.float32), ("sin", sin, np.float32)):
         if a.dtype != dt or not a.flags.c_contiguous:
             raise ValueError(f"bitnet_layer: {name} must be C-contiguous {np.dtype(dt).name}")
-    if kc.shape[0] < s_len or vc.shape[0] < s_len or cos.shape[0] != t or sin.shape[0] != t:
-        raise ValueError(f"bitnet_layer: caches of {kc.shape[0]} positions for s_len={s_len}, or angles not ({t}, .)")
+    cache = (int(st.kv_heads), int(st.head_dim))
+    if x.ndim != 2 or x.shape[1] != st.hidden or kc.shape[1:] != cache or vc.shape[1:] != cache:
+        raise ValueError(f"bitnet_layer: x {x.shape}, caches {kc.shape} / {vc.shape} do not fit the layer "
+                         f"(hidden {st.hidden}, (positions, {cache[0]}, {cache[1]}) caches)")
+    if kc.shape[0] < s_len or vc.shape[0] < s_len:
+        raise ValueError(f"bitnet_layer: caches of {min(kc.shape[0], vc.shape[0])} positions for s_len={s_len}")
+    if cos.shape != (t, cache[1] // 2) or sin.shape != cos.shape:
+        raise ValueError(f"bitnet_layer: angles {cos.shape} / {sin.shape}, the layer needs ({t}, {cache[1] // 2})")
     rc = mod.lib.bk_bitnet_layer(st, _ptr(mod, "float[]", x), t, s_len, _ptr(mod, "uint16_t[]", kc.view(np.uint16)),
                                  _ptr(mod, "uint16_t[]", vc.view(np.uint16)), _ptr(mod, "float[]", cos),
                                  _ptr(mod, "float[]", sin), int(last_only), threads())
     _check(rc, "bitnet_layer", int(st.hidden), QK_I2_S)
 
 
-__all__ = ["active", "attention_f16", "available", "bitnet_layer", "f16_matmul", "i2s_raw", "layer_plan", "reload",
-           "quantize_i8_s", "quantize_q8_k_blocks", "set_isa", "tq_lanes", "unavailable_reason"]
+__all__ = ["active", "attention_f16", "available", "bitnet_layer", "cos_sin", "f16_matmul", "i2s_raw", "layer_plan",
+           "reload", "quantize_i8_s", "quantize_q8_k_blocks", "set_isa", "tq_lanes", "unavailable_reason"]

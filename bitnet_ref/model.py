@@ -387,9 +387,8 @@ class Model:
         self.dtype = np.dtype(profile.math)
         self._row_bytes = self._embedding_row_bytes()
         # the F16 lm_head the native kernels read once per token: held in process memory (see resident_copy)
-        self._embd_bytes = None
-        if self._lm_head_native(np.zeros((1, cfg.hidden), np.float32), probe=True):
-            self._embd_bytes = gf.resident_copy(embd_info)
+        self._embd_bytes = gf.resident_copy(embd_info) if self._native_lm_head_applies() else None
+        self._plans_checked, self._plans = False, None  # see _layer_plans
         # BITNET_DEVICE: where the I2_S decode products run (bitnet_ref/device.py; CUDA untested on hardware)
         self.device, self._gpu = _device.for_model(layers)
 
@@ -618,15 +617,17 @@ class Model:
                 out[:, start:stop] = h @ self._embedding_rows(start, stop).T.astype(dt)
         return out
 
-    def _lm_head_native(self, h: np.ndarray, probe: bool = False):
+    def _native_lm_head_applies(self) -> bool:
+        p = self.profile
+        return bool(p.ggml_cpu and p.activations == "i8_s" and self._embd_fmt.name == "f16"
+                    and self.cfg.hidden % 16 == 0 and self._row_bytes is not None and kernels.available())
+
+    def _lm_head_native(self, h: np.ndarray) -> np.ndarray | None:
         """bitnet-cpp's F16 lm_head in the native kernels, straight from the stored rows: the same bits as the
         numpy branch of `_lm_head` (ggml_vec_dot_f16 on f16 activations for one row, tinyBLAS for more);
-        None where that branch does not apply or the kernels are unavailable (with probe: whether it applies)."""
-        p = self.profile
-        ok = (p.ggml_cpu and p.activations == "i8_s" and self._embd_fmt.name == "f16" and h.shape[1] % 16 == 0
-              and self._row_bytes is not None and kernels.available())
-        if probe or not ok:
-            return ok if probe else None
+        None where that branch does not apply or the kernels are unavailable."""
+        if not self._native_lm_head_applies():
+            return None
         data = self._embd_bytes if self._embd_bytes is not None else self._gf.tensor_bytes(self._embd)
         if h.shape[0] == 1:
             return kernels.f16_matmul(h.astype(np.float16).astype(np.float32), data, self.cfg.vocab, "vec_dot")
@@ -845,8 +846,8 @@ class Model:
         """The layers prepared for the native one-call-per-layer forward (kernels.bitnet_layer), or None where
         it does not apply: it computes the bitnet-cpp profile on bitnet-b1.58 models whose projections are all
         packed I2_S (x86) tensors with one scale each, on the CPU."""
-        if getattr(self, "_plans", 0) == 0:
-            self._plans = None
+        if not self._plans_checked:
+            self._plans_checked = True
             p, cfg = self.profile, self.cfg
             ok = (p.ggml_cpu and p.activations == "i8_s" and p.kv_cache == "f16" and not p.i2s_int16_wrap
                   and cfg.activation == "relu2" and self._gpu is None and kernels.available()

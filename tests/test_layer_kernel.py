@@ -125,6 +125,11 @@ def test_layer_kernel_rejects_short_caches(tmp_path):
             kernels.bitnet_layer(plan, x, 2, cache, cache, angles, angles, False)
         with pytest.raises(ValueError, match="C-contiguous float32"):
             kernels.bitnet_layer(plan, x.astype(np.float64), 2, cache, cache, angles, angles, False)
+        wide = np.zeros((4, c.kv_heads + 1, c.head_dim), np.float16)  # would be read past its end
+        with pytest.raises(ValueError, match="do not fit the layer"):
+            kernels.bitnet_layer(plan, x, 2, wide, wide, angles, angles, False)
+        with pytest.raises(ValueError, match="angles"):
+            kernels.bitnet_layer(plan, x, 1, cache, cache, angles[:1, :3], angles[:1, :3], False)
 
 
 @needs_native
