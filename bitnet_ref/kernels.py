@@ -331,14 +331,15 @@ LAYER_PROJECTIONS = ("attn_q", "attn_k", "attn_v", "attn_output", "ffn_gate", "f
 def layer_plan(dims: dict, norms: dict, packed: dict, w_scale: dict, out_scale: dict) -> LayerPlan | None:
     """The struct `bk_bitnet_layer` reads (native/bitnet_kernels.h), or None without the native kernels.
 
-    dims: hidden, heads, kv_heads, head_dim, ffn, n_ctx, eps; norms: the four float32 gains by tensor name
-    (attn_norm, attn_sub_norm, ffn_norm, ffn_sub_norm); packed / w_scale / out_scale: by projection name
-    (LAYER_PROJECTIONS), the I2_S bytes, their per-tensor scale and the `.scale` factor (1.0 if absent)."""
+    dims: hidden, heads, kv_heads, head_dim, ffn, n_ctx, eps, silu (0: ReLU^2 gating, 1: SiLU); norms: the four
+    float32 gains by tensor name (attn_norm, attn_sub_norm, ffn_norm, ffn_sub_norm); packed / w_scale /
+    out_scale: by projection name (LAYER_PROJECTIONS), the I2_S bytes, their per-tensor scale and the `.scale`
+    factor (1.0 if absent)."""
     mod = _load()
     if mod is None:
         return None
     st = mod.ffi.new("bk_layer *")
-    for name in ("hidden", "heads", "kv_heads", "head_dim", "ffn", "n_ctx", "eps"):
+    for name in ("hidden", "heads", "kv_heads", "head_dim", "ffn", "n_ctx", "eps", "silu"):
         setattr(st, name, dims[name])
     keep = []
     for name in ("attn_norm", "attn_sub_norm", "ffn_norm", "ffn_sub_norm"):

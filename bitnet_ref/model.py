@@ -844,19 +844,20 @@ class Model:
 
     def _layer_plans(self) -> list | None:
         """The layers prepared for the native one-call-per-layer forward (kernels.bitnet_layer), or None where
-        it does not apply: it computes the bitnet-cpp profile on bitnet-b1.58 models whose projections are all
-        packed I2_S (x86) tensors with one scale each, on the CPU."""
+        it does not apply: it computes the bitnet-cpp profile on models whose projections are all packed I2_S
+        (x86) tensors with one scale each, on the CPU."""
         if not self._plans_checked:
             self._plans_checked = True
             p, cfg = self.profile, self.cfg
             ok = (p.ggml_cpu and p.activations == "i8_s" and p.kv_cache == "f16" and not p.i2s_int16_wrap
-                  and cfg.activation == "relu2" and self._gpu is None and kernels.available()
+                  and cfg.activation in ("relu2", "silu") and self._gpu is None and kernels.available()
                   and cfg.hidden % QK_I2_S == 0 and cfg.ffn % QK_I2_S == 0
                   and all(lin.packed is not None and lin.values is None and lin.type_id == I2S_X86.type_id
                           and lin.scale.size == 1 for layer in self.layers for lin in layer.proj.values()))
             if ok:
                 dims = {"hidden": cfg.hidden, "heads": cfg.heads, "kv_heads": cfg.kv_heads,
-                        "head_dim": cfg.head_dim, "ffn": cfg.ffn, "n_ctx": cfg.context, "eps": cfg.rms_eps}
+                        "head_dim": cfg.head_dim, "ffn": cfg.ffn, "n_ctx": cfg.context, "eps": cfg.rms_eps,
+                        "silu": int(cfg.activation == "silu")}
                 self._plans = [kernels.layer_plan(
                     dims, layer.norms, {n: lin.packed for n, lin in layer.proj.items()},
                     {n: lin.scale.reshape(-1)[0] for n, lin in layer.proj.items()},

@@ -68,8 +68,8 @@ int bk_cos_sin(const float *theta, int64_t n, float *c, float *s);
 /* float32 -> f16 bits, round to nearest even (numpy's astype(float16)) */
 int bk_f32_to_f16(const float *x, int64_t n, uint16_t *out);
 
-/* One bitnet-b1.58 decoder layer (ReLU^2-gated FFN, both sub-norms) as bitnet_ref's bitnet-cpp profile
- * computes it, every projection an I2_S (x86) tensor with a per-tensor scale:
+/* One BitNet decoder layer (both sub-norms; FFN gated by ReLU^2, bitnet-b1.58, or SiLU, bitnet) as bitnet_ref's
+ * bitnet-cpp profile computes it, every projection an I2_S (x86) tensor with a per-tensor scale:
  *   x (t, hidden) float32, updated in place; with last_only (and t > 1) the FFN runs on the last row only, as
  *   llama.cpp's last layer does when only the last logits are wanted, and row 0 of x holds the result;
  *   kc, vc: this layer's f16 K and V cache (n_ctx or more positions, kv_heads, head_dim): positions
@@ -79,6 +79,7 @@ int bk_f32_to_f16(const float *x, int64_t n, uint16_t *out);
 typedef struct {
     int64_t hidden, heads, kv_heads, head_dim, ffn, n_ctx;
     float eps;
+    int silu; /* 0: relu(gate)^2 * up; 1: silu(gate) * up */
     const float *attn_norm, *attn_sub_norm, *ffn_norm, *ffn_sub_norm; /* gains */
     const uint8_t *w[7]; /* attn_q, attn_k, attn_v, attn_output, ffn_gate, ffn_up, ffn_down: I2_S bytes */
     float w_scale[7];    /* their per-tensor I2_S scales */

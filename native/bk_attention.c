@@ -505,3 +505,27 @@ int bk_attention_f16(const float *q, int64_t t, int64_t heads, int64_t kv_heads,
     bk_parallel(attention_task, &a, n);
     return 0;
 }
+
+/* ---------------------------------------------------------------- SiLU gating (ggml's expf lives here) */
+
+#ifdef BK_X86
+BK_AVX512 static void silu_mul_avx512(float *gate, const float *up, int64_t n, int64_t *done) {
+    const __m512i sign = _mm512_set1_epi32(INT32_MIN);
+    const __m512 one = _mm512_set1_ps(1.0f);
+    int64_t j = 0;
+    for (; j + 16 <= n; j += 16) {
+        __m512 g = _mm512_loadu_ps(gate + j);
+        __m512 e = expf_ggml16(_mm512_castsi512_ps(_mm512_xor_si512(_mm512_castps_si512(g), sign)));
+        _mm512_storeu_ps(gate + j, _mm512_mul_ps(_mm512_div_ps(g, _mm512_add_ps(one, e)), _mm512_loadu_ps(up + j)));
+    }
+    *done = j;
+}
+#endif
+
+void bk_silu_mul(float *gate, const float *up, int64_t n) {
+    int64_t j = 0;
+#ifdef BK_X86
+    if (bk_current_isa() == ISA_VNNI) silu_mul_avx512(gate, up, n, &j);
+#endif
+    for (; j < n; j++) gate[j] = (gate[j] / (1.0f + expf_ggml(-gate[j]))) * up[j];
+}

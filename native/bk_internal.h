@@ -58,6 +58,10 @@ float bk_gemm_f16_neon(const float *x, const float *w, int64_t k);
 void bk_gemmn_f16_neon(const float *x, int64_t xs, const float *w, int64_t k, float *out);
 #endif
 
+/* gate = gate / (1 + expf(-gate)) * up, float32 step by step with ggml's vector expf (ggml_vec_swiglu_f32;
+ * bk_attention.c, where that expf lives) */
+void bk_silu_mul(float *gate, const float *up, int64_t n);
+
 /* float32 -> f16 bits, round to nearest even (bk_layer.c) */
 uint16_t bk_f32_to_f16_bits(float f);
 

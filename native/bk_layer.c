@@ -340,12 +340,15 @@ int bk_bitnet_layer(const bk_layer *L, float *x, int64_t t, int64_t s_len, uint1
         tf = 1;
     }
 
-    /* feed-forward: relu(gate)^2 * up */
+    /* feed-forward: relu(gate)^2 * up, or silu(gate) * up */
     rms_norm(x, tf, n, L->ffn_norm, L->eps, h, nthreads);
     TRY(quantize(&sc, h, tf, n));
     TRY(project(&sc, L, P_GATE, tf, n, nf, gate));
     TRY(project(&sc, L, P_UP, tf, n, nf, up));
-    relu2_mul(gate, up, tf * nf);
+    if (L->silu)
+        bk_silu_mul(gate, up, tf * nf);
+    else
+        relu2_mul(gate, up, tf * nf);
     rms_norm(gate, tf, nf, L->ffn_sub_norm, L->eps, up, nthreads);
     TRY(quantize(&sc, up, tf, nf));
     TRY(project(&sc, L, P_DOWN, tf, nf, n, qf));

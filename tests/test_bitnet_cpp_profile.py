@@ -118,8 +118,10 @@ def test_i2s_int16_wrap_option():
 
 @pytest.mark.bitnet_cpp
 def test_perplexity_equals_llama_perplexity_to_its_printed_precision(fork, tmp_path):
-    """`score` in the llama-perplexity convention prints the same number as bitnet.cpp's llama-perplexity
-    on the same file and text (4 decimals; this tiny model's PPL is ~3e5, so that is ~1e-9 relative)."""
+    """`score` in the llama-perplexity convention gives bitnet.cpp's llama-perplexity's number on the same file
+    and text to its printed precision: within one unit of the 4th decimal (this tiny model's PPL is ~3e5, so
+    ~4e-10 relative). Not always the same digits: the tool adds its per-token log-probs in per-thread partial
+    sums whose order depends on scheduling, so a value ~1e-11 from a rounding tie may print either way."""
     from pathlib import Path
 
     from harness.engines.cli_tools import CliToolsEngine
@@ -132,7 +134,7 @@ def test_perplexity_equals_llama_perplexity_to_its_printed_precision(fork, tmp_p
     with PythonEngine(model, "bitnet-cpp") as ours:
         mine = ours.perplexity(ours.tokenize(text), 128)
     assert mine.n_scored == theirs.n_scored
-    assert f"{mine.ppl:.4f}" == f"{theirs.ppl:.4f}"
+    assert abs(mine.ppl - theirs.ppl) <= 1.5e-4
     assert len(mine.per_chunk) == len(theirs.per_chunk)
     # running values: at most one unit in the last printed digit (a sum order away from a rounding tie)
     assert np.abs(np.array(mine.per_chunk) - np.array(theirs.per_chunk)).max() <= 1.5e-4

@@ -677,13 +677,13 @@ def test_model_f16_kv_attention_native_equals_numpy(tmp_path, monkeypatch):
 
 
 @needs_native
-@pytest.mark.parametrize("arch", ["bitnet", "bitnet-b1.58"])
-def test_model_attention_native_equals_numpy(arch, tmp_path, monkeypatch):
-    """bitnet-cpp's f16-cache attention in C (kernels.attention_f16 from Model._attention_ggml for the SiLU
-    architecture; bitnet-b1.58's one-call layer calls bk_attention_f16 itself) against BITNET_KERNELS=0: a
+@pytest.mark.parametrize("route", ["python-layers", "layer-kernel"])
+def test_model_attention_native_equals_numpy(route, tmp_path, monkeypatch):
+    """bitnet-cpp's f16-cache attention in C (kernels.attention_f16 from Model._attention_ggml when the Python
+    layers run, as with taps; the one-call layer calls bk_attention_f16 itself) against BITNET_KERNELS=0: a
     150-token prefill (more than 8 softmax chunk sums) and decode steps over n_kv = 160 (a double tail past 128
     cells) and 192 cells, bit for bit."""
-    path = synthesize(SynthSpec(arch=arch, format="i2_s", layers=1), tmp_path)
+    path = synthesize(SynthSpec(arch="bitnet", format="i2_s", layers=1), tmp_path)
     ids = [int(i) for i in np.random.default_rng(4).integers(1, 200, 168)]
     calls = []
     real = kernels.attention_f16
@@ -692,11 +692,13 @@ def test_model_attention_native_equals_numpy(arch, tmp_path, monkeypatch):
     def run():
         with Model.load(path, "bitnet-cpp") as m:
             st_ = m.new_state()
+            if route == "python-layers":
+                st_.taps = {}  # taps keep the numpy layers
             out = [m.forward(ids[:150], st_)]
             return out + [m.forward([i], st_) for i in ids[150:]]
 
     native = run()
-    assert calls == ([150] + [1] * 18 if arch == "bitnet" else [])
+    assert calls == ([150] + [1] * 18 if route == "python-layers" else [])
     monkeypatch.setenv("BITNET_KERNELS", "0")
     kernels._reset_for_tests()
     try:
@@ -704,7 +706,7 @@ def test_model_attention_native_equals_numpy(arch, tmp_path, monkeypatch):
     finally:
         monkeypatch.delenv("BITNET_KERNELS")
         kernels._reset_for_tests()
-    assert len(calls) == (19 if arch == "bitnet" else 0)
+    assert len(calls) == (19 if route == "python-layers" else 0)
     assert all(same_bits(a, b) for a, b in zip(native, ref))
 
 

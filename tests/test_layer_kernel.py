@@ -63,8 +63,9 @@ def _run(path, ids, monkeypatch=None, threads=None):
 
 @needs_native
 @pytest.mark.parametrize("isa", ISAS)
-def test_layer_kernel_equals_numpy(isa, tmp_path, monkeypatch):
-    path = synthesize(SynthSpec(arch="bitnet-b1.58", format="i2_s", zero_tokens=(5,)), tmp_path)
+@pytest.mark.parametrize("arch", ["bitnet-b1.58", "bitnet"])  # ReLU^2- and SiLU-gated
+def test_layer_kernel_equals_numpy(arch, isa, tmp_path, monkeypatch):
+    path = synthesize(SynthSpec(arch=arch, format="i2_s", zero_tokens=(5,)), tmp_path)
     ids = [5, 1, 2, 3, 200, 7, 9, 44, 300, 12] * 5  # 50 positions: past the 32-cell padding of the V path
     assert kernels.set_isa(isa)
     try:
@@ -97,12 +98,12 @@ def test_layer_kernel_threads_do_not_change_results(tmp_path, monkeypatch):
 
 @needs_native
 def test_layer_kernel_not_used_where_it_does_not_apply(tmp_path):
-    """Other profiles, SiLU-gated archs and taps take the numpy layers."""
+    """Other profiles, other formats and taps take the numpy layers."""
     b158 = synthesize(SynthSpec(arch="bitnet-b1.58", format="i2_s"), tmp_path)
-    silu = synthesize(SynthSpec(arch="bitnet", format="i2_s"), tmp_path)
+    tq2 = synthesize(SynthSpec(arch="bitnet-b1.58", format="tq2_0"), tmp_path)
     with Model.load(b158, "exact") as m:
         assert m._layer_plans() is None
-    with Model.load(silu, "bitnet-cpp") as m:
+    with Model.load(tq2, "bitnet-cpp") as m:
         assert m._layer_plans() is None
     with Model.load(b158, "bitnet-cpp") as m:
         st = m.new_state()
