@@ -230,6 +230,38 @@ def tq_lanes(type_id: int, q: np.ndarray, packed, rows: int) -> np.ndarray:
     return out
 
 
+def tq_dot(type_id: int, q: np.ndarray, dy: np.ndarray, packed, rows: int) -> np.ndarray:
+    """ggml's x86 TQ1_0/TQ2_0 x Q8_K dot for every (token, row): float32 (T, rows), bit for bit
+    `model.tq_dot_q8_k_ggml` (the lanes of `tq_lanes`, ggml's FMA epilogue with the blocks' f16 scales, and
+    hsum_float_8). q int8 (T, K) and dy float32 (T, K/256): the Q8_K activations; packed: the block bytes."""
+    if type_id not in TQ_BLOCK_BYTES:
+        raise ValueError(f"tq_dot: type {type_id} is not TQ1_0 (34) or TQ2_0 (35)")
+    q = np.ascontiguousarray(q, dtype=np.int8)
+    if q.ndim != 2:
+        raise ValueError(f"tq_dot: q must be (T, K), got shape {q.shape}")
+    t, k = q.shape
+    if k % QK_K:
+        raise ValueError(f"tq_dot: K={k} is not a multiple of the {QK_K}-value block")
+    nb = k // QK_K
+    dy = np.ascontiguousarray(dy, dtype=np.float32)
+    if dy.shape != (t, nb):
+        raise ValueError(f"tq_dot: dy must be ({t}, {nb}), got {dy.shape}")
+    w = _packed_u8(packed, rows * nb * TQ_BLOCK_BYTES[type_id], "tq_dot")
+    mod = _load()
+    if mod is None:
+        from .formats.tq import TQ1_0 as F1
+        from .formats.tq import TQ2_0 as F2
+        from .model import tq_dot_q8_k_ggml
+
+        tern = (F1 if type_id == TQ1_0 else F2).unpack(w, (rows, k))
+        return tq_dot_q8_k_ggml(q, dy, tern.values, np.asarray(tern.scale, dtype=np.float32))
+    out = np.empty((t, rows), np.float32)
+    rc = mod.lib.bk_tq_dot(type_id, _ptr(mod, "int8_t[]", q), _ptr(mod, "float[]", dy), t, k,
+                           _ptr(mod, "uint8_t[]", w), rows, _ptr(mod, "float[]", out), threads())
+    _check(rc, "tq_dot", k, QK_K)
+    return out
+
+
 F16_VEC_DOT, F16_GEMM = 0, 1
 F16_MODES = {"vec_dot": F16_VEC_DOT, "gemm": F16_GEMM}
 
@@ -383,4 +415,4 @@ def bitnet_layer(plan: LayerPlan, x: np.ndarray, s_len: int, kc: np.ndarray, vc:
 
 
 __all__ = ["active", "attention_f16", "available", "bitnet_layer", "cos_sin", "f16_matmul", "i2s_raw", "layer_plan",
-           "reload", "quantize_i8_s", "quantize_q8_k_blocks", "set_isa", "tq_lanes", "unavailable_reason"]
+           "reload", "quantize_i8_s", "quantize_q8_k_blocks", "set_isa", "tq_dot", "tq_lanes", "unavailable_reason"]

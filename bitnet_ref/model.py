@@ -589,8 +589,7 @@ class Model:
                 raw = kernels.i2s_raw(q, lin.packed, rows, wrap16=self.profile.i2s_int16_wrap)
             return _i2s_epilogue(raw, act_sum, s, lin.scale[:, 0])
         q, dy = kernels.quantize_q8_k_blocks(x.astype(f32))
-        lanes = kernels.tq_lanes(lin.type_id, q, lin.packed, rows)
-        return _tq_epilogue(lanes, dy, lin.scale.astype(f32))
+        return kernels.tq_dot(lin.type_id, q, dy, lin.packed, rows)
 
     def _lm_head(self, h: np.ndarray) -> np.ndarray:
         dt = self.dtype

@@ -264,12 +264,25 @@ static void tq_codes(int type, const uint8_t *blk, uint8_t *c) {
 
 static void tq_lanes_portable(const uint8_t *codes, const int8_t *qb, int32_t *lanes) { BK_TQ_LANES_BODY }
 #ifdef BK_X86
+/* lane l of a 32-value group is the 4 products of bytes 4l..4l+3: exactly a 256-bit u8 x s8 dot into int32 lanes
+ * (codes <= 3: no int16 saturation in maddubs) */
 __attribute__((target("avx2"))) static void tq_lanes_avx2(const uint8_t *codes, const int8_t *qb, int32_t *lanes) {
-    BK_TQ_LANES_BODY
+    const __m256i ones = _mm256_set1_epi16(1);
+    __m256i acc = _mm256_setzero_si256();
+    for (int c = 0; c < 8; c++) {
+        __m256i p = _mm256_maddubs_epi16(_mm256_loadu_si256((const __m256i *)(codes + 32 * c)),
+                                         _mm256_loadu_si256((const __m256i *)(qb + 32 * c)));
+        acc = _mm256_add_epi32(acc, _mm256_madd_epi16(p, ones));
+    }
+    _mm256_storeu_si256((__m256i *)lanes, acc);
 }
 __attribute__((target(BK_VNNI_TARGET))) static void tq_lanes_vnni(const uint8_t *codes, const int8_t *qb,
                                                                   int32_t *lanes) {
-    BK_TQ_LANES_BODY
+    __m256i acc = _mm256_setzero_si256();
+    for (int c = 0; c < 8; c++)
+        acc = _mm256_dpbusd_epi32(acc, _mm256_loadu_si256((const __m256i *)(codes + 32 * c)),
+                                  _mm256_loadu_si256((const __m256i *)(qb + 32 * c)));
+    _mm256_storeu_si256((__m256i *)lanes, acc);
 }
 #endif
 typedef void (*tq_lanes_fn)(const uint8_t *codes, const int8_t *qb, int32_t *lanes);
@@ -531,7 +544,7 @@ static tq_lanes_fn tq_fn(void) {
 /* ---------------------------------------------------------------- threads: output rows split in ranges */
 
 typedef struct {
-    int kind; /* 0: i2s, 1: tq, 2: f16 */
+    int kind; /* 0: i2s, 1: tq lanes, 2: f16, 3: tq dot */
     int err;
     f16_fns f16;
     int mode;
@@ -542,6 +555,8 @@ typedef struct {
     tq_lanes_fn lanes;
     const int8_t *q;
     const int32_t *bsums; /* tq: (t, nb, 8) */
+    const float *dy;      /* tq dot: the Q8_K block scales (t, nb) */
+    int fma_hw;           /* tq dot: the CPU has FMA (fmaf inlined) */
     int64_t t, k, r0, r1, r;
     const uint8_t *w;
     int32_t *out;
@@ -567,6 +582,52 @@ static void run_tq(const job_t *j) {
                 for (int l = 0; l < 8; l++) o[l] -= bs[l];
             }
         }
+}
+
+/* ggml's float32 epilogue of the TQ x Q8_K dot over one row's lanes (per token, 8 lanes a block):
+ * acc = fma(lane, dy * dw, acc) block after block, then hsum_float_8 ((s0+s4)+(s2+s6)) + ((s1+s5)+(s3+s7)) */
+#define BK_TQ_DOT_BODY                                                                                      \
+    int64_t nb = j->k / QK_K, bb = j->type == BK_TQ2_0 ? 66 : 54;                                           \
+    uint8_t codes[QK_K];                                                                                     \
+    int32_t lanes[8];                                                                                        \
+    for (int64_t r = j->r0; r < j->r1; r++) {                                                                \
+        for (int64_t i = 0; i < 8 * j->t; i++) acc[i] = 0.0f;                                               \
+        for (int64_t b = 0; b < nb; b++) {                                                                   \
+            const uint8_t *blk = j->w + (r * nb + b) * bb;                                                   \
+            uint16_t h;                                                                                      \
+            memcpy(&h, blk + bb - 2, 2); /* d: the block's f16 scale, last */                               \
+            float dw = f16_bits_to_f32(h);                                                                   \
+            tq_codes(j->type, blk, codes);                                                                   \
+            for (int64_t t = 0; t < j->t; t++) {                                                             \
+                j->lanes(codes, j->q + t * j->k + b * QK_K, lanes);                                          \
+                const int32_t *bs = j->bsums + (t * nb + b) * 8;                                             \
+                float d = j->dy[t * nb + b] * dw;                                                            \
+                for (int l = 0; l < 8; l++) acc[8 * t + l] = fmaf((float)(lanes[l] - bs[l]), d, acc[8 * t + l]); \
+            }                                                                                                \
+        }                                                                                                    \
+        for (int64_t t = 0; t < j->t; t++) {                                                                 \
+            const float *a = acc + 8 * t;                                                                    \
+            j->fout[t * j->r + r] = ((a[4] + a[0]) + (a[6] + a[2])) + ((a[5] + a[1]) + (a[7] + a[3]));       \
+        }                                                                                                    \
+    }
+
+static void tq_dot_rows(const job_t *j, float *acc) { BK_TQ_DOT_BODY }
+#ifdef BK_X86
+__attribute__((target("fma"))) static void tq_dot_rows_fma(const job_t *j, float *acc) { BK_TQ_DOT_BODY }
+#endif
+
+static void run_tq_dot(job_t *j) {
+    float *acc = (float *)malloc(sizeof(float) * (size_t)(8 * j->t + 1));
+    if (!acc) {
+        j->err = 1;
+        return;
+    }
+#ifdef BK_X86
+    if (j->fma_hw) tq_dot_rows_fma(j, acc);
+    else
+#endif
+        tq_dot_rows(j, acc);
+    free(acc);
 }
 
 static void run_f16(job_t *j) {
@@ -601,6 +662,7 @@ static void *job_main(void *arg) {
     job_t *j = (job_t *)arg;
     if (j->kind == 0) run_i2s(j);
     else if (j->kind == 1) run_tq(j);
+    else if (j->kind == 3) run_tq_dot(j);
     else run_f16(j);
     return NULL;
 }
@@ -678,19 +740,26 @@ int bk_i2s_raw_wrap16(const int8_t *q, int64_t t, int64_t k, const uint8_t *w, i
     return i2s_common(q, t, k, w, r, out, nthreads, i2s_dot_wrap16);
 }
 
-int bk_tq_lanes(int type, const int8_t *q, int64_t t, int64_t k, const uint8_t *w, int64_t r, int32_t *out,
-                int nthreads) {
-    if (t < 0 || k < 0 || r < 0 || (type != BK_TQ1_0 && type != BK_TQ2_0)) return BK_EBADARG;
-    if (k % QK_K) return BK_EBADK;
+/* Q8_K's block sums: for each token and 256-block, the 8 sums of q over [32l, 32l+32); NULL without memory */
+static int32_t *tq_bsums(const int8_t *q, int64_t t, int64_t k) {
     int64_t nb = k / QK_K;
     int32_t *bsums = (int32_t *)malloc(sizeof(int32_t) * (size_t)(t * nb * 8 + 1));
-    if (!bsums) return BK_EBADARG;
+    if (!bsums) return NULL;
     for (int64_t i = 0; i < t * nb; i++)
         for (int l = 0; l < 8; l++) {
             int32_t s = 0;
             for (int e = 0; e < 32; e++) s += q[i * QK_K + 32 * l + e];
             bsums[i * 8 + l] = s;
         }
+    return bsums;
+}
+
+int bk_tq_lanes(int type, const int8_t *q, int64_t t, int64_t k, const uint8_t *w, int64_t r, int32_t *out,
+                int nthreads) {
+    if (t < 0 || k < 0 || r < 0 || (type != BK_TQ1_0 && type != BK_TQ2_0)) return BK_EBADARG;
+    if (k % QK_K) return BK_EBADK;
+    int32_t *bsums = tq_bsums(q, t, k);
+    if (!bsums) return BK_ENOMEM;
     job_t j = {0};
     j.kind = 1;
     j.type = type;
@@ -699,6 +768,25 @@ int bk_tq_lanes(int type, const int8_t *q, int64_t t, int64_t k, const uint8_t *
     run_split(j, nthreads);
     free(bsums);
     return 0;
+}
+
+int bk_tq_dot(int type, const int8_t *q, const float *dy, int64_t t, int64_t k, const uint8_t *w, int64_t r,
+              float *out, int nthreads) {
+    if (t < 0 || k < 0 || r < 0 || (type != BK_TQ1_0 && type != BK_TQ2_0)) return BK_EBADARG;
+    if (k % QK_K) return BK_EBADK;
+    int32_t *bsums = tq_bsums(q, t, k);
+    if (!bsums) return BK_ENOMEM;
+    job_t j = {0};
+    j.kind = 3;
+    j.type = type;
+    j.lanes = tq_fn();
+#ifdef BK_X86
+    j.fma_hw = __builtin_cpu_supports("fma");
+#endif
+    j.q = q, j.bsums = bsums, j.dy = dy, j.t = t, j.k = k, j.r = r, j.w = w, j.fout = out;
+    int err = run_split(j, nthreads);
+    free(bsums);
+    return err ? BK_ENOMEM : 0;
 }
 
 int bk_f16_matmul(int mode, const float *x, int64_t t, int64_t k, const uint8_t *w, int64_t r, float *out,

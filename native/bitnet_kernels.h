@@ -43,6 +43,12 @@ int bk_i2s_raw_wrap16(const int8_t *q, int64_t t, int64_t k, const uint8_t *w, i
 int bk_tq_lanes(int type, const int8_t *q, int64_t t, int64_t k, const uint8_t *w, int64_t r, int32_t *out,
                 int nthreads);
 
+/* The whole TQ1_0 / TQ2_0 x Q8_K dot as ggml's x86 kernel computes it: the lanes above (bsums subtracted), then
+ * per block acc = fma(lane, dy * d, acc) (d: the block's f16 scale) and hsum_float_8; dy (t, k/256) the Q8_K
+ * scales; out (t, r) float32. BK_ENOMEM when a buffer cannot be allocated. */
+int bk_tq_dot(int type, const int8_t *q, const float *dy, int64_t t, int64_t k, const uint8_t *w, int64_t r,
+              float *out, int nthreads);
+
 /* F16 rows x float32 activations: out (t, r) float32 = x (t, k) . w (r, k)^T, w the little-endian f16 bytes
  * (read in place, e.g. from a mapped file), in ggml's order for the mode:
  *   BK_F16_VEC_DOT  ggml_vec_dot_f16 (AVX-512): 4x16 float32 lanes over k & ~63, (a0+a2)+(a1+a3),

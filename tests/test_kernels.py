@@ -296,6 +296,25 @@ def test_tq_product_bit_identical(isa, fmt, x, rows, seed, p_zero):
     lanes = kernels.tq_lanes(fmt.type_id, q2, packed, rows)
     assert lanes.dtype == np.int32 and lanes.shape == (x.shape[0], rows, k // 256, 8)
     assert same_bits(_tq_epilogue(lanes, dy2, fmt.block_scales(packed, (rows, k))), want)
+    assert same_bits(kernels.tq_dot(fmt.type_id, q2, dy2, packed, rows), want)  # the epilogue in C too
+
+
+@needs_native
+def test_tq_dot_threads_and_bad_input(monkeypatch):
+    rng = np.random.default_rng(7)
+    rows, k = 37, 512
+    values = ternary(rng, rows, k)
+    packed = TQ2_0.encode(values.astype(np.float32) * np.float32(0.5))
+    q, dy = kernels.quantize_q8_k_blocks(rng.standard_normal((9, k)).astype(np.float32))
+    outs = []
+    for n in ("1", "3"):
+        monkeypatch.setenv("BITNET_CPU_THREADS", n)
+        outs.append(kernels.tq_dot(TQ2_0.type_id, q, dy, packed, rows))
+    assert same_bits(outs[0], outs[1])
+    with pytest.raises(ValueError, match="dy must be"):
+        kernels.tq_dot(TQ2_0.type_id, q, dy[:, :1], packed, rows)
+    with pytest.raises(ValueError, match="packed bytes"):
+        kernels.tq_dot(TQ2_0.type_id, q, dy, packed[:-1], rows)
 
 
 def test_tq_rejects_bad_input():
