@@ -1,4 +1,4 @@
-"""Native (C, cffi API mode) kernels for the exact integer parts of the forward pass, with a numpy fallback.
+"""Native (C, cffi API mode) kernels for the forward pass, each the numpy definition's bits, with a numpy fallback.
 
 The extension `bitnet_ref._bitnet_kernels` is built from native/ by `pip install` (setup.py's
 `cffi_modules`; a compile failure only warns) or by hand with `python native/build_kernels.py`. What it
@@ -8,12 +8,15 @@ computes is integer-exact or bit-defined, so every result here equals the numpy 
 - `quantize_q8_k_blocks`: ggml's Q8_K block quantizer -> (q int8, d float32)
 - `i2s_raw`: Σ code·q over I2_S x86 packed bytes (code 0..2, bitnet.cpp's raw kernel sum), int32 (T, R)
 - `tq_lanes`: ggml's 8 int32 lanes per 256-value block for TQ1_0/TQ2_0 packed blocks, int32 (T, R, K/256, 8)
+- `tq_dot`: the whole TQ1_0/TQ2_0 x Q8_K dot (those lanes and ggml's float epilogue), float32 (T, R)
 - `f16_matmul`: F16 rows (read in place) x float32 activations in ggml's float32 lane order (the F16 lm_head)
 - `attention_f16`: bitnet-cpp's attention over an f16 KV cache (ggml's non-flash float32 order; no fallback)
+- `layer_plan` / `bitnet_layer`: a whole decoder layer as the bitnet-cpp profile computes it, one call
+- `cos_sin`: the C library's cosf/sinf (ggml's RoPE angles)
 
 Environment: BITNET_KERNELS=0 forces numpy; BITNET_KERNELS_PATH loads the extension from that file (e.g. a
 sanitizer build); BITNET_KERNELS_ISA forces a variant ("avx512-vnni", "avx2", "neon" on AArch64, "portable");
-BITNET_CPU_THREADS sets the threads that split output rows (default 2).
+BITNET_CPU_THREADS sets the threads of the kernels' pool (default 2).
 """
 
 from __future__ import annotations

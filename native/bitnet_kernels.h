@@ -1,9 +1,9 @@
 /* bitnet-crossval native kernels: integer-exact / bit-defined pieces of the BitNet b1.58 forward.
  *
- * Everything here returns what the numpy reference computes bit for bit: the activation quantizers
- * (bitnet.cpp's quantize_row_i8_s, ggml's quantize_row_q8_K_ref) and ternary x int8 products as exact
- * int32 sums. The float epilogues (scales, ggml's FMA lane order) stay in numpy, except for the F16 lm_head
- * product, whose float32 lane order is reproduced here exactly (bk_f16_matmul).
+ * Everything here returns what the numpy reference (bitnet_ref/model.py) computes bit for bit: the activation
+ * quantizers (bitnet.cpp's quantize_row_i8_s, ggml's quantize_row_q8_K_ref), ternary x int8 products as exact
+ * int32 sums, and the float parts whose order is ggml's and is written out here operation for operation: the
+ * TQ x Q8_K dot's epilogue, the F16 lm_head, the f16-cache attention and a whole bitnet-cpp decoder layer.
  *
  * Return codes: 0 ok, BK_EBADK when K is not a multiple of the format's block, BK_EBADARG otherwise.
  */
