@@ -205,29 +205,38 @@ def i2s_raw(q: np.ndarray, packed, rows: int, wrap16: bool = False) -> np.ndarra
     return out
 
 
+def _tq_args(type_id: int, q, packed, rows: int, what: str) -> tuple[np.ndarray, np.ndarray, int, int]:
+    """A TQ product's checked inputs: q int8 (T, K) contiguous, the packed block bytes, K and K/256."""
+    if type_id not in TQ_BLOCK_BYTES:
+        raise ValueError(f"{what}: type {type_id} is not TQ1_0 (34) or TQ2_0 (35)")
+    q = np.ascontiguousarray(q, dtype=np.int8)
+    if q.ndim != 2:
+        raise ValueError(f"{what}: q must be (T, K), got shape {q.shape}")
+    k = q.shape[1]
+    if k % QK_K:
+        raise ValueError(f"{what}: K={k} is not a multiple of the {QK_K}-value block")
+    nb = k // QK_K
+    return q, _packed_u8(packed, rows * nb * TQ_BLOCK_BYTES[type_id], what), k, nb
+
+
+def _tq_unpack(type_id: int, w: np.ndarray, rows: int, k: int):
+    from .formats.tq import TQ1_0 as F1
+    from .formats.tq import TQ2_0 as F2
+
+    return (F1 if type_id == TQ1_0 else F2).unpack(w, (rows, k))
+
+
 def tq_lanes(type_id: int, q: np.ndarray, packed, rows: int) -> np.ndarray:
     """ggml's x86 TQ1_0/TQ2_0 x Q8_K lanes: int32 (T, rows, K/256, 8); lane l of a block is Σ code·q over the
     values v with v % 32 in [4l, 4l+4), minus Σ q over [32l, 32l+32). packed: the tensor's block bytes."""
-    if type_id not in TQ_BLOCK_BYTES:
-        raise ValueError(f"tq_lanes: type {type_id} is not TQ1_0 (34) or TQ2_0 (35)")
-    q = np.ascontiguousarray(q, dtype=np.int8)
-    if q.ndim != 2:
-        raise ValueError(f"tq_lanes: q must be (T, K), got shape {q.shape}")
-    t, k = q.shape
-    if k % QK_K:
-        raise ValueError(f"tq_lanes: K={k} is not a multiple of the {QK_K}-value block")
-    nb = k // QK_K
-    w = _packed_u8(packed, rows * nb * TQ_BLOCK_BYTES[type_id], "tq_lanes")
+    q, w, k, nb = _tq_args(type_id, q, packed, rows, "tq_lanes")
     mod = _load()
     if mod is None:
-        from .formats.tq import TQ1_0 as F1
-        from .formats.tq import TQ2_0 as F2
         from .model import _tq_lanes_numpy
 
-        values = (F1 if type_id == TQ1_0 else F2).unpack(w, (rows, k)).values
-        return _tq_lanes_numpy(q, values).astype(np.int32)
-    out = np.empty((t, rows, nb, 8), np.int32)
-    rc = mod.lib.bk_tq_lanes(type_id, _ptr(mod, "int8_t[]", q), t, k, _ptr(mod, "uint8_t[]", w), rows,
+        return _tq_lanes_numpy(q, _tq_unpack(type_id, w, rows, k).values).astype(np.int32)
+    out = np.empty((q.shape[0], rows, nb, 8), np.int32)
+    rc = mod.lib.bk_tq_lanes(type_id, _ptr(mod, "int8_t[]", q), q.shape[0], k, _ptr(mod, "uint8_t[]", w), rows,
                              _ptr(mod, "int32_t[]", out), threads())
     _check(rc, "tq_lanes", k, QK_K)
     return out
@@ -237,26 +246,16 @@ def tq_dot(type_id: int, q: np.ndarray, dy: np.ndarray, packed, rows: int) -> np
     """ggml's x86 TQ1_0/TQ2_0 x Q8_K dot for every (token, row): float32 (T, rows), bit for bit
     `model.tq_dot_q8_k_ggml` (the lanes of `tq_lanes`, ggml's FMA epilogue with the blocks' f16 scales, and
     hsum_float_8). q int8 (T, K) and dy float32 (T, K/256): the Q8_K activations; packed: the block bytes."""
-    if type_id not in TQ_BLOCK_BYTES:
-        raise ValueError(f"tq_dot: type {type_id} is not TQ1_0 (34) or TQ2_0 (35)")
-    q = np.ascontiguousarray(q, dtype=np.int8)
-    if q.ndim != 2:
-        raise ValueError(f"tq_dot: q must be (T, K), got shape {q.shape}")
-    t, k = q.shape
-    if k % QK_K:
-        raise ValueError(f"tq_dot: K={k} is not a multiple of the {QK_K}-value block")
-    nb = k // QK_K
+    q, w, k, nb = _tq_args(type_id, q, packed, rows, "tq_dot")
+    t = q.shape[0]
     dy = np.ascontiguousarray(dy, dtype=np.float32)
     if dy.shape != (t, nb):
         raise ValueError(f"tq_dot: dy must be ({t}, {nb}), got {dy.shape}")
-    w = _packed_u8(packed, rows * nb * TQ_BLOCK_BYTES[type_id], "tq_dot")
     mod = _load()
     if mod is None:
-        from .formats.tq import TQ1_0 as F1
-        from .formats.tq import TQ2_0 as F2
         from .model import tq_dot_q8_k_ggml
 
-        tern = (F1 if type_id == TQ1_0 else F2).unpack(w, (rows, k))
+        tern = _tq_unpack(type_id, w, rows, k)
         return tq_dot_q8_k_ggml(q, dy, tern.values, np.asarray(tern.scale, dtype=np.float32))
     out = np.empty((t, rows), np.float32)
     rc = mod.lib.bk_tq_dot(type_id, _ptr(mod, "int8_t[]", q), _ptr(mod, "float[]", dy), t, k,

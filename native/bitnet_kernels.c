@@ -295,7 +295,7 @@ typedef void (*tq_lanes_fn)(const uint8_t *codes, const int8_t *qb, int32_t *lan
  * build vectorizes them across lanes without changing a single rounding. Products of an f16 and an f16 are
  * exact in float32, products of a float32 and an f16 exact in double, so FMA contraction changes nothing. */
 
-static float f16_bits_to_f32(uint16_t h) {
+float bk_f16_bits_to_f32(uint16_t h) {
     uint32_t sign = (uint32_t)(h & 0x8000u) << 16, e = (h >> 10) & 0x1f, m = h & 0x3ffu, bits;
     if (e == 0x1f) {
         bits = sign | 0x7f800000u | (m << 13); /* inf / nan (payload kept, as vcvtph2ps does) */
@@ -319,7 +319,7 @@ static void f16_row_portable(const uint8_t *src, float *dst, int64_t n) {
     for (int64_t i = 0; i < n; i++) {
         uint16_t h;
         memcpy(&h, src + 2 * i, 2);
-        dst[i] = f16_bits_to_f32(h);
+        dst[i] = bk_f16_bits_to_f32(h);
     }
 }
 
@@ -437,7 +437,7 @@ __attribute__((target("avx512f"))) static float vec_dot_f16_mem_avx512(const flo
     for (int64_t i = body; i < k; i++) {
         uint16_t h;
         memcpy(&h, w16 + 2 * i, 2);
-        s = s + (double)x[i] * (double)f16_bits_to_f32(h);
+        s = s + (double)x[i] * (double)bk_f16_bits_to_f32(h);
     }
     return (float)s;
 }
@@ -596,7 +596,7 @@ static void run_tq(const job_t *j) {
             const uint8_t *blk = j->w + (r * nb + b) * bb;                                                   \
             uint16_t h;                                                                                      \
             memcpy(&h, blk + bb - 2, 2); /* d: the block's f16 scale, last */                               \
-            float dw = f16_bits_to_f32(h);                                                                   \
+            float dw = bk_f16_bits_to_f32(h);                                                                   \
             tq_codes(j->type, blk, codes);                                                                   \
             for (int64_t t = 0; t < j->t; t++) {                                                             \
                 j->lanes(codes, j->q + t * j->k + b * QK_K, lanes);                                          \
@@ -754,38 +754,40 @@ static int32_t *tq_bsums(const int8_t *q, int64_t t, int64_t k) {
     return bsums;
 }
 
-int bk_tq_lanes(int type, const int8_t *q, int64_t t, int64_t k, const uint8_t *w, int64_t r, int32_t *out,
-                int nthreads) {
+/* the job of a TQ product (kind 1: lanes, 3: dot), its block sums allocated: 0, or the error code */
+static int tq_job(job_t *j, int kind, int type, const int8_t *q, int64_t t, int64_t k, const uint8_t *w, int64_t r) {
     if (t < 0 || k < 0 || r < 0 || (type != BK_TQ1_0 && type != BK_TQ2_0)) return BK_EBADARG;
     if (k % QK_K) return BK_EBADK;
     int32_t *bsums = tq_bsums(q, t, k);
     if (!bsums) return BK_ENOMEM;
-    job_t j = {0};
-    j.kind = 1;
-    j.type = type;
-    j.lanes = tq_fn();
-    j.q = q, j.bsums = bsums, j.t = t, j.k = k, j.r = r, j.w = w, j.out = out;
+    *j = (job_t){0};
+    j->kind = kind, j->type = type, j->lanes = tq_fn();
+    j->q = q, j->bsums = bsums, j->t = t, j->k = k, j->r = r, j->w = w;
+    return 0;
+}
+
+int bk_tq_lanes(int type, const int8_t *q, int64_t t, int64_t k, const uint8_t *w, int64_t r, int32_t *out,
+                int nthreads) {
+    job_t j;
+    int rc = tq_job(&j, 1, type, q, t, k, w, r);
+    if (rc) return rc;
+    j.out = out;
     run_split(j, nthreads);
-    free(bsums);
+    free((void *)j.bsums);
     return 0;
 }
 
 int bk_tq_dot(int type, const int8_t *q, const float *dy, int64_t t, int64_t k, const uint8_t *w, int64_t r,
               float *out, int nthreads) {
-    if (t < 0 || k < 0 || r < 0 || (type != BK_TQ1_0 && type != BK_TQ2_0)) return BK_EBADARG;
-    if (k % QK_K) return BK_EBADK;
-    int32_t *bsums = tq_bsums(q, t, k);
-    if (!bsums) return BK_ENOMEM;
-    job_t j = {0};
-    j.kind = 3;
-    j.type = type;
-    j.lanes = tq_fn();
+    job_t j;
+    int rc = tq_job(&j, 3, type, q, t, k, w, r);
+    if (rc) return rc;
 #ifdef BK_X86
     j.fma_hw = __builtin_cpu_supports("fma");
 #endif
-    j.q = q, j.bsums = bsums, j.dy = dy, j.t = t, j.k = k, j.r = r, j.w = w, j.fout = out;
+    j.dy = dy, j.fout = out;
     int err = run_split(j, nthreads);
-    free(bsums);
+    free((void *)j.bsums);
     return err ? BK_ENOMEM : 0;
 }
 

@@ -48,24 +48,8 @@
 
 /* ---------------------------------------------------------------- portable pieces */
 
-static float h2f(uint16_t h) {
-    uint32_t sign = (uint32_t)(h & 0x8000u) << 16, em = h & 0x7fffu, bits;
-    if (em >= 0x7c00u) {
-        bits = sign | 0x7f800000u | ((em & 0x3ffu) << 13); /* inf / nan */
-    } else if (em >= 0x400u) {
-        bits = sign | ((em + (112u << 10)) << 13); /* rebias the exponent 15 -> 127 */
-    } else {
-        float f = (float)em * 0x1p-24f; /* subnormal (or zero): exact */
-        memcpy(&bits, &f, sizeof bits);
-        bits |= sign;
-    }
-    float f;
-    memcpy(&f, &bits, sizeof f);
-    return f;
-}
-
 /* x rounded to the nearest f16 value (ties to even), as numpy's astype(float16) */
-static float round_f16(float x) { return h2f(bk_f32_to_f16_bits(x)); }
+static float round_f16(float x) { return bk_f16_bits_to_f32(bk_f32_to_f16_bits(x)); }
 
 /* model.py's ggml_expf, one value */
 static float expf_ggml(float x) {
@@ -90,11 +74,11 @@ static float dot_f16_portable(const float *q, const uint16_t *k, int64_t d) {
     float acc[64] = {0};
     int64_t body = d & ~(int64_t)63;
     for (int64_t c = 0; c < body; c += 64)
-        for (int l = 0; l < 64; l++) acc[l] = acc[l] + q[c + l] * h2f(k[c + l]);
+        for (int l = 0; l < 64; l++) acc[l] = acc[l] + q[c + l] * bk_f16_bits_to_f32(k[c + l]);
     float s16[16];
     for (int l = 0; l < 16; l++) s16[l] = (acc[l] + acc[32 + l]) + (acc[16 + l] + acc[48 + l]);
     double s = (double)reduce16(s16);
-    for (int64_t i = body; i < d; i++) s = s + (double)q[i] * (double)h2f(k[i]);
+    for (int64_t i = body; i < d; i++) s = s + (double)q[i] * (double)bk_f16_bits_to_f32(k[i]);
     return (float)s;
 }
 
@@ -134,12 +118,12 @@ static void vp_lanes_portable(const float *pf, const uint16_t *v, int64_t vs, in
     for (int64_t s = 0; s < nb; s++) {
         float *a = acc + (s & 63) * d;
         const uint16_t *vr = v + s * vs;
-        for (int64_t dd = 0; dd < d; dd++) a[dd] = a[dd] + pf[s] * h2f(vr[dd]);
+        for (int64_t dd = 0; dd < d; dd++) a[dd] = a[dd] + pf[s] * bk_f16_bits_to_f32(vr[dd]);
     }
 }
 
 static void f16_row_portable(const uint16_t *src, float *dst, int64_t n) {
-    for (int64_t i = 0; i < n; i++) dst[i] = h2f(src[i]);
+    for (int64_t i = 0; i < n; i++) dst[i] = bk_f16_bits_to_f32(src[i]);
 }
 
 static void round_f16_portable(float *x, int64_t n) {
@@ -187,7 +171,7 @@ BK_AVX512 static float dot_f16_avx512(const float *q, const uint16_t *k, int64_t
         a3 = _mm512_fmadd_ps(_mm512_loadu_ps(q + c + 48), load_f16x16(k + c + 48), a3);
     }
     double s = (double)reduce16_avx512(_mm512_add_ps(_mm512_add_ps(a0, a2), _mm512_add_ps(a1, a3)));
-    for (int64_t i = body; i < d; i++) s = s + (double)q[i] * (double)h2f(k[i]);
+    for (int64_t i = body; i < d; i++) s = s + (double)q[i] * (double)bk_f16_bits_to_f32(k[i]);
     return (float)s;
 }
 
@@ -284,7 +268,7 @@ BK_AVX512 static void vp_lanes_avx512(const float *pf, const uint16_t *v, int64_
         __m512 ps = _mm512_set1_ps(pf[s]);
         for (int64_t dd = 0; dd < d16; dd += 16) /* exact products: each FMA is the lane's add */
             _mm512_storeu_ps(a + dd, _mm512_fmadd_ps(ps, load_f16x16(vr + dd), _mm512_loadu_ps(a + dd)));
-        for (int64_t dd = d16; dd < d; dd++) a[dd] = a[dd] + pf[s] * h2f(vr[dd]);
+        for (int64_t dd = d16; dd < d; dd++) a[dd] = a[dd] + pf[s] * bk_f16_bits_to_f32(vr[dd]);
     }
 }
 

@@ -64,5 +64,7 @@ void bk_silu_mul(float *gate, const float *up, int64_t n);
 
 /* float32 -> f16 bits, round to nearest even (bk_layer.c) */
 uint16_t bk_f32_to_f16_bits(float f);
+/* f16 bits -> float32, exact; a NaN keeps its payload, as vcvtph2ps does (bitnet_kernels.c) */
+float bk_f16_bits_to_f32(uint16_t h);
 
 #endif
