@@ -58,26 +58,6 @@ def bench_bitnet_ref(path, prompt, n_decode, profile):
     return len(prompt) / times[0], (n_decode - 1) / sum(times[1:])
 
 
-def bench_llama_cpp(path, prompt, n_decode, threads):
-    import llama_cpp
-
-    llm = llama_cpp.Llama(model_path=str(path), n_ctx=len(prompt) + n_decode + 8, n_threads=threads,
-                          n_threads_batch=threads, n_batch=len(prompt), logits_all=True, verbose=False)
-    try:
-        t = time.perf_counter()
-        llm.eval(prompt)
-        prefill = time.perf_counter() - t
-        tok = int(np.argmax(llm.scores[llm.n_tokens - 1]))
-        t = time.perf_counter()
-        for _ in range(n_decode - 1):
-            llm.eval([tok])
-            tok = int(np.argmax(llm.scores[llm.n_tokens - 1]))
-        decode = time.perf_counter() - t
-    finally:
-        llm.close()
-    return len(prompt) / prefill, (n_decode - 1) / decode
-
-
 def _peak_rss_mib() -> float:
     with open("/proc/self/status") as f:
         for line in f:
@@ -102,7 +82,7 @@ def bench_i2s(m, n_prefill, n_decode):
     return pp, n_decode / (time.perf_counter() - t)
 
 
-def bench_llama_cpp_last(path, n_prefill, n_decode, threads):
+def bench_llama_cpp(path, n_prefill, n_decode, threads):
     """mainline llama.cpp (llama-cpp-python) as llama-bench measures: pp of n_prefill tokens in one batch and tg
     of n_decode tokens, last logits only."""
     import llama_cpp
@@ -175,7 +155,7 @@ def main() -> None:
             path = synthesize(SynthSpec(preset=preset, arch="bitnet", format=args.format), d)
             prompt = [int(x) for x in np.random.default_rng(0).integers(0, 500, args.prefill)]
             ours = _with_kernels(True, bench_bitnet_ref, path, prompt, args.decode, args.profile)
-            ref = bench_llama_cpp(path, prompt, args.decode, threads)
+            ref = bench_llama_cpp(path, args.prefill, args.decode, threads)
             print(f"{preset:<14}{native:<26}{ours[0]:>15.1f}{ours[1]:>15.1f}")
             if not args.no_numpy:
                 slow = _with_kernels(False, bench_bitnet_ref, path, prompt, args.decode, args.profile)
@@ -213,7 +193,7 @@ def main() -> None:
             print("bitnet.cpp: not measured (set BITNET_CPP_DIR to a build with bin/llama-bench)")
         if args.tq2:
             tq2 = tq2_equivalent(args.i2s) if args.tq2 == "synth" else Path(args.tq2)
-            lp, lt = bench_llama_cpp_last(tq2, args.i2s_prefill, args.i2s_decode, threads)
+            lp, lt = bench_llama_cpp(tq2, args.i2s_prefill, args.i2s_decode, threads)
             print(f"{'llama.cpp (TQ2_0, ' + tq2.name[:14] + '..)':<34}{lp:>15.2f}{lt:>15.2f}")
             print(f"{'ratio ours/llama.cpp':<34}{pp / lp:>15.3f}{tg / lt:>15.3f}")
 
