@@ -60,14 +60,19 @@ class Case:
     reference_options: dict = field(default_factory=dict)
     description: str = ""
     xfail: str | None = None  # why this pair is expected to fail (a known reference bug)
+    # what the model file says (read by describe_model) when the model is a path rather than a synth spec
+    model_format: str | None = None
+    model_arch: str | None = None
 
     @property
     def format(self) -> str | None:
-        return self.model.get("synth", {}).get("format")
+        """The weight format (case-file spelling: "tq2_0", "i2_s", "f32", ...): the synth spec's, else the
+        one read from the model file (None when neither is known, e.g. a lock entry not yet downloaded)."""
+        return self.model["synth"].get("format") if "synth" in self.model else self.model_format
 
     @property
     def arch(self) -> str | None:
-        return self.model.get("synth", {}).get("arch")
+        return self.model["synth"].get("arch") if "synth" in self.model else self.model_arch
 
     def all_markers(self) -> list[str]:
         out = list(self.markers)
@@ -79,6 +84,18 @@ class Case:
 
     def param_id(self, reference: str) -> str:
         return f"{self.id}-vs-{reference}"
+
+
+def describe_model(path: str | Path) -> tuple[str | None, str | None]:
+    """(architecture, weight format) of a GGUF file, from its header: the format is the type of the
+    projection weights (`blk.N.attn_q.weight`), lowercase as case files spell it ("i2_s", "tq2_0", "f32").
+    ModelError when the file cannot be read."""
+    from bitnet_ref.gguf import open_gguf
+
+    with open_gguf(path) as gf:
+        arch = gf.architecture
+        fmt = next((t.type_name.lower() for t in gf.tensors if t.name.endswith("attn_q.weight")), None)
+    return arch, fmt
 
 
 def _fail(path, case_id, fld, message) -> CaseError:
@@ -128,6 +145,14 @@ def _parse_case(path: Path, index: int, c) -> Case:
             raise _fail(path, cid, "model.synth", str(e)) from None
     elif "path" in model:
         model = {"path": str((path.parent / _expect(model["path"], str, path, cid, "model.path")).resolve())}
+    model_arch = model_format = None
+    if "path" in model and Path(model["path"]).is_file():
+        from bitnet_ref.errors import ModelError
+
+        try:
+            model_arch, model_format = describe_model(model["path"])
+        except ModelError:
+            pass  # the file rung reports what is wrong with it
     refs = _expect(c.get("references", []), list, path, cid, "references")
     for r in refs:
         if not (isinstance(r, str) and (r in KNOWN_REFERENCES or r.startswith("jsonl:"))):
@@ -172,7 +197,8 @@ def _parse_case(path: Path, index: int, c) -> Case:
                 tolerances={k: float(v) for k, v in tol.items()},
                 reference_options=_expect(c.get("reference_options", {}), dict, path, cid, "reference_options"),
                 description=str(c.get("description", "")),
-                xfail=_expect(c["xfail"], str, path, cid, "xfail") if "xfail" in c else None, **ints)
+                xfail=_expect(c["xfail"], str, path, cid, "xfail") if "xfail" in c else None,
+                model_format=model_format, model_arch=model_arch, **ints)
 
 
 def load_cases(paths: list[str | Path] | None = None) -> list[Case]:

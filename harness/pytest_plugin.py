@@ -91,22 +91,31 @@ USER_MODEL_PROMPTS = [
 PROFILE_FOR = {"llama_cpp": "llama-cpp", "bitnet_cpp": "bitnet-cpp", "bitnet_cpp_tl2": "bitnet-cpp"}
 
 
-def _user_model_cases(path: str, refs: list[str] | None):
-    """Cases for --model: the default prompts and corpus against the references that run its arch."""
-    from bitnet_ref.gguf import open_gguf
+def default_references(arch: str | None, fmt: str | None) -> list[str]:
+    """The references that can run a model of this architecture and weight format."""
+    if fmt == "tl2":
+        return ["bitnet_cpp_tl2"]
+    if fmt in ("i2_s", "tl1") or arch != "bitnet":
+        return ["bitnet_cpp"]
+    return ["llama_cpp", "bitnet_cpp"]  # mainline's arch: F32, F16, TQ1_0, TQ2_0
 
-    from .cases import CASES_DIR, FORMAT_MARKERS, Case
+
+def _user_model_cases(path: str, refs: list[str] | None):
+    """Cases for --model: the default prompts and corpus against the references that run its arch and
+    format. Architecture and format come from the file, so tolerances, skips and markers are the file's."""
+    from bitnet_ref.errors import ModelError
+
+    from .cases import CASES_DIR, Case, describe_model
 
     p = Path(path).resolve()
-    with open_gguf(p) as gf:
-        arch = gf.architecture or "unknown"
-        types = {t.type_name.lower() for t in gf.tensors if t.name.endswith("attn_q.weight")}
-    refs = refs or (["llama_cpp", "bitnet_cpp"] if arch == "bitnet" else ["bitnet_cpp"])
-    fmt = next(iter(types), "")
-    markers = [FORMAT_MARKERS[fmt]] if fmt in FORMAT_MARKERS else []
+    try:
+        arch, fmt = describe_model(p)
+    except (ModelError, OSError) as e:
+        raise pytest.UsageError(f"--model {path}: cannot read the model: {e}") from None
     return [(Case(id=p.stem, file=str(p), model={"path": str(p)}, references=[r],
                   profile=PROFILE_FOR.get(r, "exact"), prompts=USER_MODEL_PROMPTS,
-                  corpus=str(CASES_DIR / "corpus" / "small.txt"), markers=markers), r) for r in refs]
+                  corpus=str(CASES_DIR / "corpus" / "small.txt"), model_format=fmt, model_arch=arch), r)
+            for r in refs or default_references(arch, fmt)]
 
 
 def _pairs(config):
