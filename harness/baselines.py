@@ -94,9 +94,9 @@ _NONFINITE = {"nan": math.nan, "inf": math.inf, "-inf": -math.inf}
 _UPDATE_HINT = "regenerate it with --update-baselines (or delete it)"
 
 
-class BaselineError(Exception):
-    """A baseline file that cannot be used: newer schema, bad JSON, wrong field types. The message names
-    the file, the field and what to do."""
+class BaselineError(ValueError):
+    """A baseline that cannot be used: a file with a newer schema, bad JSON or wrong field types, or a key
+    that cannot name one. The message names the file or key, the field and what to do."""
 
 
 # ---------------------------------------------------------------------------------------------- platform
@@ -198,10 +198,10 @@ def check_platform(pid: str) -> str:
 
 def _safe(part: str, what: str) -> str:
     if not isinstance(part, str) or not part:
-        raise ValueError(f"baseline key: {what} must be a non-empty string, got {part!r}")
+        raise BaselineError(f"baseline key: {what} must be a non-empty string, got {part!r}")
     s = _SAFE.sub("_", part)
     if s in (".", ".."):
-        raise ValueError(f"baseline key: {what} {part!r} cannot name a file")
+        raise BaselineError(f"baseline key: {what} {part!r} cannot name a file")
     return s
 
 
@@ -222,23 +222,23 @@ class BaselineKey:
 
     @classmethod
     def of(cls, key: BaselineKey | tuple[str, str, str] | Mapping[str, Any] | Any) -> BaselineKey:
-        """A key from a BaselineKey, a (case_id, sut, reference) tuple, a record (dict or Record), or the
-        string ``<case_id>--<sut>--<reference>`` (split from the right: sut and reference must not hold
-        "--"; pass a tuple or the record when they might)."""
+        """A key from a BaselineKey, a (case_id, sut, reference) tuple or a record (dict or Record). Keys
+        are structured: a string is refused (an engine spec such as "jsonl:./eng --threads 2" holds the
+        separator a file name would use), with a BaselineError, as is anything else that names no key."""
         if isinstance(key, BaselineKey):
             return key
         if isinstance(key, tuple) and len(key) == 3:
             return cls(*key)
         if isinstance(key, str):
-            parts = key.removesuffix(".json").rsplit("--", 2)
-            if len(parts) != 3:
-                raise ValueError(f"baseline key {key!r} is not <case_id>--<sut>--<reference>")
-            return cls(*parts)
-        doc = _as_dict(key)
+            raise BaselineError(f"baseline key {key!r} is a string: pass a BaselineKey(case_id, sut, reference), "
+                                "a (case_id, sut, reference) tuple or the record")
         try:
+            doc = _as_dict(key)
             return cls(doc["case_id"], doc["sut"], doc["reference"])
         except KeyError as e:
-            raise ValueError(f"baseline key: {key!r} has no {e.args[0]}") from None
+            raise BaselineError(f"baseline key: {key!r} has no {e.args[0]}") from None
+        except TypeError as e:
+            raise BaselineError(f"baseline key: {e}") from None
 
 
 def path_for(directory: str | os.PathLike, platform: str, key) -> Path:
@@ -495,7 +495,7 @@ def from_record(platform: str, key, record, reference_topk: dict | None = None) 
     k = BaselineKey.of(key)
     for part in ("case_id", "sut", "reference"):
         if part in doc and doc[part] != getattr(k, part):
-            raise ValueError(f"baseline key {k.to_json()} does not match the record's {part} {doc[part]!r}")
+            raise BaselineError(f"baseline key {k.to_json()} does not match the record's {part} {doc[part]!r}")
     status = doc.get("status", "pass")
     if status not in ("pass", "fail"):
         raise BaselineError(f"not updating the baseline of {k.filename} on {platform}: the record's status is "
@@ -620,20 +620,23 @@ def compare(baseline: Baseline, record_metrics, rel: float = DEFAULT_REL, abs: f
     return out
 
 
-def compare_reference_topk(baseline: Baseline, logits, rel: float = 1e-5, abs: float = 1e-6) -> list[dict]:
+def compare_reference_topk(baseline: Baseline, now, rel: float = 1e-5, abs: float = 1e-6) -> list[dict]:
     """Whether the reference itself moved: its top-k ids at the kept positions must be the same and each
-    logit within `rel` relative or `abs` absolute. Returns ``[{"metric": "reference_topk[p]", ...}]``."""
+    logit within `rel` relative or `abs` absolute. `now` is the reference's logits [T, V] or a `topk_of`
+    result (what the ladder keeps in `Record.reference_topk`). Returns
+    ``[{"metric": "reference_topk[p]...", "baseline": x, "now": y}]``, empty when it did not move."""
     kept = baseline.reference_topk
-    if not kept:
+    if not kept or now is None:
         return []
-    now = topk_of(logits, k=kept.get("k", len(kept["ids"][0]) if kept["ids"] else 1),
-                  positions=len(kept["ids"]))
+    k = kept.get("k", len(kept["ids"][0]) if kept["ids"] else 1)
+    if not (isinstance(now, Mapping) and "ids" in now):
+        now = topk_of(now, k=k, positions=len(kept["ids"]))
     out = []
     for p, (bids, bvals) in enumerate(zip(kept["ids"], kept["logits"])):
         if p >= len(now["ids"]):
             out.append({"metric": f"reference_topk[{p}]", "baseline": bids, "now": None})
             continue
-        nids, nvals = now["ids"][p], now["logits"][p]
+        nids, nvals = list(now["ids"][p])[:len(bids)], list(now["logits"][p])[:len(bids)]
         if nids != bids:
             out.append({"metric": f"reference_topk[{p}].ids", "baseline": bids, "now": nids})
             continue

@@ -25,6 +25,7 @@ from bitnet_ref.gguf.validate import validate_file
 from bitnet_ref.synth import SynthSpec, synthesize, ternary_weights
 
 from . import metrics as M
+from .baselines import topk_of
 from .cases import Case
 from .engines.base import EngineError, NotSupported, ReferenceUnavailable, file_sha256, require_receipt
 from .engines.registry import open_engine
@@ -252,6 +253,8 @@ def _engine_rungs(case, sut, ref, tol, record, run, n_layers: int) -> None:
     prompts = [ref.tokenize(p) for p in case.prompts] + [list(p) for p in case.prompt_ids]
     rungs = [name for name in ("first_logits", "all_logits") if name in case.rungs]
     outputs = [(ids, sut.logits(ids), ref.logits(ids)) for ids in prompts] if rungs else []
+    if outputs:  # kept in the baseline: a later run tells whether the reference itself moved
+        record.reference_topk = topk_of(outputs[0][2])
     for name in rungs:  # every prompt's first position, then every prompt's all positions
         for i, (ids, a, b) in enumerate(outputs):
             if name == "first_logits":

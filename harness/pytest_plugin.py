@@ -50,6 +50,9 @@ def pytest_addoption(parser) -> None:
     g.addoption("--profile", default=None, help="numerics profile of the system under test (default: the case's)")
     g.addoption("--platform", default=None, help="platform id for baselines (default: detected)")
     g.addoption("--update-baselines", action="store_true", help="rewrite the platform's baselines")
+    g.addoption("--baselines", choices=("gate", "report"), default="gate",
+                help="gate (default): a regression against the platform's baseline fails the test; "
+                     "report: it is only reported")
     g.addoption("--baselines-dir", default=None, help="default: ./baselines")
     g.addoption("--report-html", default=None, help="write the HTML regression report here")
     g.addoption("--records", default=None, help="directory for the JSON records (default: beside the report)")
@@ -59,6 +62,13 @@ def pytest_addoption(parser) -> None:
 def pytest_configure(config) -> None:
     for name, text in MARKERS.items():
         config.addinivalue_line("markers", f"{name}: {text}")
+    if config.getoption("--platform"):
+        from .baselines import check_platform
+
+        try:
+            check_platform(config.getoption("--platform"))
+        except ValueError as e:
+            raise pytest.UsageError(f"--platform: {e}") from None
     records = config.getoption("--records")
     report = config.getoption("--report-html")
     if records is None and report is not None:
@@ -179,28 +189,51 @@ def crossval_run(request, crossval_models_dir):
 
 
 def _baseline(config, record, platform: str) -> None:
+    """Judge the record against its baseline (or rewrite the baseline, when asked); the outcome goes in
+    record.baseline, which the test reads (a regression fails it unless --baselines=report)."""
     from . import baselines
 
     if record.status not in ("pass", "fail"):
         return
     directory = Path(config.getoption("--baselines-dir") or "baselines")
-    key = f"{record.case_id}--{record.sut}--{record.reference}"
+    key = baselines.BaselineKey(record.case_id, record.sut, record.reference)
+    info = {"platform": platform, "regressions": [], "gate": config.getoption("--baselines") == "gate"}
     try:
+        info["path"] = str(baselines.path_for(directory, platform, key))
         if config.getoption("--update-baselines"):
-            baselines.update(directory, platform, key, record.to_json())
-            record.baseline = {"status": "updated", "platform": platform, "regressions": []}
+            baselines.update(directory, platform, key, record.to_json(), reference_topk=record.reference_topk)
+            record.baseline = {**info, "status": "updated"}
             return
         base = baselines.load(directory, platform, key)
-    except baselines.BaselineError as e:  # a corrupt or newer-schema file: say so, do not guess
+    except baselines.BaselineError as e:  # a corrupt or newer-schema file, or a key that names none
         record.status, record.reason = "error", str(e)
-        record.baseline = {"status": "error", "platform": platform, "regressions": []}
+        record.baseline = {**info, "status": "error"}
         return
     if base is None:
-        record.baseline = {"status": "new", "platform": platform, "regressions": []}
+        record.baseline = {**info, "status": "new"}
         return
     regressions = baselines.compare(base, record.to_json())
-    record.baseline = {"status": "regression" if regressions else "match", "platform": platform,
-                       "regressions": regressions}
+    record.baseline = {
+        **info, "status": "regression" if regressions else "match", "regressions": regressions,
+        "metrics": {f"{rung}.{m}": v for rung, ms in base.metrics().items() for m, v in ms.items()},
+        "engine_changes": baselines.engine_changes(base, record.to_json()),
+        "reference_drift": baselines.compare_reference_topk(base, record.reference_topk),
+    }
+
+
+def regression_message(record) -> str | None:
+    """Why the test fails against its baseline (None when it does not): the regressed metrics, the
+    baseline file, and what changed since it was taken."""
+    bl = record.baseline or {}
+    if bl.get("status") != "regression" or not bl.get("gate"):
+        return None
+    regs = "; ".join(f"{r['metric']} {r['baseline']} -> {r['now']}" for r in bl.get("regressions", []))
+    text = f"regressed against the baseline {bl.get('path')}: {regs}"
+    if bl.get("engine_changes"):
+        text += f" (since the baseline: {'; '.join(bl['engine_changes'])})"
+    if bl.get("reference_drift"):
+        text += f" (the reference itself moved: {bl['reference_drift'][0]['metric']})"
+    return text + ". Accept with --update-baselines, or only report with --baselines=report"
 
 
 def pytest_sessionfinish(session, exitstatus) -> None:

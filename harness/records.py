@@ -21,7 +21,12 @@ HTML report (one file per record), and what baselines summarize. Schema (version
               "first_bad_position": null | int,
               "localization": null | {"layer": 0, "op": "ffn_sub_norm-0", "max_abs": 0.3, "nodes": [...]}} ],
   "baseline": {"status": "match" | "regression" | "new" | "none" | "updated", "platform": "linux-x86_64-avx512",
-               "regressions": [ {"metric": "...", "baseline": x, "now": y} ]},
+               "path": "baselines/<platform>/<file>.json", "gate": true,   # gate: a regression fails the test
+               "regressions": [ {"metric": "...", "baseline": x, "now": y} ],
+               "metrics": {"<rung>.<metric>": x},         # the baseline's values, for the report
+               "engine_changes": ["reference version: a -> b", ...],   # what differs from the baseline's run
+               "reference_drift": [ {"metric": "reference_topk[p]...", "baseline": x, "now": y} ]},
+  "reference_topk": null | {"k": 5, "positions": [...], "ids": [[...]], "logits": [[...]]},
   "receipts": {"sut": {...Receipt...}, "reference": {...Receipt...} | null},
   "model": {"path": "...", "sha256": "...", "spec": {...} | null},
   "environment": {"python": "...", "platform": "...", "hostname": "..."},
@@ -82,6 +87,9 @@ class Record:
     model: dict = field(default_factory=dict)
     environment: dict = field(default_factory=dict)
     seconds: float = 0.0
+    # the reference's top-k logits at the first positions of the first prompt (harness.baselines.topk_of):
+    # kept in the baseline, so a later run can tell when the reference itself moved
+    reference_topk: dict | None = None
     schema_version: int = RECORD_SCHEMA
 
     def to_json(self) -> dict:

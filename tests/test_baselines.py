@@ -120,9 +120,11 @@ def test_round_trip(tmp_path):
     # the same record, from a key given as a tuple or as the record itself
     assert bl.load(tmp_path, PLATFORM, (KEY.case_id, KEY.sut, KEY.reference)).rungs == b.rungs
     assert bl.load(tmp_path, PLATFORM, rec).rungs == b.rungs
-    assert bl.load(tmp_path, PLATFORM, "tq2_0-bitnet-tiny--bitnet_ref--llama_cpp").rungs == b.rungs
-    with pytest.raises(ValueError, match="case_id>--<sut>--<reference"):
-        bl.load(tmp_path, PLATFORM, "no-separators")
+    # keys are structured: a string (which an engine spec with "--" in it would split wrongly) is refused
+    with pytest.raises(BaselineError, match="is a string: pass a BaselineKey"):
+        bl.load(tmp_path, PLATFORM, "tq2_0-bitnet-tiny--bitnet_ref--llama_cpp")
+    with pytest.raises(BaselineError, match="has no sut"):
+        bl.load(tmp_path, PLATFORM, {"case_id": "x", "reference": "llama_cpp"})
     assert bl.list_baselines(tmp_path) == [path] == bl.list_baselines(tmp_path, PLATFORM)
 
 
@@ -150,8 +152,10 @@ def test_update_refuses_a_run_that_did_not_compare(tmp_path):
         rec = {**make_record(), "status": status, "reason": "BITNET_CPP_DIR is not set"}
         with pytest.raises(BaselineError, match=f"status is '{status}'.*BITNET_CPP_DIR"):
             bl.update(tmp_path, PLATFORM, KEY, rec)
-    with pytest.raises(ValueError, match="case_id"):
+    with pytest.raises(BaselineError, match="case_id"):
         bl.update(tmp_path, PLATFORM, BaselineKey("other", KEY.sut, KEY.reference), make_record())
+    with pytest.raises(BaselineError, match="cannot name a file"):
+        bl.update(tmp_path, PLATFORM, BaselineKey("..", KEY.sut, KEY.reference), {**make_record(), "case_id": ".."})
     assert not (tmp_path / PLATFORM).exists() or not any((tmp_path / PLATFORM).iterdir())
 
 
@@ -271,6 +275,9 @@ def test_reference_topk_and_engine_changes_are_reported(tmp_path):
     moved = logits.copy()
     moved[1, int(np.argmax(moved[1]))] += 1e-3
     assert [r["metric"] for r in bl.compare_reference_topk(b, moved)] == ["reference_topk[1].logits[0]"]
+    # the ladder keeps a top-k of its own (Record.reference_topk, k=5): judged on the baseline's k
+    assert [r["metric"] for r in bl.compare_reference_topk(b, bl.topk_of(moved))] == ["reference_topk[1].logits[0]"]
+    assert bl.compare_reference_topk(b, bl.topk_of(logits)) == []
     rec = make_record()
     rec["receipts"]["reference"]["version"] = "b4600"
     assert bl.engine_changes(b, rec) == ["reference version: b4500 -> b4600"]

@@ -54,3 +54,36 @@ def test_xdist_workers_lose_no_record_and_the_report_has_them_all(tmp_path):
     html = report.read_text()
     assert "<html" in html and all(json.loads(p.read_text())["case_id"] in html for p in records)
     assert len(combined["records"]) == n
+
+
+def test_a_baseline_regression_fails_the_test_unless_report(tmp_path):
+    """The plugin's baseline path, end to end, with a system under test whose engine spec holds spaces and
+    "--" (a string key would split it wrongly): new key reported, --update-baselines writes, a match passes,
+    a regression fails naming the metric and the file, --baselines=report only reports it."""
+    pytest.importorskip("llama_cpp", reason="llama-cpp-python (mainline llama.cpp) is not installed")
+    sut = f"jsonl:{sys.executable} -m harness.engines.serve bitnet_ref --model {{model}} --profile llama-cpp"
+    bdir, records = tmp_path / "baselines", tmp_path / "records"
+
+    def run(*extra):
+        r = pytest_run("-q", "-k", "f32-bitnet-tiny", f"--engine={sut}", f"--baselines-dir={bdir}",
+                       "--platform=linux-x86_64-avx512", f"--records={records}", *extra)
+        (doc,) = [json.loads(p.read_text()) for p in records.glob("*.json")]
+        return r, doc
+
+    r, doc = run()
+    assert r.returncode == 0 and doc["baseline"]["status"] == "new", r.stdout[-2000:]
+    r, doc = run("--update-baselines")
+    assert r.returncode == 0 and doc["baseline"]["status"] == "updated", r.stdout[-2000:]
+    (path,) = (bdir / "linux-x86_64-avx512").glob("*.json")
+    written = json.loads(path.read_text())
+    assert written["key"] == {"case_id": "f32-bitnet-tiny", "sut": sut, "reference": "llama_cpp"}
+    assert written["reference_topk"]["ids"]  # the reference's top-k, to tell later whether it moved
+    written["rungs"]["all_logits"]["metrics"]["max_abs"] = 0.0  # the baseline was better than this run
+    written["reference_topk"]["logits"][0][0] += 1.0  # and the reference has moved since
+    path.write_text(json.dumps(written))
+    r, doc = run()
+    assert r.returncode == 1 and doc["status"] == "pass" and doc["baseline"]["status"] == "regression"
+    assert "all_logits.max_abs 0.0 ->" in r.stdout and path.name in r.stdout, r.stdout[-3000:]
+    assert "the reference itself moved: reference_topk[0].logits[0]" in r.stdout
+    r, doc = run("--baselines=report")
+    assert r.returncode == 0 and doc["baseline"]["status"] == "regression", r.stdout[-2000:]

@@ -534,6 +534,15 @@ def _case(i: int, rec: dict) -> str:
             f'<span class="bad">record schema {e(rec.get("schema_version"))}, report knows {RECORD_SCHEMA}</span>'
         )
     parts.append('<p class="info">' + " · ".join(info) + "</p>")
+    if bl.get("path"):
+        parts.append(f'<p class="info muted">baseline file <code>{e(bl.get("path"))}</code></p>')
+    changes = [str(c) for c in _l(bl.get("engine_changes"))]
+    drift = [str(_d(x).get("metric")) for x in _l(bl.get("reference_drift"))]
+    if changes:
+        parts.append("<p class='info'>since the baseline: " + "; ".join(e(c) for c in changes) + "</p>")
+    if drift:
+        parts.append("<p class='info bad'>the reference itself moved since the baseline: "
+                     + ", ".join(e(d) for d in drift) + "</p>")
     parts.append(_ladder(rec))
     parts.append(_metrics(rec))
     parts.append(_plots(rec))

@@ -7,6 +7,8 @@
 
 import pytest
 
+from harness.pytest_plugin import regression_message
+
 
 class CrossvalError(Exception):
     """The comparison could not be made (an engine broke, or the reference left no receipt)."""
@@ -20,3 +22,6 @@ def test_crossval(crossval_pair, crossval_run):
         raise CrossvalError(record.reason)
     # "xfail" (the case's known reference bug showed) fails here too: the case's strict xfail mark expects it
     assert record.status == "pass", f"failed at rung {record.failed_rung!r}: {record.reason}"
+    regression = regression_message(record)  # correct, but worse than this platform's baseline
+    if regression:
+        pytest.fail(regression)
