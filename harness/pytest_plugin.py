@@ -57,6 +57,9 @@ def pytest_addoption(parser) -> None:
     g.addoption("--report-html", default=None, help="write the HTML regression report here")
     g.addoption("--records", default=None, help="directory for the JSON records (default: beside the report)")
     g.addoption("--cases", action="append", default=None, help="case file (repeatable; default: cases/*.toml)")
+    g.addoption("--min-comparisons", type=int, default=0,
+                help="fail the session when fewer cross-validations than this compared anything (CI: a job whose "
+                     "every case skipped must not pass)")
 
 
 def pytest_configure(config) -> None:
@@ -238,6 +241,13 @@ def regression_message(record) -> str | None:
 
 def pytest_sessionfinish(session, exitstatus) -> None:
     config = session.config
+    wanted = config.getoption("--min-comparisons")
+    if wanted and not hasattr(config, "workerinput") and len(_COMPARED) < wanted:
+        tr = config.pluginmanager.get_plugin("terminalreporter")
+        if tr is not None:
+            tr.write_line(f"crossval: {len(_COMPARED)} cross-validations compared anything, fewer than "
+                          f"--min-comparisons={wanted}: the run fails (nothing ran is not a pass)", red=True)
+        session.exitstatus = pytest.ExitCode.TESTS_FAILED
     report = config.getoption("--report-html")
     if report is None or hasattr(config, "workerinput") or config._crossval_records is None:
         return
@@ -249,3 +259,37 @@ def pytest_sessionfinish(session, exitstatus) -> None:
     tr = config.pluginmanager.get_plugin("terminalreporter")
     if tr is not None:
         tr.write_line(f"crossval report: {Path(path).resolve()} ({len(records)} records)")
+
+
+# -- runs that must not pass by comparing nothing ------------------------------------------------------
+# BITNET_XVAL_REQUIRE names variables (comma-separated, e.g. BITNET_CPP_DIR,LLAMA_CPP_DIR) that this run has
+# set on purpose (.ci/run builds the references and sets it): a test that skips for want of one of them is a
+# failure, not a skip.
+def _required_variables() -> list[str]:
+    return [v.strip() for v in os.environ.get("BITNET_XVAL_REQUIRE", "").split(",") if v.strip()]
+
+
+@pytest.hookimpl(hookwrapper=True)
+def pytest_runtest_makereport(item, call):
+    outcome = yield
+    rep = outcome.get_result()
+    required = _required_variables()
+    if not (required and rep.skipped and not hasattr(rep, "wasxfail")):
+        return
+    reason = rep.longrepr[2] if isinstance(rep.longrepr, tuple) else str(rep.longrepr)
+    named = [v for v in required if v in reason]
+    if named:
+        rep.outcome = "failed"
+        rep.longrepr = (f"skipped for want of {', '.join(named)}, which BITNET_XVAL_REQUIRE says this run provides: "
+                        f"{reason}")
+
+
+_COMPARED: list[str] = []  # node ids of the cross-validations that compared something (this process)
+
+
+def pytest_runtest_logreport(report) -> None:
+    """Counts the cross-validations that compared something (passed, failed or a known bug shown)."""
+    if report.when == "call" and "test_crossval[" in report.nodeid and (
+            report.outcome in ("passed", "failed") or hasattr(report, "wasxfail")):
+        _COMPARED.append(report.nodeid)
+

@@ -87,3 +87,29 @@ def test_a_baseline_regression_fails_the_test_unless_report(tmp_path):
     assert "the reference itself moved: reference_topk[0].logits[0]" in r.stdout
     r, doc = run("--baselines=report")
     assert r.returncode == 0 and doc["baseline"]["status"] == "regression", r.stdout[-2000:]
+
+
+def _env_without_bitnet_cpp(**extra) -> dict:
+    import os
+
+    env = {k: v for k, v in os.environ.items() if k not in ("BITNET_CPP_DIR", "BITNET_XVAL_REQUIRE")}
+    env.update(extra)
+    return env
+
+
+def test_a_required_reference_that_is_missing_fails_instead_of_skipping():
+    sel = ("-k", "i2_s-bitnet-b1.58-tiny-vs-bitnet_cpp")
+    r = pytest_run("-q", *sel, env=_env_without_bitnet_cpp())
+    assert r.returncode == 0 and "1 skipped" in r.stdout, r.stdout[-1500:]
+    r = pytest_run("-q", *sel, env=_env_without_bitnet_cpp(BITNET_XVAL_REQUIRE="LLAMA_CPP_DIR, BITNET_CPP_DIR"))
+    assert r.returncode == 1 and "1 failed" in r.stdout, r.stdout[-1500:]
+    assert "skipped for want of BITNET_CPP_DIR" in r.stdout
+
+
+def test_min_comparisons_fails_a_run_that_compared_nothing():
+    r = pytest_run("-q", "-k", "i2_s-bitnet-b1.58-tiny-vs-bitnet_cpp", "--min-comparisons=1",
+                   env=_env_without_bitnet_cpp())
+    assert r.returncode == 1 and "nothing ran is not a pass" in r.stdout, r.stdout[-1500:]
+    pytest.importorskip("llama_cpp", reason="llama-cpp-python (mainline llama.cpp) is not installed")
+    r = pytest_run("-q", "-k", "tq1_0", "--min-comparisons=1", env=_env_without_bitnet_cpp())
+    assert r.returncode == 0, r.stdout[-1500:]

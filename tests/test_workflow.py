@@ -15,8 +15,8 @@ yaml = pytest.importorskip("yaml", reason="PyYAML is not installed (pip install 
 ROOT = Path(__file__).resolve().parents[1]
 WORKFLOW = ROOT / ".github" / "workflows" / "crossval.yml"
 # format -> the pytest selection its matrix job runs: the suites' markers (i2s tl1 tl2 tq1 tq2), or -k
-FORMATS = {"tq1_0": "-m tq1", "tq2_0": "-m tq2", "i2_s": "-m i2s", "tl1": "-m tl1", "tl2": "-m tl2",
-           "f16": "-k f16"}
+# (no TL1 job: its kernels are ARM-only, and no reference runs it on the x86 runners)
+FORMATS = {"tq1_0": "-m tq1", "tq2_0": "-m tq2", "i2_s": "-m i2s", "tl2": "-m tl2", "f16": "-k f16"}
 PINS = {"actions/checkout": "v4", "actions/setup-python": "v5", "actions/cache": "v4",
         "actions/cache/restore": "v4", "actions/upload-artifact": "v4"}
 
@@ -49,7 +49,7 @@ def readme_test_command() -> str:
 def test_triggers_and_jobs(wf):
     on = wf.get("on", wf.get(True))  # YAML 1.1 reads a bare `on` key as true
     assert "push" in on and "pull_request" in on
-    assert set(wf["jobs"]) == {"tests", "crossval"}
+    assert set(wf["jobs"]) == {"references", "tests", "crossval", "real-model"}
     assert wf["permissions"] == {"contents": "read"}
 
 
@@ -90,36 +90,45 @@ def test_crossval_matrix_covers_the_formats(wf):
     assert str(py["with"]["python-version"]) == "3.11" and py["with"]["cache"] == "pip"
     (cmd,) = [r for r in runs(job) if "nox -s crossval" in r]
     assert cmd.startswith("python3 -m pip install nox && nox -s crossval -- ${{ matrix.select }} ")
+    assert "--min-comparisons=1" in cmd  # a job whose cases all skipped fails
     # the report and the records go where the upload step takes them from (the plugin's options)
     # the = form: pytest takes a space-separated option value for a path and picks its rootdir from it
     assert '"--report-html=$XVAL_OUT/report.html"' in cmd and '"--records=$XVAL_OUT/records"' in cmd
 
 
-def test_models_are_cached_on_the_lock_file(wf):
-    job = wf["jobs"]["crossval"]
+def test_models_are_cached_on_the_lock_file_and_the_real_model_is_compared(wf):
+    job = wf["jobs"]["real-model"]
     assert wf["env"]["BITNET_MODELS_DIR"]
     caches = [s for s in uses(job, "actions/cache") if "BITNET_MODELS_DIR" in s["with"]["path"]]
     assert len(caches) == 1
     assert "hashFiles('models.lock')" in caches[0]["with"]["key"]
+    lock = (ROOT / "models.lock").read_text(encoding="utf-8")
+    assert 'repo = "microsoft/bitnet-b1.58-2B-4T-gguf"' in lock and re.search(r'sha256 = "[0-9a-f]{64}"', lock)
+    script = "\n".join(runs(job))
+    assert "bitnet-xval download-model --id microsoft/bitnet-b1.58-2B-4T-gguf" in script and "--lock models.lock" in script
+    assert "--reference=bitnet_cpp" in script and "--min-comparisons=1" in script
 
 
-def test_bitnet_cpp_is_restored_never_built(wf):
-    job = wf["jobs"]["crossval"]
+REF_KEY = "references-${{ runner.os }}-${{ env.BITNET_CPP_COMMIT }}-${{ hashFiles('harness/references.py', 'pyproject.toml') }}"
+
+
+def test_references_are_built_by_the_project_and_required(wf):
     assert re.fullmatch(r"[0-9a-f]{40}", wf["env"]["BITNET_CPP_COMMIT"])
-    (restore,) = uses(job, "actions/cache/restore")
-    assert "${{ env.BITNET_CPP_COMMIT }}" in restore["with"]["key"]
-    assert restore["id"]
-    # only restored: a save of an empty directory would poison the key for the user's own build
-    assert not [s for s in uses(job, "actions/cache") if ".bitnet-cpp" in s["with"]["path"]]
-    script = "\n".join(r for j in wf["jobs"].values() for r in runs(j))
-    for word in ("cmake", "setup_env", "git clone", "make ", "BitNet.git"):
-        assert word not in script, f"the workflow must not build bitnet.cpp (found {word!r})"
-    (point,) = [s for s in steps(job) if "run" in s and "BITNET_CPP_DIR=" in s["run"]]
-    assert f"steps.{restore['id']}.outputs.cache-hit" in str(point["env"])
-    assert "vars.BITNET_CPP_DIR" in str(point["env"])
-    # the placeholder and how to provide a build are written down in the file
-    text = WORKFLOW.read_text(encoding="utf-8")
-    assert "never built here" in text and "# - name: Build bitnet.cpp" in text
+    build = wf["jobs"]["references"]
+    (cache,) = uses(build, "actions/cache")
+    assert cache["with"]["key"] == REF_KEY and cache["with"]["path"] == "${{ env.BITNET_REFERENCE_CACHE }}"
+    script = "\n".join(runs(build))
+    for variant in ("i2_s", "tl2"):
+        assert (f'bitnet-xval reference bitnet.cpp --git "$BITNET_CPP_GIT" --commit "$BITNET_CPP_COMMIT" '
+                f"--variant {variant}") in script
+    assert "bitnet-xval reference llama.cpp" in script
+    for name in ("tests", "crossval", "real-model"):
+        job = wf["jobs"][name]
+        assert job["needs"] == "references"
+        (restore,) = uses(job, "actions/cache/restore")
+        assert restore["with"]["key"] == REF_KEY and restore["with"]["fail-on-cache-miss"] is True
+    for name in ("tests", "crossval"):  # a skip for want of a reference fails these jobs
+        assert "BITNET_XVAL_REQUIRE=BITNET_CPP_DIR,BITNET_CPP_TL2_DIR" in "\n".join(runs(wf["jobs"][name]))
 
 
 def test_report_and_records_uploaded_always(wf):

@@ -63,6 +63,7 @@ class Receipt:
     threads: int | None = None
     device: str = "cpu"
     command: list[str] | None = None  # the last command line, for subprocess engines
+    source: str | None = None  # a reference's upstream source commit, where its build says (drift check)
     timings: dict[str, float] = field(default_factory=dict)  # seconds per operation, summed over calls
     host: str = field(default_factory=platform.node)
 

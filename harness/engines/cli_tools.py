@@ -16,9 +16,10 @@ What a CLI can and cannot give:
   not a token-level comparison. Token-level comparison needs the FFI adapter (libllama through ctypes).
 - `tokenize` runs `llama-tokenize --ids` when that tool sits next to llama-cli (NotSupported otherwise).
 - `perplexity` takes text (or a text file), not ids: llama-perplexity tokenizes it itself.
-- Mainline builds: newer llama-cli starts a chat for models with a chat template; pass
-  `extra_args={"llama-cli": ["-no-cnv"]}` (extra arguments are per tool name). A llama-cli that rejects
-  `--logdir` is retried once without it (then `ids` is None).
+- Mainline builds: text completion moved from llama-cli (now a chat) to llama-completion, which is used
+  when the build has it (`completion_tool`); its timing lines are `common_perf_print`. Extra arguments
+  are per tool name (`extra_args={"llama-completion": [...]}`). A tool that rejects `--logdir` (mainline
+  dropped it) is retried once without it (then `ids` is None).
 
 Every call runs the tool in its own process group (a new session), with a per-call timeout; on timeout,
 on KeyboardInterrupt or any other exception, the whole group is SIGKILLed and reaped, so no child
@@ -34,6 +35,7 @@ import math
 import os
 import re
 import shlex
+import shutil
 import signal
 import subprocess
 import tempfile
@@ -101,6 +103,13 @@ def _describe(cmd: list[str]) -> str:
     return shlex.join(cmd)
 
 
+def _line_buffered(cmd: list[str]) -> list[str]:
+    """`cmd` under coreutils' stdbuf, line-buffered: mainline's tools log from a thread whose buffered
+    output into a file is lost when they exit (an unloadable model then leaves no error text at all)."""
+    stdbuf = shutil.which("stdbuf")
+    return [stdbuf, "-oL", "-eL", *cmd] if stdbuf else cmd
+
+
 def run_tool(cmd: list[str], timeout: float, merge: bool = False, cwd: str | None = None,
              env: dict | None = None) -> ToolRun:
     """Run `cmd` in its own process group with stdin closed; kill the group on timeout or interruption.
@@ -110,7 +119,7 @@ def run_tool(cmd: list[str], timeout: float, merge: bool = False, cwd: str | Non
     with tempfile.TemporaryFile() as fout, tempfile.TemporaryFile() as ferr:
         t = time.perf_counter()
         try:
-            proc = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=fout,
+            proc = subprocess.Popen(_line_buffered(cmd), stdin=subprocess.DEVNULL, stdout=fout,
                                     stderr=subprocess.STDOUT if merge else ferr,
                                     start_new_session=True, cwd=cwd, env=env)
         except OSError as e:
@@ -168,10 +177,10 @@ def _unparsed(run: ToolRun, what: str, text: str | None = None) -> EngineError:
 # parsers (pure functions: tested on recorded and fake output)
 
 _PERF = re.compile(
-    r"(?:llama_perf_context_print|llama_print_timings):\s*(load|prompt eval|eval|total) time\s*=\s*" + _NUM
+    r"(?:llama_perf_context_print|llama_print_timings|common_perf_print):\s*(load|prompt eval|eval|total) time\s*=\s*" + _NUM
     + r"\s*ms(?:\s*/\s*(\d+)\s*(tokens|runs)(?:\s*\(\s*" + _NUM + r"\s*ms per token,\s*" + _NUM
     + r"\s*tokens per second\))?)?")
-_SAMPLER = re.compile(r"llama_perf_sampler_print:\s*sampling time\s*=\s*" + _NUM + r"\s*ms(?:\s*/\s*(\d+)\s*runs)?")
+_SAMPLER = re.compile(r"(?:llama_perf_sampler_print|common_perf_print):\s*sampling time\s*=\s*" + _NUM + r"\s*ms(?:\s*/\s*(\d+)\s*runs)?")
 
 
 def parse_timings(stderr: str) -> dict[str, float]:
@@ -376,6 +385,7 @@ class CliToolsEngine(Engine):
         self.extra_args = {k: list(v) for k, v in (extra_args or {}).items()}  # per tool name
         self._archs, self._formats = archs, formats
         self._logdir_ok = True
+        self.completion_tool = "llama-completion" if self.has_tool("llama-completion") else "llama-cli"
         self.last_run: ToolRun | None = None
         self.last_timings: dict[str, float] = {}
         self.receipt = Receipt(engine=name, version="unknown", model=str(self.model.resolve()),
@@ -406,7 +416,7 @@ class CliToolsEngine(Engine):
             return False
 
     def _probe_version(self) -> str:
-        for t in ("llama-cli", "llama-perplexity", "llama-bench"):
+        for t in (self.completion_tool, "llama-perplexity", "llama-bench"):
             if self.has_tool(t):
                 run = check_run(run_tool([str(self.tool(t)), "--version"], timeout=min(self.timeout, 60.0), merge=True))
                 m = _VERSION.search(run.out)
@@ -472,21 +482,21 @@ class CliToolsEngine(Engine):
         with tempfile.TemporaryDirectory(prefix="cli-tools-") as d:
             use_logdir = self._logdir_ok
             try:
-                run = self._run("generate", "llama-cli", args + (["--logdir", d + "/"] if use_logdir else []),
-                                timeout=timeout)
+                run = self._run("generate", self.completion_tool,
+                                args + (["--logdir", d + "/"] if use_logdir else []), timeout=timeout)
             except EngineError as e:
                 if not (use_logdir and "--logdir" in str(e) and "invalid argument" in str(e)):
                     raise
                 self._logdir_ok = False  # a mainline build without --logdir
-                run = self._run("generate", "llama-cli", args, timeout=timeout)
+                run = self._run("generate", self.completion_tool, args, timeout=timeout)
             ids = None
             if use_logdir and self._logdir_ok:
                 logs = sorted(Path(d).glob("*.yml"))
                 if logs:
                     ids = parse_logdir_tokens(logs[-1].read_text(errors="replace"))
         text, ended = clean_cli_stdout(run.out)
-        if "llama_perf_context_print" not in run.err and "llama_print_timings" not in run.err:
-            raise _unparsed(run, "llama-cli's timing lines (did it generate?)", run.err)
+        if not any(k in run.err for k in ("llama_perf_context_print", "llama_print_timings", "common_perf_print")):
+            raise _unparsed(run, f"{self.completion_tool}'s timing lines (did it generate?)", run.err)
         return Generation(text=text, ids=ids, ended=ended, timings=dict(self.last_timings), command=run.command)
 
     def _text_file(self, source: str | os.PathLike, d: str) -> Path:

@@ -5,6 +5,8 @@
   bitnet_cpp       bitnet.cpp in-process (libllama of the build named by BITNET_CPP_DIR)
   bitnet_cpp_tl2   bitnet.cpp in-process, from a build with TL2 kernels (BITNET_CPP_TL2_DIR)
   bitnet_cpp_cli   bitnet.cpp's tools (llama-cli, llama-perplexity, llama-bench in BITNET_CPP_DIR/bin)
+  llama_cpp_cli    mainline llama.cpp's tools (llama-completion, llama-perplexity, llama-tokenize, llama-bench in
+                   LLAMA_CPP_DIR/bin; `bitnet-xval reference llama.cpp` builds them)
   jsonl:COMMAND    any engine that speaks the JSON-lines protocol (harness/engines/jsonl.py); "{model}"
                    in COMMAND is replaced by the model's path
 """
@@ -16,7 +18,7 @@ from dataclasses import dataclass
 
 from .base import Engine, EngineError, ReferenceUnavailable
 
-NAMES = ("bitnet_ref", "llama_cpp", "bitnet_cpp", "bitnet_cpp_tl2", "bitnet_cpp_cli")
+NAMES = ("bitnet_ref", "llama_cpp", "bitnet_cpp", "bitnet_cpp_tl2", "bitnet_cpp_cli", "llama_cpp_cli")
 
 
 @dataclass
@@ -57,18 +59,25 @@ def open_engine(spec: str, model, profile: str = "exact", options: dict | None =
 
         variable = "BITNET_CPP_TL2_DIR" if spec == "bitnet_cpp_tl2" else "BITNET_CPP_DIR"
         try:
-            library = find_build(variable).library("llama")
+            build = find_build(variable)
+            library = build.library("llama")
         except ReferenceMissing as e:
             raise ReferenceUnavailable(str(e)) from e
-        return LlamaLibEngine(model, library, name="bitnet.cpp", variable=variable, **options)
-    if spec == "bitnet_cpp_cli":
+        engine = LlamaLibEngine(model, library, name="bitnet.cpp", variable=variable, **options)
+        engine.receipt.source = build.source_commit
+        return engine
+    if spec in ("bitnet_cpp_cli", "llama_cpp_cli"):
         from .cli_tools import CliToolsEngine
         from .discovery import ReferenceMissing, find_build
 
+        variable, name = ("BITNET_CPP_DIR", "bitnet.cpp") if spec == "bitnet_cpp_cli" else ("LLAMA_CPP_DIR", "llama.cpp")
         try:
-            return CliToolsEngine(model, find_build())
+            build = find_build(variable)
         except ReferenceMissing as e:
             raise ReferenceUnavailable(str(e)) from e
+        engine = CliToolsEngine(model, build, name=name)
+        engine.receipt.source = build.source_commit
+        return engine
     if spec.startswith("jsonl:"):
         from .jsonl import JsonlEngine
 
@@ -141,11 +150,13 @@ def probe_all() -> list[EngineStatus]:
     out.append(_library_status("llama_cpp", _mainline))
     out.append(_library_status("bitnet_cpp", lambda: _fork("BITNET_CPP_DIR")))
     out.append(_library_status("bitnet_cpp_tl2", lambda: _fork("BITNET_CPP_TL2_DIR")))
-    try:
-        build = find_build()
-        tools = [t for t in TOOLS if t in build.tools]
-        out.append(EngineStatus("bitnet_cpp_cli", "llama-cli" in build.tools, "",
-                                f"{build.root}/bin: {', '.join(tools) or 'no tools'}"))
-    except ReferenceMissing as e:
-        out.append(EngineStatus("bitnet_cpp_cli", False, detail=str(e)))
+    for name, variable, completion in (("bitnet_cpp_cli", "BITNET_CPP_DIR", "llama-cli"),
+                                       ("llama_cpp_cli", "LLAMA_CPP_DIR", "llama-completion")):
+        try:
+            build = find_build(variable)
+            tools = [t for t in TOOLS if t in build.tools]
+            out.append(EngineStatus(name, completion in build.tools, build.source_commit or "",
+                                    f"{build.root}/bin: {', '.join(tools) or 'no tools'}"))
+        except ReferenceMissing as e:
+            out.append(EngineStatus(name, False, detail=str(e)))
     return out

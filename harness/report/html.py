@@ -490,8 +490,13 @@ def _receipts(rec: dict, status: str) -> str:
             )
             + "</tbody></table>"
         )
+    from harness.references import version_drift
+
+    drift = version_drift(ref if isinstance(ref, dict) else None)
     return (
-        '<h3>Receipts</h3><table class="kv receipts"><thead><tr><th></th>'
+        '<h3>Receipts</h3>'
+        + (f'<p class="drift"><b>Version drift:</b> {e(drift)}</p>' if drift else "")
+        + '<table class="kv receipts"><thead><tr><th></th>'
         f"<th>SUT: {e(rec.get('sut', ''))}</th><th>reference: {e(rec.get('reference', ''))}</th></tr></thead>"
         f"<tbody>{rows}</tbody></table>{mrow}"
     )
@@ -597,6 +602,7 @@ border:1px solid transparent}
 .why{font-size:12px;color:#5a1a16;margin-top:2px}
 .num{font-variant-numeric:tabular-nums;font-family:ui-monospace,"DejaVu Sans Mono",monospace;font-size:12.5px}
 .ok{color:var(--pass);font-weight:600}.bad{color:var(--fail);font-weight:600}.muted{color:var(--muted)}
+.drift{border-left:3px solid var(--fail);padding:4px 8px;margin:6px 0}
 .toolbar{margin:18px 0 6px;display:flex;gap:8px;align-items:center}
 .toolbar button{font:inherit;font-size:12px;padding:3px 10px;
 border:1px solid var(--line);background:#f6f8fa;border-radius:4px;cursor:pointer}
