@@ -279,3 +279,16 @@ def test_log_flush_fix_applies_once_and_only_to_a_leaked_logger(tmp_path):
     log_cpp.write_text("// a logger that is destroyed at exit\n" + R.LOG_INIT)
     assert not R._drain_log_at_exit(root)
     assert "atexit" not in log_cpp.read_text()
+
+
+@pytest.mark.parametrize("isolate", [False, True])
+def test_receipt_carries_the_source_commit_in_process_and_isolated(tmp_path, isolate):
+    d = os.environ.get("BITNET_CPP_DIR")
+    if not d or R.read_manifest(d) is None:
+        pytest.skip("BITNET_CPP_DIR is not set to a build made by `bitnet-xval reference` (CI's .ci/run makes one)")
+    from bitnet_ref.synth import SynthSpec, synthesize
+    from harness.engines.registry import open_engine
+
+    model = synthesize(SynthSpec(preset="tiny", arch="bitnet-b1.58", format="i2_s"), tmp_path)
+    with open_engine("bitnet_cpp", model, isolate=isolate) as engine:
+        assert engine.receipt.source == R.read_manifest(d)["source"]["commit"]

@@ -19,7 +19,7 @@ Operations:
     -> {"ok": true, "protocol": 1, "name": str, "version": str, "archs": [str], "formats": [str],
         "operations": [str, of tokenize detokenize logits generate perplexity],
         "receipt": {"artifact": path|null, "artifact_sha256": hex|null, "model": path|null,
-                    "device": str?, "threads": int?, "profile": str?}}
+                    "device": str?, "threads": int?, "profile": str?, "source": str?}}
     "artifact" is the library or binary that computes (e.g. libllama.so). Where that file exists here,
     the harness hashes it and refuses an engine whose claimed artifact_sha256 differs. Where "model"
     is given it must be the model file the harness named (same file after resolving paths).
@@ -126,7 +126,7 @@ class JsonlEngine(Engine):
                 self.receipt.artifact_sha256 = actual
             else:
                 self.receipt.artifact_sha256 = claimed_sha
-        for key in ("device", "threads", "profile"):
+        for key in ("device", "threads", "profile", "source"):
             if r.get(key) is not None:
                 setattr(self.receipt, key, r[key])
 

@@ -81,7 +81,8 @@ def main(argv=None) -> int:
                         "formats": list(info.formats),
                         "operations": [o for o in info.operations if o != "intermediates"],
                         "receipt": {"artifact": r.artifact, "artifact_sha256": r.artifact_sha256, "model": r.model,
-                                    "device": r.device, "threads": r.threads, "profile": r.profile}}
+                                    "device": r.device, "threads": r.threads, "profile": r.profile,
+                                    "source": r.source}}
             else:
                 resp = _handle(engine, req)
             resp.update(ok=True, timings={"compute": time.perf_counter() - t})
