@@ -75,7 +75,11 @@ def open_engine(spec: str, model, profile: str = "exact", options: dict | None =
             build = find_build(variable)
         except ReferenceMissing as e:
             raise ReferenceUnavailable(str(e)) from e
-        engine = CliToolsEngine(model, build, name=name)
+        # mainline's tools default to flash attention and an f16 KV cache; the in-process adapter and the
+        # llama-cpp profile compute without flash attention over an F32 cache, so the tools are run that way
+        mainline = ["-fa", "off", "-ctk", "f32", "-ctv", "f32"]
+        extra = {} if spec == "bitnet_cpp_cli" else {"llama-completion": mainline, "llama-perplexity": mainline}
+        engine = CliToolsEngine(model, build, name=name, extra_args=extra)
         engine.receipt.source = build.source_commit
         return engine
     if spec.startswith("jsonl:"):
