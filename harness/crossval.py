@@ -122,20 +122,18 @@ def rung_tokens(case: Case, sut, ref) -> RungResult:
 
 def _logits_rung(name: str, a: np.ndarray, b: np.ndarray, targets, tol: Tolerances) -> RungResult:
     m = M.compare_logits(a, b, targets=targets)
-    scalars = {k: float(v) for k, v in m.items() if np.isscalar(v)}
+    scalars = M.scalar_metrics(m)
     checks, ok = _checks(tol, scalars)
-    per_pos = np.asarray(m["max_abs_per_position"])
-    limit = tol.limit("max_abs")
-    bad = np.nonzero(per_pos > limit)[0] if limit is not None else np.array([], int)
-    series = {"max_abs_per_position": per_pos.tolist()}
-    if "kl_per_position" in m:
-        series["kl_per_position"] = np.asarray(m["kl_per_position"]).tolist()
+    bad = tol.first_bad_position(m["max_abs_per_position"])  # a NaN breaks the limit too
     failed = [c for c in checks if not c.passed]
-    detail = (f"{len(per_pos)} positions, max |Δ| {scalars.get('max_abs', float('nan')):.3g}" if ok else
+    detail = (f"{len(m['max_abs_per_position'])} positions, max |Δ| {scalars.get('max_abs', float('nan')):.3g}"
+              if ok else
               f"{failed[0].metric} = {failed[0].value:.4g} against {failed[0].op} {failed[0].limit:g} "
-              f"({failed[0].source})" + (f"; first position over max_abs: {int(bad[0])}" if bad.size else ""))
-    return RungResult(name, "pass" if ok else "fail", detail, metrics=scalars, checks=checks, series=series,
-                      histogram=m.get("histogram"), first_bad_position=int(bad[0]) if bad.size else None)
+              f"({failed[0].source})" + (f"; first position over max_abs: {bad}" if bad is not None else ""))
+    if scalars.get("n_nonfinite"):
+        detail += f"; {int(scalars['n_nonfinite'])} non-finite differences (NaN or inf logits)"
+    return RungResult(name, "pass" if ok else "fail", detail, metrics=scalars, checks=checks, series=M.series(m),
+                      histogram=m.get("histogram"), first_bad_position=bad)
 
 
 def localize(sut, ref, ids: list[int], n_layers: int, limit: float) -> dict | None:
@@ -161,20 +159,23 @@ def localize(sut, ref, ids: list[int], n_layers: int, limit: float) -> dict | No
 def rung_greedy(case: Case, sut, ref, ids: list[int], tol: Tolerances) -> RungResult:
     n = case.greedy_tokens
     a, b = sut.generate(ids, n), ref.generate(ids, n)
+    j = M.compare_greedy(a, b)["first_divergence"]  # also where one engine stopped and the other went on
     at_a = at_b = None
-    j = next((k for k, (x, y) in enumerate(zip(a, b)) if x != y), None)
-    if j is not None:  # the logits where they part: a near-tie is not a bug
+    if j is not None and j < min(len(a), len(b)):  # the logits where they part: a near-tie is not a bug
         prefix = ids + a[:j]
         at_a, at_b = sut.logits(prefix)[-1], ref.logits(prefix)[-1]
     g = M.compare_greedy(a, b, at_a, at_b)
     scalars = {k: float(v) for k, v in g.items() if np.isscalar(v) and not isinstance(v, bool)}
     checks, ok = _checks(tol, scalars)
-    tie = bool(g.get("tie"))
-    if not ok and tie:
+    if j is None:
+        detail = f"{len(a)} greedy tokens identical"
+    elif not ok and g.get("tie"):
         ok = True
         detail = f"diverged at token {j} on a near-tie (each token in the other's top-k): not a bug"
-    elif j is None:
-        detail = f"{n} greedy tokens identical"
+    elif j >= len(a) or j >= len(b):
+        short, other, rest = ("sut", "reference", b) if j >= len(a) else ("reference", "sut", a)
+        detail = (f"the {short} stopped after {j} tokens (an end token) while the {other} went on with "
+                  f"{rest[j:j + 4]}; lengths {len(a)} (sut) / {len(b)} (reference)")
     else:
         detail = f"first divergence at generated token {j}: {a[j]} (sut) vs {b[j]} (reference)"
     return RungResult("greedy", "pass" if ok else "fail", detail, metrics=scalars, checks=checks,
