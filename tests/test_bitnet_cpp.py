@@ -15,7 +15,8 @@ import pytest
 from bitnet_ref.formats import I2S_X86
 from bitnet_ref.gguf.validate import validate_file
 from bitnet_ref.synth import SynthSpec, synthesize
-from harness.engines.discovery import ReferenceMissing, find_build
+from harness.engines.base import ReferenceUnavailable
+from harness.engines.discovery import find_build
 
 pytestmark = pytest.mark.bitnet_cpp
 
@@ -23,7 +24,7 @@ pytestmark = pytest.mark.bitnet_cpp
 def build_or_skip(variable="BITNET_CPP_DIR"):
     try:
         return find_build(variable)
-    except ReferenceMissing as e:
+    except ReferenceUnavailable as e:
         pytest.skip(str(e))
 
 
@@ -32,7 +33,7 @@ def libggml():
     build = build_or_skip()
     try:
         lib = ctypes.CDLL(str(build.library("ggml")))
-    except ReferenceMissing as e:
+    except ReferenceUnavailable as e:
         pytest.skip(str(e))
     lib.quantize_i2_s.restype = ctypes.c_size_t
     lib.quantize_i2_s.argtypes = [ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int64, ctypes.c_int64, ctypes.c_void_p]

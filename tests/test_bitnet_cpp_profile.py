@@ -14,7 +14,8 @@ import pytest
 from bitnet_ref.formats.activations import quantize_i8_s
 from bitnet_ref.model import Model, _rms, i2s_dot_i8_s_ggml
 from bitnet_ref.synth import SynthSpec, synthesize
-from harness.engines.discovery import ReferenceMissing, find_build
+from harness.engines.base import ReferenceUnavailable
+from harness.engines.discovery import find_build
 
 T_PROMPT, N_GEN = 128, 64
 
@@ -23,7 +24,7 @@ T_PROMPT, N_GEN = 128, 64
 def fork(tmp_path_factory):
     try:
         find_build("BITNET_CPP_DIR").library("llama")
-    except ReferenceMissing as e:
+    except ReferenceUnavailable as e:
         pytest.skip(f"needs a bitnet.cpp build in BITNET_CPP_DIR: {e}")
     from harness.engines.llama_ffi import LlamaLibEngine
 

@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 
 from bitnet_ref.synth import SynthSpec, synthesize
-from harness.engines.base import EngineError, NotSupported, require_receipt
+from harness.engines.base import EngineError, NotSupported, ReferenceUnavailable, require_receipt
 from harness.engines.cli_tools import (
     CliToolsEngine,
     clean_cli_stdout,
@@ -21,7 +21,7 @@ from harness.engines.cli_tools import (
     parse_perplexity,
     parse_timings,
 )
-from harness.engines.discovery import ReferenceMissing, find_build
+from harness.engines.discovery import find_build
 
 FAKES = Path(__file__).parent / "fake_tools"
 TOOLS = ("llama-cli", "llama-perplexity", "llama-bench", "llama-tokenize")
@@ -203,7 +203,7 @@ REAL_BUILDS = {"BITNET_CPP_DIR": ("bitnet-b1.58", "i2_s", "bitnet.cpp"), "LLAMA_
 def real(request, tmp_path_factory):
     try:
         build = find_build(request.param)
-    except ReferenceMissing as e:
+    except ReferenceUnavailable as e:
         pytest.skip(str(e))
     arch, fmt, name = REAL_BUILDS[request.param]
     d = tmp_path_factory.mktemp("cli-real")

@@ -13,8 +13,8 @@ import pytest
 from gguf_edit import rewrite
 
 from bitnet_ref.synth import SynthSpec, synthesize
-from harness.engines.base import EngineError, NotSupported, Sampling
-from harness.engines.discovery import ReferenceMissing, find_build
+from harness.engines.base import EngineError, NotSupported, ReferenceUnavailable, Sampling
+from harness.engines.discovery import find_build
 from harness.engines.llama_ffi import FORK, MAINLINE, LlamaLibEngine, mainline_library
 
 PROMPT = ("The quick brown fox jumps over the lazy dog. In 1905, Albert Einstein published four papers "
@@ -170,7 +170,7 @@ def build_or_skip():
         build = find_build("BITNET_CPP_DIR")
         build.library("llama")
         return build
-    except ReferenceMissing as e:
+    except ReferenceUnavailable as e:
         pytest.skip(str(e))
 
 

@@ -43,8 +43,9 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from .base import Engine, EngineError, EngineInfo, NotSupported, Perplexity, Receipt, Sampling, file_sha256
-from .discovery import NativeBuild, ReferenceMissing
+from .base import (Engine, EngineError, EngineInfo, NotSupported, Perplexity, Receipt, ReferenceUnavailable, Sampling,
+                   file_sha256)
+from .discovery import NativeBuild
 
 TAIL_CHARS = 3000
 DEFAULT_TIMEOUT = 300.0
@@ -404,7 +405,7 @@ class CliToolsEngine(Engine):
                 return p
             try:
                 return self.build.tool(name)
-            except ReferenceMissing as e:
+            except ReferenceUnavailable as e:
                 raise NotSupported(str(e)) from None
         raise NotSupported(f"{self.name}: no {name} was given (tools={sorted(self._tools)})")
 

@@ -12,6 +12,8 @@ import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from .base import ReferenceUnavailable
+
 TOOLS = ("llama-cli", "llama-completion", "llama-perplexity", "llama-bench", "llama-tokenize", "llama-eval-callback",
          "llama-quantize")
 WHAT = {"BITNET_CPP_DIR": "bitnet.cpp", "BITNET_CPP_TL2_DIR": "bitnet.cpp (TL2 build)",
@@ -21,10 +23,6 @@ HOW = {"BITNET_CPP_DIR": "bitnet-xval reference bitnet.cpp --src DIR_OR_TARBALL"
        "LLAMA_CPP_DIR": "bitnet-xval reference llama.cpp"}
 # where a cmake build of bitnet.cpp (or of llama.cpp) puts its shared libraries
 LIB_DIRS = ("3rdparty/llama.cpp/src", "3rdparty/llama.cpp/ggml/src", "src", "ggml/src", "bin", "lib", ".")
-
-
-class ReferenceMissing(Exception):
-    """A reference is not configured or not usable here; the message says what to set or build."""
 
 
 @dataclass
@@ -52,13 +50,13 @@ class NativeBuild:
 
     def tool(self, name: str) -> Path:
         if name not in self.tools:
-            raise ReferenceMissing(f"{name} is not in {self.root}/bin (named by {self.variable}): build that target")
+            raise ReferenceUnavailable(f"{name} is not in {self.root}/bin (named by {self.variable}): build that target")
         return self.tools[name]
 
     def library(self, name: str) -> Path:
         path = {"llama": self.libllama, "ggml": self.libggml}[name]
         if path is None:
-            raise ReferenceMissing(f"lib{name}.so is not under {self.root} (named by {self.variable}); looked in "
+            raise ReferenceUnavailable(f"lib{name}.so is not under {self.root} (named by {self.variable}); looked in "
                                    f"{', '.join(LIB_DIRS)}")
         return path
 
@@ -78,10 +76,10 @@ def find_build(variable: str = "BITNET_CPP_DIR") -> NativeBuild:
     if not value:
         what = WHAT.get(variable, "the reference")
         how = f" (`eval \"$({HOW[variable]})\"` builds it and sets it)" if variable in HOW else ""
-        raise ReferenceMissing(f"{what} is not configured: set {variable} to its cmake build directory{how}")
+        raise ReferenceUnavailable(f"{what} is not configured: set {variable} to its cmake build directory{how}")
     root = Path(value).expanduser()
     if not root.is_dir():
-        raise ReferenceMissing(f"{variable}={value} is not a directory")
+        raise ReferenceUnavailable(f"{variable}={value} is not a directory")
     build = NativeBuild(root=root, variable=variable, libllama=_find(root, "libllama.so"),
                         libggml=_find(root, "libggml.so"), manifest=read_manifest(root))
     for tool in TOOLS:
@@ -89,5 +87,5 @@ def find_build(variable: str = "BITNET_CPP_DIR") -> NativeBuild:
         if p.is_file() and os.access(p, os.X_OK):
             build.tools[tool] = p
     if build.libllama is None and not build.tools:
-        raise ReferenceMissing(f"{variable}={value} holds neither libllama.so nor bin/llama-cli: is it a build dir?")
+        raise ReferenceUnavailable(f"{variable}={value} holds neither libllama.so nor bin/llama-cli: is it a build dir?")
     return build

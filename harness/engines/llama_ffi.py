@@ -26,7 +26,8 @@ from pathlib import Path
 
 import numpy as np
 
-from .base import Engine, EngineError, EngineInfo, NotSupported, Perplexity, Receipt, Sampling, file_sha256
+from .base import (Engine, EngineError, EngineInfo, NotSupported, Perplexity, Receipt, ReferenceUnavailable, Sampling,
+                   file_sha256)
 
 GGML_TYPE_F32 = 0
 GGML_TYPE_F16 = 1
@@ -287,7 +288,7 @@ def mainline_library() -> Path:
         if p.is_dir():
             p = p / "libllama.so"
         if not p.is_file():
-            raise EngineError(f"LLAMA_CPP_LIB={value}: {p} does not exist")
+            raise ReferenceUnavailable(f"LLAMA_CPP_LIB={value}: {p} does not exist")
         return p
     import importlib.util
 
@@ -296,7 +297,7 @@ def mainline_library() -> Path:
         p = Path(spec.origin).parent / "lib" / "libllama.so"
         if p.is_file():
             return p
-    raise EngineError("mainline libllama.so not found: install llama-cpp-python (it ships "
+    raise ReferenceUnavailable("mainline libllama.so not found: install llama-cpp-python (it ships "
                       "llama_cpp/lib/libllama.so) or set LLAMA_CPP_LIB to a libllama.so")
 
 
@@ -440,12 +441,9 @@ class LlamaLibEngine(Engine):
             variable = "BITNET_CPP_DIR" if name == "bitnet.cpp" else "LLAMA_CPP_LIB"
         if library is None:
             if name == "bitnet.cpp":
-                from .discovery import ReferenceMissing, find_build
+                from .discovery import find_build
 
-                try:
-                    library = find_build(variable).library("llama")
-                except ReferenceMissing as e:
-                    raise EngineError(str(e)) from e
+                library = find_build(variable).library("llama")
             else:
                 library = mainline_library()
         self.model_path = Path(model)

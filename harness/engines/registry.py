@@ -48,33 +48,22 @@ def open_engine(spec: str, model, profile: str = "exact", options: dict | None =
     if spec == "llama_cpp":
         from .llama_ffi import LlamaLibEngine, mainline_library
 
-        try:
-            library = mainline_library()
-        except EngineError as e:
-            raise ReferenceUnavailable(str(e)) from e
-        return LlamaLibEngine(model, library, name="llama.cpp", **options)
+        return LlamaLibEngine(model, mainline_library(), name="llama.cpp", **options)
     if spec in ("bitnet_cpp", "bitnet_cpp_tl2"):
-        from .discovery import ReferenceMissing, find_build
+        from .discovery import find_build
         from .llama_ffi import LlamaLibEngine
 
         variable = "BITNET_CPP_TL2_DIR" if spec == "bitnet_cpp_tl2" else "BITNET_CPP_DIR"
-        try:
-            build = find_build(variable)
-            library = build.library("llama")
-        except ReferenceMissing as e:
-            raise ReferenceUnavailable(str(e)) from e
-        engine = LlamaLibEngine(model, library, name="bitnet.cpp", variable=variable, **options)
+        build = find_build(variable)
+        engine = LlamaLibEngine(model, build.library("llama"), name="bitnet.cpp", variable=variable, **options)
         engine.receipt.source = build.source_commit
         return engine
     if spec in ("bitnet_cpp_cli", "llama_cpp_cli"):
         from .cli_tools import CliToolsEngine
-        from .discovery import ReferenceMissing, find_build
+        from .discovery import find_build
 
         variable, name = ("BITNET_CPP_DIR", "bitnet.cpp") if spec == "bitnet_cpp_cli" else ("LLAMA_CPP_DIR", "llama.cpp")
-        try:
-            build = find_build(variable)
-        except ReferenceMissing as e:
-            raise ReferenceUnavailable(str(e)) from e
+        build = find_build(variable)
         # mainline's tools default to flash attention and an f16 KV cache; the in-process adapter and the
         # llama-cpp profile compute without flash attention over an F32 cache, so the tools are run that way
         mainline = ["-fa", "off", "-ctk", "f32", "-ctv", "f32"]
@@ -95,14 +84,11 @@ def open_engine(spec: str, model, profile: str = "exact", options: dict | None =
 def _isolated(spec: str, model, profile: str, options: dict) -> Engine:
     import sys
 
-    from .discovery import ReferenceMissing, find_build
+    from .discovery import find_build
     from .jsonl import JsonlEngine
 
     if spec == "bitnet_cpp_tl2":
-        try:
-            find_build("BITNET_CPP_TL2_DIR").library("llama")
-        except ReferenceMissing as e:
-            raise ReferenceUnavailable(str(e)) from e
+        find_build("BITNET_CPP_TL2_DIR").library("llama")  # ReferenceUnavailable before a process starts
     command = [sys.executable, "-m", "harness.engines.serve", spec, "--model", str(model), "--profile", profile]
     command += [f"--option={k}={v}" for k, v in options.items()]
     return JsonlEngine(command, model)
@@ -126,12 +112,9 @@ def _mainline():
 
 
 def _fork(variable: str):
-    from .discovery import ReferenceMissing, find_build
+    from .discovery import find_build
 
-    try:
-        return find_build(variable).library("llama"), variable
-    except ReferenceMissing as e:
-        raise EngineError(str(e)) from e
+    return find_build(variable).library("llama"), variable
 
 
 def probe_all() -> list[EngineStatus]:
@@ -139,7 +122,7 @@ def probe_all() -> list[EngineStatus]:
     import bitnet_ref
     from bitnet_ref import kernels
 
-    from .discovery import TOOLS, ReferenceMissing, find_build
+    from .discovery import TOOLS, find_build
 
     why = kernels.unavailable_reason()
     kernel_set = kernels.active() + (f" ({why})" if why else "")
@@ -161,6 +144,6 @@ def probe_all() -> list[EngineStatus]:
             tools = [t for t in TOOLS if t in build.tools]
             out.append(EngineStatus(name, completion in build.tools, build.source_commit or "",
                                     f"{build.root}/bin: {', '.join(tools) or 'no tools'}"))
-        except ReferenceMissing as e:
+        except ReferenceUnavailable as e:
             out.append(EngineStatus(name, False, detail=str(e)))
     return out
