@@ -146,7 +146,7 @@ def main() -> None:
     ap.add_argument("--tq2", help="the TQ2_0 file of the same shapes for mainline llama.cpp, or `synth`")
     ap.add_argument("--repeat", type=int, default=3, help="alternating rounds of bitnet_ref and bitnet.cpp (--i2s)")
     args = ap.parse_args()
-    threads = int(os.environ.get("BITNET_CPU_THREADS", "2"))
+    threads = kernels.threads()
     native = f"bitnet_ref ({kernels.active()})"
     print(f"threads {threads}; native kernels: {kernels.active()}")
     print(f"{'preset':<14}{'engine':<26}{'prefill tok/s':>15}{'decode tok/s':>15}")

@@ -94,10 +94,21 @@ def set_isa(name: str) -> bool:
 
 
 def threads() -> int:
-    try:
-        return max(1, int(os.environ.get("BITNET_CPU_THREADS", "2")))
-    except ValueError:
+    """BITNET_CPU_THREADS (default 2): the CPU threads of every engine, here and in the harness (the kernels'
+    pool, bitnet_ref's receipt, the llama.cpp adapters, bitnet.cpp's tools), so that results which depend
+    on the thread split (llama-perplexity's sums) do not vary by machine. ValueError for anything but a
+    positive integer."""
+    text = os.environ.get("BITNET_CPU_THREADS", "").strip()
+    if not text:
         return 2
+    try:
+        n = int(text)
+    except ValueError:
+        n = 0
+    if n < 1:
+        raise ValueError(f"BITNET_CPU_THREADS={text!r} is not a positive integer: set it to the number of CPU "
+                         "threads the engines may use (default 2), or unset it")
+    return n
 
 
 def reload() -> None:

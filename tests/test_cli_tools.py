@@ -253,3 +253,18 @@ def test_real_unloadable_model_carries_the_tools_message(real, tmp_path):
     bad.write_bytes(b"GGUF" + b"\xff" * 64)
     with pytest.raises(EngineError, match="(?i)failed to load model|error loading model"):
         CliToolsEngine(bad, e.build, threads=2, timeout=60).generate_text("hi", 2)
+
+
+def test_threads_come_from_bitnet_cpu_threads_like_every_engine(tmp_path, model, monkeypatch):
+    """The CLI adapter uses BITNET_CPU_THREADS (bitnet_ref.kernels.threads), not a count of this machine's
+    cores: llama-perplexity's sums depend on the thread split."""
+    monkeypatch.setenv("BITNET_CPU_THREADS", "3")
+    (tmp_path / "a").mkdir()
+    e = CliToolsEngine(model, tools=fake_tools(tmp_path / "a", "fake_ok"))
+    assert e.threads == 3 and e.receipt.threads == 3
+    e.generate_text("hi", 2)
+    assert e.last_run.command[e.last_run.command.index("-t") + 1] == "3"
+    monkeypatch.setenv("BITNET_CPU_THREADS", "many")
+    (tmp_path / "b").mkdir()
+    with pytest.raises(ValueError, match="BITNET_CPU_THREADS='many' is not a positive integer"):
+        CliToolsEngine(model, tools=fake_tools(tmp_path / "b", "fake_ok"))

@@ -43,6 +43,8 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from bitnet_ref import kernels
+
 from .base import (Engine, EngineError, EngineInfo, NotSupported, Perplexity, Receipt, ReferenceUnavailable, Sampling,
                    file_sha256)
 from .discovery import NativeBuild
@@ -380,7 +382,7 @@ class CliToolsEngine(Engine):
             raise EngineError(f"model file {self.model} does not exist")
         self.build = build
         self._tools = {k: Path(v) for k, v in (tools or {}).items()}
-        self.threads = threads or max(1, min(4, os.cpu_count() or 1))
+        self.threads = threads or kernels.threads()
         self.timeout = timeout
         self.name = name
         self.extra_args = {k: list(v) for k, v in (extra_args or {}).items()}  # per tool name

@@ -26,6 +26,8 @@ from pathlib import Path
 
 import numpy as np
 
+from bitnet_ref import kernels
+
 from .base import (Engine, EngineError, EngineInfo, NotSupported, Perplexity, Receipt, ReferenceUnavailable, Sampling,
                    file_sha256)
 
@@ -276,10 +278,6 @@ int32_t llama_token_to_piece(const struct llama_model * model, llama_token token
 """
 
 
-def threads_default() -> int:
-    return int(os.environ.get("BITNET_CPU_THREADS", "2"))
-
-
 def mainline_library() -> Path:
     """libllama.so of mainline llama.cpp: LLAMA_CPP_LIB if set, else llama-cpp-python's package lib dir."""
     value = os.environ.get("LLAMA_CPP_LIB")
@@ -451,7 +449,7 @@ class LlamaLibEngine(Engine):
             raise EngineError(f"model {self.model_path} does not exist")
         self.L = L = _Library.get(Path(library), variable)
         self.generation = L.generation
-        self.threads = threads or threads_default()
+        self.threads = threads or kernels.threads()
         # KV cache: f32 where the library allows. The fork refuses a non-f16 V cache without flash
         # attention, so there the default is f16/f16 (what bitnet.cpp's own tools use) and "f32" means
         # an f32 K cache with an f16 V cache.

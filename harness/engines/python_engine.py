@@ -8,6 +8,7 @@ from pathlib import Path
 import numpy as np
 
 import bitnet_ref
+from bitnet_ref import kernels
 from bitnet_ref.config import ARCHITECTURES
 from bitnet_ref.errors import ModelError
 from bitnet_ref.generate import SamplingParams, generate, perplexity_llama, perplexity_sliding
@@ -19,15 +20,12 @@ from .base import GREEDY, Engine, EngineError, EngineInfo, Perplexity, Receipt, 
 FORMATS = ("f32", "f16", "bf16", "tq1_0", "tq2_0", "i2_s", "i2_s_arm", "tl1", "tl2", "iq2_s")
 
 
-def _threads() -> int:
-    return int(os.environ.get("BITNET_CPU_THREADS", "2"))
-
-
 class PythonEngine(Engine):
     def __init__(self, model_path: str | os.PathLike, profile: str = "exact", n_ubatch: int | None = None):
         """n_ubatch: evaluate prompts in pieces of this many tokens (through the KV cache), as a reference
         run with the same micro-batch does; None: the whole prompt at once."""
         path = Path(model_path)
+        threads = kernels.threads()  # a bad BITNET_CPU_THREADS is an error before anything is loaded
         self.n_ubatch = n_ubatch
         try:
             self.model = Model.load(path, profile)
@@ -45,7 +43,7 @@ class PythonEngine(Engine):
         self.receipt = Receipt(
             engine="bitnet_ref", version=version, model=str(path.resolve()),
             model_sha256=file_sha256(path), artifact=str(package), artifact_sha256=file_sha256(package / "model.py"),
-            profile=self.model.profile.name, threads=_threads(), device=dev.name,
+            profile=self.model.profile.name, threads=threads, device=dev.name,
         )
 
     def info(self) -> EngineInfo:
