@@ -12,7 +12,6 @@ Records (one JSON per test) go to --records; with pytest-xdist every worker writ
 
 from __future__ import annotations
 
-import math
 import os
 import re
 import tempfile
@@ -29,19 +28,22 @@ MARKERS = {
 }
 
 
-def _positive_float(text: str) -> float:
+def _tolerance(text: str) -> float:
+    from .tolerances import ToleranceError, check_value
+
     try:
         v = float(text)
     except ValueError:
         raise pytest.UsageError(f"--tolerance {text!r} is not a number") from None
-    if not math.isfinite(v) or v <= 0:
-        raise pytest.UsageError(f"--tolerance must be a positive finite number, got {text}")
-    return v
+    try:
+        return check_value("max_abs", v, "--tolerance")
+    except ToleranceError as e:
+        raise pytest.UsageError(str(e)) from None
 
 
 def pytest_addoption(parser) -> None:
     g = parser.getgroup("bitnet-crossval")
-    g.addoption("--tolerance", type=_positive_float, default=None,
+    g.addoption("--tolerance", type=_tolerance, default=None,
                 help="primary logits tolerance (max |Δ|) for the selected cases")
     g.addoption("--engine", default="bitnet_ref", help="system under test (default bitnet_ref)")
     g.addoption("--reference", action="append", default=None,
@@ -72,6 +74,7 @@ def pytest_configure(config) -> None:
             check_platform(config.getoption("--platform"))
         except ValueError as e:
             raise pytest.UsageError(f"--platform: {e}") from None
+    config._crossval_platform_tolerances = _platform_tolerances(config)
     records = config.getoption("--records")
     report = config.getoption("--report-html")
     if records is None and report is not None:
@@ -79,6 +82,22 @@ def pytest_configure(config) -> None:
     config._crossval_records = Path(records) if records else None
     if config._crossval_records and not hasattr(config, "workerinput"):
         _clear_records(config._crossval_records)  # controller only, before any worker writes
+
+
+PLATFORM_TOLERANCES = "tolerances.toml"
+
+
+def _platform_tolerances(config) -> dict | None:
+    """The platform overrides file, <baselines-dir>/tolerances.toml (one table per platform id), if any."""
+    from .tolerances import ToleranceError, load_platform_overrides
+
+    path = Path(config.getoption("--baselines-dir") or "baselines") / PLATFORM_TOLERANCES
+    if not path.is_file():
+        return None
+    try:
+        return load_platform_overrides(path)
+    except ToleranceError as e:
+        raise pytest.UsageError(str(e)) from None
 
 
 def _clear_records(directory: Path) -> None:
@@ -177,6 +196,7 @@ def crossval_run(request, crossval_models_dir):
         profile = config.getoption("--profile") or case.profile
         platform = config.getoption("--platform") or baselines.platform_id()
         tol = resolve(profile, case.format, case_overrides=case.tolerances, case_file=case.file, platform=platform,
+                      platform_overrides=config._crossval_platform_tolerances,
                       cli_max_abs=config.getoption("--tolerance"))
         record = run_ladder(case, reference, tol, crossval_models_dir, sut=config.getoption("--engine"),
                             profile=profile, test_id=request.node.nodeid.split("::")[-1])

@@ -7,7 +7,9 @@ carries where it came from ("default:llama-cpp/tq2_0", "platform:linux-x86_64-av
 
 Override tables (platform TOML, a case file's [tolerances] table, or dicts) hold metric = value at the
 top level, optionally refined by a "<profile>" or "<profile>/<format>" sub-table, the more specific
-winning, e.g.
+winning; one validator (check_overrides) checks them all, and --tolerance by the same rule. The pytest
+plugin reads platform overrides from <baselines-dir>/tolerances.toml (default baselines/tolerances.toml),
+e.g.
 
     [linux-aarch64-neon]            # platform overrides file: one table per platform id
     max_abs = 2e-4
@@ -217,23 +219,39 @@ def _validated(name: str, value, where: str) -> tuple[str, float]:
     return key, v
 
 
-def _layers(table: dict, profile: str, fmt: str, where: str) -> list[tuple[str, dict]]:
-    """Flat metrics < "<profile>" table < "<profile>/<format>" table, each with its location."""
+def check_overrides(table, where: str) -> dict:
+    """The one validator of override tables, wherever they come from (a case file's [tolerances], a
+    platform overrides file, a dict): metric = value at the top level and in "<profile>" or
+    "<profile>/<format>" sub-tables; each name a known metric (or alias), each value a positive finite
+    number (at most 1 for fractions). Returns the table with float values; ToleranceError says where."""
     if not isinstance(table, dict):
         raise ToleranceError(f"{where}: tolerance overrides must be a table, got {type(table).__name__}")
-    flat = {k: v for k, v in table.items() if not isinstance(v, dict)}
-    layers = [(where, flat)]
+    out: dict = {}
+    for k, v in table.items():
+        if not isinstance(v, dict):
+            out[k] = _validated(k, v, where)[1]
+            continue
+        if k.partition("/")[0] not in PROFILES:
+            raise ToleranceError(f"{where}: unknown profile table {k!r}; profiles: {', '.join(PROFILES)}")
+        out[k] = {}
+        for name, x in v.items():
+            if isinstance(x, dict):
+                raise ToleranceError(f"{where}.{k}: nested table {name!r} is not a tolerance")
+            out[k][name] = _validated(name, x, f"{where}.{k}")[1]
+    return out
+
+
+def check_value(name: str, value, where: str) -> float:
+    """One tolerance value, checked as check_overrides checks it (for the command line's --tolerance)."""
+    return _validated(name, value, where)[1]
+
+
+def _layers(table: dict, profile: str, fmt: str, where: str) -> list[tuple[str, dict]]:
+    """Flat metrics < "<profile>" table < "<profile>/<format>" table, each with its location."""
+    layers = [(where, {k: v for k, v in table.items() if not isinstance(v, dict)})]
     for sub in (profile, f"{profile}/{fmt}"):
         if isinstance(table.get(sub), dict):
             layers.append((f"{where}.{sub}", table[sub]))
-    for k, v in table.items():
-        if isinstance(v, dict):
-            p, _, f = k.partition("/")
-            if p not in PROFILES:
-                raise ToleranceError(f"{where}: unknown profile table {k!r}; profiles: {', '.join(PROFILES)}")
-            for name in v:
-                if isinstance(v[name], dict):
-                    raise ToleranceError(f"{where}.{k}: nested table {name!r} is not a tolerance")
     return layers
 
 
@@ -241,9 +259,9 @@ def _apply(values: dict[str, Tolerance], table: dict | None, profile: str, fmt: 
            source: str) -> None:
     if not table:
         return
-    for loc, layer in _layers(table, profile, fmt, where):
-        for name, raw in layer.items():
-            key, v = _validated(name, raw, loc)
+    for loc, layer in _layers(check_overrides(table, where), profile, fmt, where):
+        for name, v in layer.items():
+            key = _canonical(name, loc)
             values[key] = Tolerance(key, v, METRICS[key][0], source, f"override at {loc}")
 
 
@@ -274,6 +292,7 @@ def load_platform_overrides(path: str | Path) -> dict:
     for pid, table in doc.items():
         if not isinstance(table, dict):
             raise ToleranceError(f"{path}: {pid!r} must be a table of tolerances keyed by platform id")
+        doc[pid] = check_overrides(table, f"{path} [{pid}]")
     return doc
 
 
@@ -290,10 +309,10 @@ def resolve(profile: str, fmt: str, case_overrides: dict | None = None, case_fil
         where = f"{case_file or '<case>'} [tolerances]"
         _apply(values, case_overrides, profile, fmt_key, where, f"case:{case_file or '<case>'}")
     if cli_max_abs is not None:
-        _, v = _validated("max_abs", cli_max_abs, "command line --tolerance")
+        v = check_value("max_abs", cli_max_abs, "command line --tolerance")
         values["max_abs"] = Tolerance("max_abs", v, "<=", "cli:--tolerance", "set on the command line")
     return Tolerances(profile=profile, fmt=fmt_key, values=values)
 
 
 __all__ = ["ALIASES", "DEFAULTS", "METRICS", "PROFILES", "Default", "Tolerance", "ToleranceError", "Tolerances",
-           "defaults", "load_platform_overrides", "resolve"]
+           "check_overrides", "check_value", "defaults", "load_platform_overrides", "resolve"]
