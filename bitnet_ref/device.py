@@ -54,6 +54,11 @@ class Device:
         return f"{self.name} ({ENV_DEVICE}={self.requested}: {self.reason})"
 
 
+def library_path() -> str | None:
+    """The CUDA kernel library loaded for decode, if any."""
+    return _state.get("library_path")
+
+
 def requested() -> str:
     value = os.environ.get(ENV_DEVICE, "auto").strip().lower() or "auto"
     if value not in CHOICES:
@@ -119,6 +124,7 @@ def _load_library() -> tuple[ctypes.CDLL | None, str | None]:
         lib = ctypes.CDLL(str(path))
     except OSError as e:
         return None, f"the CUDA library does not load ({e})"
+    _state["library_path"] = str(path)  # for the receipt's artifact hash
     vp, i64 = ctypes.c_void_p, ctypes.c_int64
     lib.bk_cuda_device_count.argtypes = [ctypes.POINTER(ctypes.c_int)]
     lib.bk_cuda_upload.argtypes = [vp, i64, ctypes.POINTER(vp)]

@@ -76,6 +76,12 @@ def available() -> bool:
     return _load() is not None
 
 
+def library_path() -> str | None:
+    """The file of the loaded native extension (None: numpy computes)."""
+    mod = _load()
+    return getattr(mod, "__file__", None) if mod is not None else None
+
+
 def active() -> str:
     """The variant that computes the products: "avx512-vnni", "avx2", "portable" (native) or "numpy"."""
     mod = _load()

@@ -2,13 +2,14 @@
 
 from __future__ import annotations
 
+import hashlib
 import os
 from pathlib import Path
 
 import numpy as np
 
 import bitnet_ref
-from bitnet_ref import kernels
+from bitnet_ref import device, kernels
 from bitnet_ref.config import ARCHITECTURES
 from bitnet_ref.errors import ModelError
 from bitnet_ref.generate import SamplingParams, generate, perplexity_llama, perplexity_sliding
@@ -18,6 +19,20 @@ from bitnet_ref.tokenizer import load_tokenizer
 from .base import GREEDY, Engine, EngineError, EngineInfo, Perplexity, Receipt, Sampling, file_sha256
 
 FORMATS = ("f32", "f16", "bf16", "tq1_0", "tq2_0", "i2_s", "i2_s_arm", "tl1", "tl2", "iq2_s")
+
+
+def artifact_sha256(package: Path, libraries: list[str | None]) -> str:
+    """What bitnet_ref's receipt calls its artifact hash: sha256 over every file of the package (sources and
+    data, by relative path; byte-code caches and the built extension itself left out) and over each loaded
+    native library (the kernels' extension, the CUDA library when decode runs there; None: numpy). Any
+    change to the engine, its kernels, formats, tokenizer or numerics changes it."""
+    h = hashlib.sha256()
+    for p in sorted(package.rglob("*")):
+        if p.is_file() and "__pycache__" not in p.parts and p.suffix not in (".pyc", ".so", ".pyd"):
+            h.update(f"{p.relative_to(package).as_posix()}\0{file_sha256(p)}\n".encode())
+    for lib in libraries:
+        h.update(f"library\0{file_sha256(lib) if lib else 'numpy'}\n".encode())
+    return h.hexdigest()
 
 
 class PythonEngine(Engine):
@@ -42,7 +57,9 @@ class PythonEngine(Engine):
         version = bitnet_ref.__version__ + (f" (device fallback: {dev.reason})" if dev.fallback else "")
         self.receipt = Receipt(
             engine="bitnet_ref", version=version, model=str(path.resolve()),
-            model_sha256=file_sha256(path), artifact=str(package), artifact_sha256=file_sha256(package / "model.py"),
+            model_sha256=file_sha256(path), artifact=str(package),
+            artifact_sha256=artifact_sha256(package, [kernels.library_path()] + (
+                [device.library_path()] if dev.kind == "cuda" else [])),
             profile=self.model.profile.name, threads=threads, device=dev.name,
         )
 
