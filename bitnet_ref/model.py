@@ -78,7 +78,8 @@ class State:
     k: list = field(default_factory=list)  # per layer: (capacity, kv_heads, head_dim)
     v: list = field(default_factory=list)
     # when a dict: forward() stores named intermediates in it, under llama.cpp's graph node names
-    # (attn_norm-N, attn_sub_norm-N, ffn_sub_norm-N, l_out-N, result_norm), for localizing differences
+    # (attn_norm-N, Qcur-N, Kcur-N, Vcur-N, kqv_out-N, ..., l_out-N, result_norm, result_output), for
+    # localizing differences
     taps: dict | None = None
 
 
@@ -824,22 +825,28 @@ class Model:
             keys, values = self._cache(state, i, k, v)
             a = self._attention(q, keys, values, pos)
             a_norm = _rms(a, n["attn_sub_norm"], eps, g)
-            x = x + self._mm(a_norm, p["attn_output"])
-            if last_only and i == n_layers - 1:
-                x = x[-1:]
+            attn_out = self._mm(a_norm, p["attn_output"])
+            x_attn = x + attn_out
+            x = x_attn[-1:] if last_only and i == n_layers - 1 else x_attn
             h2 = _rms(x, n["ffn_norm"], eps, g)
-            act = self._ffn_act(self._mm(h2, p["ffn_gate"]), self._mm(h2, p["ffn_up"]))
+            gate, up = self._mm(h2, p["ffn_gate"]), self._mm(h2, p["ffn_up"])
+            act = self._ffn_act(gate, up)
             f_norm = _rms(act, n["ffn_sub_norm"], eps, g)
-            x = x + self._mm(f_norm, p["ffn_down"])
-            if state.taps is not None:
-                for name, val in (("attn_norm", h), ("attn_sub_norm", a_norm), ("ffn_sub_norm", f_norm),
-                                  ("l_out", x)):
+            down = self._mm(f_norm, p["ffn_down"])
+            x = x + down
+            if state.taps is not None:  # llama.cpp's node names (mainline's bitnet graph), in graph order
+                for name, val in (("attn_norm", h), ("Qcur", q), ("Kcur", k), ("Vcur", v),
+                                  ("kqv_out", a.reshape(t, -1)), ("attn_sub_norm", a_norm), ("attn_out", attn_out),
+                                  ("ffn_inp", x_attn), ("ffn_norm", h2), ("ffn_gate", gate), ("ffn_up", up),
+                                  ("ffn_sub_out", act), ("ffn_sub_norm", f_norm), ("ffn_down", down), ("l_out", x)):
                     state.taps[f"{name}-{i}"] = np.array(val, dtype=np.float32)
         state.pos += t
         out = _rms(x, self.output_norm, eps, g)
+        logits = self._lm_head(out)
         if state.taps is not None:
             state.taps["result_norm"] = np.array(out, dtype=np.float32)
-        return self._lm_head(out)
+            state.taps["result_output"] = np.array(logits, dtype=np.float32)
+        return logits
 
     def _layer_plans(self) -> list | None:
         """The layers prepared for the native one-call-per-layer forward (kernels.bitnet_layer), or None where

@@ -10,6 +10,7 @@ a reference that ran without a receipt, or an engine that breaks, makes it an er
 
 from __future__ import annotations
 
+import math
 import platform as _platform
 import sys
 import time
@@ -32,7 +33,12 @@ from .engines.registry import open_engine
 from .records import Check, Record, RungResult
 from .tolerances import Tolerances
 
-LOCALIZE_OPS = ("attn_norm", "attn_sub_norm", "ffn_sub_norm", "l_out")
+# the tensors localization compares, in graph order: llama.cpp's node names per layer, then the output norm
+# and the logits (a name one engine's graph lacks is left out of the comparison)
+LOCALIZE_OPS = ("attn_norm", "Qcur", "Kcur", "Vcur", "kqv_out", "attn_sub_norm", "attn_out", "ffn_inp", "ffn_norm",
+                "ffn_gate", "ffn_up", "ffn_sub_out", "ffn_sub_norm", "ffn_down", "l_out")
+FINAL_OPS = ("result_norm", "result_output")
+DEFAULT_LOCALIZE_REL = 1e-5  # when the tolerances have no max_rel
 
 
 class RungFailed(Exception):
@@ -136,24 +142,53 @@ def _logits_rung(name: str, a: np.ndarray, b: np.ndarray, targets, tol: Toleranc
                       histogram=m.get("histogram"), first_bad_position=bad)
 
 
-def localize(sut, ref, ids: list[int], n_layers: int, limit: float) -> dict | None:
-    """The first layer and operation where the two engines' intermediates differ by more than `limit`."""
-    names = [f"{op}-{i}" for i in range(n_layers) for op in LOCALIZE_OPS]
+def localize(sut, ref, ids: list[int], n_layers: int, tol: Tolerances, failing_sut: np.ndarray,
+             failing_ref: np.ndarray) -> dict | None:
+    """The first captured tensor (layer, operation) where the two engines differ, from one teacher-forced
+    pass per engine that captures every intermediate and the final logits, evaluated as the failing logits
+    call was (same ids, same micro-batches).
+
+    The answer proves itself: it is given only when each engine's captured final logits (result_output) are
+    bit for bit its failing call's logits, so the captured tensors are the ones that produced the failure;
+    otherwise the result is inconclusive and says why. A tensor differs when max |Δ| exceeds the rung's
+    relative tolerance (max_rel) times the tensor's own scale (max |reference|): hidden states are judged
+    relative to their magnitude, not with the logits' absolute limit. None: an engine captures nothing."""
+    names = [f"{op}-{i}" for i in range(n_layers) for op in LOCALIZE_OPS] + list(FINAL_OPS)
     try:
-        a = sut.intermediates(ids, names)
-        b = ref.intermediates(ids, names)
+        caps = {"sut": sut.intermediates(ids, names, missing_ok=True),
+                "reference": ref.intermediates(ids, names, missing_ok=True)}
     except NotSupported:
         return None
-    nodes = []
+    rel_limit = tol.limit("max_rel") or DEFAULT_LOCALIZE_REL
+    out = {"layer": None, "op": None, "max_abs": None, "rel_limit": rel_limit, "reproduced": False, "nodes": []}
+    for who, failing in (("sut", failing_sut), ("reference", failing_ref)):
+        got = caps[who].get("result_output")
+        if got is None:
+            return {**out, "note": f"inconclusive: the {who}'s intermediates pass captures no final logits "
+                                   "(result_output), so nothing shows that it reproduces the failing call"}
+        if got.size != failing.size or not np.array_equal(got.reshape(failing.shape), failing, equal_nan=True):
+            how = (f"max |Δ| {float(np.nanmax(np.abs(got.reshape(failing.shape) - failing))):.3g}"
+                   if got.size == failing.size else f"shape {got.shape} against {failing.shape}")
+            return {**out, "note": f"inconclusive: the {who}'s intermediates pass does not reproduce its failing "
+                                   f"logits call ({how} between them), so its tensors cannot explain the failure"}
+    out["reproduced"] = True
+    nodes = out["nodes"]
     for name in names:
-        x, y = a[name], b[name].reshape(a[name].shape)
-        d = float(np.abs(x - y).max())
-        nodes.append({"name": name, "max_abs": d})
-        if d > limit:
-            op, _, layer = name.rpartition("-")
-            return {"layer": int(layer), "op": name, "max_abs": d, "nodes": nodes}
-    return {"layer": None, "op": None, "max_abs": 0.0, "nodes": nodes,
-            "note": "no intermediate over the limit: the difference arises in the output norm or lm_head"}
+        if name not in caps["sut"] or name not in caps["reference"]:
+            continue  # a node one graph does not have (names differ between llama.cpp generations)
+        x, y = caps["sut"][name], caps["reference"][name]
+        if x.size != y.size:
+            nodes.append({"name": name, "skipped": f"shapes {list(x.shape)} and {list(y.shape)}"})
+            continue
+        d = float(np.max(np.abs(x.astype(np.float64) - y.reshape(x.shape))))
+        scale = float(np.max(np.abs(y)))
+        rel = d / scale if scale > 0 else (0.0 if d == 0 else math.inf)
+        nodes.append({"name": name, "max_abs": d, "scale": scale, "rel": rel})
+        if not rel <= rel_limit:  # NaN breaks it too
+            _, _, layer = name.rpartition("-")
+            return {**out, "layer": int(layer) if layer.isdigit() else None, "op": name, "max_abs": d, "rel": rel}
+    return {**out, "note": f"inconclusive: the pass reproduces the failing logits, yet no captured tensor "
+                           f"(result_output included) differs by more than {rel_limit:g} of its scale"}
 
 
 def rung_greedy(case: Case, sut, ref, ids: list[int], tol: Tolerances) -> RungResult:
@@ -263,9 +298,12 @@ def _engine_rungs(case, sut, ref, tol, record, run, n_layers: int) -> None:
             result = _logits_rung(name, a, b, np.asarray(ids[1 : len(a) + 1]) if len(ids) > 1 else None, tol)
             result.detail = f"prompt {i}: {result.detail}"
             if result.status == "fail" and n_layers:
-                result.localization = localize(sut, ref, ids, n_layers, tol.limit("max_abs") or 1e-4)
-                if result.localization and result.localization.get("op"):
-                    result.detail += f"; first divergence: {result.localization['op']}"
+                full_a, full_b = outputs[i][1], outputs[i][2]  # what the failing call returned
+                loc = result.localization = localize(sut, ref, ids, n_layers, tol, full_a, full_b)
+                if loc and loc.get("op"):
+                    result.detail += f"; first divergence: {loc['op']}"
+                elif loc:
+                    result.detail += f"; localization {loc['note']}"
             run(result)
     if "greedy" in case.rungs:
         run(rung_greedy(case, sut, ref, prompts[0], tol))

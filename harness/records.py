@@ -19,7 +19,11 @@ HTML report (one file per record), and what baselines summarize. Schema (version
               "series": {"max_abs_per_position": [...], "kl_per_position": [...]},   # for plots, optional
               "histogram": {"edges": [...], "counts": [...]},                          # |Δ| histogram, optional
               "first_bad_position": null | int,
-              "localization": null | {"layer": 0, "op": "ffn_sub_norm-0", "max_abs": 0.3, "nodes": [...]}} ],
+              "localization": null | {"layer": 0 | null, "op": "Qcur-0" | null, "max_abs": 0.3, "rel": 0.02,
+                                      "rel_limit": 1e-5, "reproduced": true | false,
+                                      "nodes": [{"name", "max_abs", "scale", "rel"}, ...],
+                                      "note": "inconclusive: ..."   # when no op is named: why
+                                      }} ],
   "baseline": {"status": "match" | "regression" | "new" | "none" | "updated", "platform": "linux-x86_64-avx512",
                "path": "baselines/<platform>/<file>.json", "gate": true,   # gate: a regression fails the test
                "regressions": [ {"metric": "...", "baseline": x, "now": y} ],

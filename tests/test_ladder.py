@@ -64,8 +64,8 @@ def test_one_flipped_weight_fails_at_logits_with_the_layer_named(tmp_path):
     r = run_ladder(c, "llama_cpp", tol(c), tmp_path / "models", open_fn=open_fn)
     assert r.status == "fail" and r.failed_rung in ("first_logits", "all_logits"), r.reason
     loc = r.rungs[-1].localization
-    assert loc is not None and loc["layer"] == 1, loc
-    assert loc["op"] in ("l_out-1",)
+    assert loc is not None and loc["layer"] == 1 and loc["reproduced"], loc
+    assert loc["op"] == "ffn_down-1"  # named at the matmul whose weight was flipped
     assert all(n["max_abs"] == 0.0 for n in loc["nodes"][:-1])  # layer 0 and layer 1 up to the op agree
 
 

@@ -106,6 +106,17 @@ def test_mainline_intermediates_layer0(llama_cpp, models):
         assert nodes[-1] == "result_output" and "ffn_sub_norm-1" in nodes
         with pytest.raises(EngineError, match="no node"):
             eng.intermediates(ids, ["no-such-node"])
+        assert set(eng.intermediates(ids, ["l_out-0", "no-such-node"], missing_ok=True)) == {"l_out-0"}
+
+
+def test_mainline_intermediates_in_micro_batches(llama_cpp, models):
+    """With n_ubatch the prompt is several graph evaluations: every tensor's rows come from all of them, and
+    the captured logits are the logits call's, bit for bit (what localization checks)."""
+    with LlamaLibEngine(models["tq2_0"], n_ubatch=3) as eng:
+        ids = eng.tokenize(PROMPT)
+        got = eng.intermediates(ids, ["Qcur-0", "l_out-1", "result_output"])
+        assert got["Qcur-0"].shape == (len(ids), 4, 64) and got["l_out-1"].shape == (len(ids), 256)
+        np.testing.assert_array_equal(got["result_output"], eng.logits(ids))
 
 
 @pytest.mark.llama_cpp

@@ -126,7 +126,10 @@ class Engine(ABC):
     def perplexity(self, ids: list[int], ctx: int, convention: str = "llama-perplexity") -> Perplexity:
         raise NotSupported(f"{self.info().name} does not compute perplexity")
 
-    def intermediates(self, ids: list[int], names: list[str]) -> dict[str, np.ndarray]:
+    def intermediates(self, ids: list[int], names: list[str], missing_ok: bool = False) -> dict[str, np.ndarray]:
+        """Named tensors (llama.cpp's graph node names) of one teacher-forced pass over ids, evaluated as
+        logits(ids) evaluates them (the same micro-batches). missing_ok: leave out names the engine does not
+        have, instead of raising."""
         raise NotSupported(f"{self.info().name} does not expose intermediate tensors")
 
     def close(self) -> None:

@@ -278,6 +278,14 @@ int32_t llama_token_to_piece(const struct llama_model * model, llama_token token
 """
 
 
+def _concat_rows(pieces: list[tuple[int, np.ndarray]]) -> np.ndarray:
+    """One tensor from its per-micro-batch pieces [(tokens, array)], rows (tokens) first; a one-token piece
+    comes without its leading unit dim, so each is reshaped to (tokens, rest of the shape)."""
+    tail = next((a.shape[1:] for t, a in pieces if t > 1), None)
+    rows = [a.reshape((t, -1) if tail is None else (t, *tail)) for t, a in pieces]
+    return np.concatenate(rows)
+
+
 def mainline_library() -> Path:
     """libllama.so of mainline llama.cpp: LLAMA_CPP_LIB if set, else llama-cpp-python's package lib dir."""
     value = os.environ.get("LLAMA_CPP_LIB")
@@ -689,13 +697,21 @@ class LlamaLibEngine(Engine):
         toks = self.tokenize("", add_bos=True)
         return toks[0] if toks else None
 
-    def _run_with_callback(self, ids: list[int], cb) -> None:
+    def _run_with_callback(self, ids: list[int], cb, after_piece=None) -> None:
+        """One teacher-forced pass over ids in a new context whose cb_eval is `cb`, decoded one micro-batch
+        (n_ubatch tokens) per llama_decode, so that each piece is one graph evaluation; `after_piece()` is
+        called after each."""
         ffi = self.L.ffi
         c_cb = ffi.callback("bool(struct ggml_tensor *, bool, void *)", cb, onerror=lambda *a: True)
         ctx = self._new_context(c_cb)
+        ids = list(ids)
+        step = self._n_ubatch or self.n_batch
         try:
             self._clear(ctx)
-            self._decode(list(ids), 0, True, ctx=ctx)
+            for s in range(0, len(ids), step):
+                self._decode(ids[s:s + step], s, True, ctx=ctx)
+                if after_piece is not None:
+                    after_piece(len(ids[s:s + step]))
         finally:
             self.L.lib.llama_free(ctx)
 
@@ -713,12 +729,14 @@ class LlamaLibEngine(Engine):
             self._run_with_callback(ids, cb)
         return order
 
-    def intermediates(self, ids: list[int], names: list[str]) -> dict[str, np.ndarray]:
+    def intermediates(self, ids: list[int], names: list[str], missing_ok: bool = False) -> dict[str, np.ndarray]:
         """Named graph tensors from one teacher-forced pass over ids, through cb_eval.
 
         A node name that occurs more than once (e.g. "Qcur-0" before and after RoPE, "norm-0") gives its
         last occurrence; "name#k" asks for the k-th (0-based). Values are float32, shaped like reversed
         ggml ne with trailing unit dims dropped: "attn_norm-0" is [T, n_embd], "result_output" [T, vocab].
+        The prompt is evaluated in the micro-batches logits() uses (n_ubatch), each one graph evaluation;
+        a tensor's rows are concatenated over them.
         """
         L, ffi = self.L, self.L.ffi
         wanted: dict[str, int | None] = {}
@@ -726,7 +744,12 @@ class LlamaLibEngine(Engine):
             base, _, k = n.partition("#")
             wanted.setdefault(base, None)
         seen: dict[str, list[np.ndarray]] = collections.defaultdict(list)
+        pieces: list[dict[str, list[np.ndarray]]] = []
         errors: list[BaseException] = []
+
+        def after_piece(n_tokens):
+            pieces.append((n_tokens, dict(seen)))
+            seen.clear()
 
         def cb(t, ask, _ud):
             try:
@@ -741,7 +764,7 @@ class LlamaLibEngine(Engine):
             return True
 
         with self.timed("intermediates"):
-            self._run_with_callback(ids, cb)
+            self._run_with_callback(ids, cb, after_piece)
         if errors:
             e = errors[0]
             raise e if isinstance(e, EngineError) else EngineError(f"reading intermediates failed: {e!r}")
@@ -749,13 +772,14 @@ class LlamaLibEngine(Engine):
         missing = []
         for n in names:
             base, sep, k = n.partition("#")
-            got = seen.get(base, [])
             idx = int(k) if sep else -1
-            if not got or (sep and idx >= len(got)):
+            got = [piece.get(base, []) for _, piece in pieces]
+            if not all(got) or (sep and any(idx >= len(g) for g in got)):
                 missing.append(n)
                 continue
-            out[n] = got[idx]
-        if missing:
+            out[n] = got[0][idx] if len(got) == 1 else _concat_rows([(t, g[idx]) for (t, _), g in zip(pieces, got)])
+        if missing and not missing_ok:
+            have = sorted({k for _, piece in pieces for k in piece})
             raise EngineError(f"{self.name} graph has no node(s) {', '.join(missing)}; it has e.g. "
-                              f"{', '.join(sorted(seen)[:10]) or '(none of the requested)'}")
+                              f"{', '.join(have[:10]) or '(none of the requested)'}")
         return out

@@ -108,16 +108,23 @@ class PythonEngine(Engine):
         return Perplexity(ppl=s.ppl, nll=s.nll, n_scored=s.n_scored, convention=s.convention, ctx=ctx,
                           per_chunk=s.per_chunk)
 
-    def intermediates(self, ids: list[int], names: list[str]) -> dict[str, np.ndarray]:
-        """Named tensors of one teacher-forced pass, under llama.cpp's node names (see State.taps)."""
+    def intermediates(self, ids: list[int], names: list[str], missing_ok: bool = False) -> dict[str, np.ndarray]:
+        """Named tensors of one teacher-forced pass, under llama.cpp's node names (see State.taps), in the
+        micro-batches logits() uses (each tensor's rows concatenated over them)."""
         state = self.model.new_state()
-        state.taps = {}
+        ids = list(ids)
+        step = self.n_ubatch or max(1, len(ids))
+        taps: dict[str, list[np.ndarray]] = {}
         with self.timed("intermediates"):
-            self._run(lambda i: self.model.forward(i, state), ids)
-        missing = [n for n in names if n not in state.taps]
-        if missing:
-            raise EngineError(f"bitnet_ref has no tensor named {missing[0]!r}; it exposes {', '.join(state.taps)}")
-        return {n: state.taps[n] for n in names}
+            for s in range(0, len(ids), step):
+                state.taps = {}
+                self._run(lambda i: self.model.forward(i, state), ids[s : s + step])
+                for name, value in state.taps.items():
+                    taps.setdefault(name, []).append(value)
+        missing = [n for n in names if n not in taps]
+        if missing and not missing_ok:
+            raise EngineError(f"bitnet_ref has no tensor named {missing[0]!r}; it exposes {', '.join(taps)}")
+        return {n: np.concatenate(taps[n]) for n in names if n in taps}
 
     def _run(self, fn, ids):
         try:

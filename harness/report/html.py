@@ -279,6 +279,8 @@ def _localization(rec: dict) -> str:
                 parts.append(f"op {loc.get('op')}")
             if loc.get("max_abs") is not None:
                 parts.append(f"max |Δ| {fmt(loc.get('max_abs'))}")
+            if not parts and loc.get("note"):
+                return str(loc["note"])
             return "first diverging: " + ", ".join(parts) if parts else "localization recorded (no layer/op)"
     return ""
 
@@ -288,11 +290,10 @@ def _localization_detail(rec: dict) -> str:
         loc = _d(r).get("localization") if isinstance(r, dict) else None
         if not (isinstance(loc, dict) and loc):
             continue
-        head = (
-            f'<h3>Localization <span class="muted">(from rung {e(r.get("rung"))})</span></h3>'
+        head = f'<h3>Localization <span class="muted">(from rung {e(r.get("rung"))})</span></h3>' + (
             f'<p class="loc">First diverging layer <b>{e(loc.get("layer", "?"))}</b>, '
             f"operation <b>{e(loc.get('op', '?'))}</b>, max |Δ| <b>{e(fmt(loc.get('max_abs')))}</b></p>"
-        )
+            if loc.get("op") else f'<p class="loc">{e(loc.get("note", "no operation named"))}</p>')
         nodes = _l(loc.get("nodes"))
         if not nodes:
             return head
