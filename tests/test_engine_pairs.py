@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 from bitnet_ref.synth import SynthSpec, synthesize
-from harness.engines.base import EngineError, file_sha256, require_receipt
+from harness.engines.base import EngineError, ReferenceUnavailable, file_sha256, require_receipt
 from harness.engines.registry import open_engine
 
 PROMPT = ("The committee met on Tuesday to review the budget for 2027; after a long debate about roads, "
@@ -72,11 +72,11 @@ def test_python_engine_matches_mainline_tools(tmp_path):
     itself at its uint16 storage floor."""
     from pathlib import Path
 
-    from harness.engines.discovery import ReferenceMissing, find_build
+    from harness.engines.discovery import find_build
 
     try:
         find_build("LLAMA_CPP_DIR")
-    except ReferenceMissing as e:
+    except ReferenceUnavailable as e:
         pytest.skip(str(e))
     model = synthesize(SynthSpec(arch="bitnet", format="tq2_0"), tmp_path)
     text = (Path(__file__).parents[1] / "cases" / "corpus" / "small.txt").read_text(encoding="utf-8")
