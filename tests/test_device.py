@@ -1,6 +1,7 @@
 """BITNET_DEVICE / BITNET_GPU_MEMORY_LIMIT: the device decision and its CPU fallbacks (bitnet_ref/device.py).
 
-No GPU here: the CUDA gemv itself is not run; its library's build (when nvcc exists) and every fallback are."""
+Without a CUDA device the gemv comparisons skip (they compare the CUDA gemv with the CPU kernel bit for bit
+where one exists); the library's build (when nvcc exists) and every fallback run everywhere."""
 
 from __future__ import annotations
 
@@ -109,32 +110,74 @@ def test_build_cuda_compiles_and_caches(monkeypatch, cuda_cache):
         assert "cudaGetDeviceCount" in d.reason or "no CUDA device" in d.reason
 
 
-def test_engine_logits_same_on_gpu_fallback_and_cpu(monkeypatch, tmp_path):
+def _cuda_or_skip(monkeypatch) -> device.Device:
+    monkeypatch.setenv("BITNET_DEVICE", "gpu")
+    d = device.select_device()
+    if d.kind != "cuda":
+        pytest.skip(f"no usable CUDA device here ({d.reason}): the CUDA gemv cannot be compared with the CPU")
+    return d
+
+
+def test_a_gpu_asked_for_and_not_usable_says_so_in_the_receipt(monkeypatch, tmp_path):
+    from harness.engines.python_engine import PythonEngine
+
+    monkeypatch.setenv("BITNET_DEVICE", "gpu")
+    if device.select_device().kind == "cuda":
+        pytest.skip("a CUDA device is usable here: no fallback to show")
+    path = synthesize(SynthSpec(arch="bitnet-b1.58", format="i2_s", layers=1), tmp_path)
+    with PythonEngine(path, "bitnet-cpp") as gpu:
+        assert gpu.receipt.device == "cpu" and gpu.model.device.fallback
+        assert gpu.model.device.reason in gpu.receipt.version
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("rows, k", [(1, 128), (7, 256), (256, 2560), (6912, 2560), (2560, 6912)])
+def test_cuda_gemv_equals_the_cpu_kernel_bit_for_bit(monkeypatch, rows, k):
+    """The CUDA I2_S gemv's int32 sums against the CPU kernels' (kernels.i2s_raw) on random codes and
+    activations, including the extremes (all codes 3 against -128)."""
+    from types import SimpleNamespace
+
+    from bitnet_ref import kernels
+
+    _cuda_or_skip(monkeypatch)
+    rng = np.random.default_rng(rows * 31 + k)
+    lib, why = device._library()
+    assert lib is not None, why
+    gpu = device.CudaI2S(lib, "gpu")
+    try:
+        for packed, q in ((rng.integers(0, 256, rows * k // 4, dtype=np.uint8), rng.integers(-128, 128, (1, k))),
+                          (np.full(rows * k // 4, 0xFF, np.uint8), np.full((1, k), -128))):
+            q = q.astype(np.int8)
+            lin = SimpleNamespace(shape=(rows, k), packed=packed, name=f"w{rows}x{k}")
+            got = gpu.raw(lin, q)
+            assert gpu.failed is None and got is not None, gpu.failed
+            want = kernels.i2s_raw(q, packed, rows)
+            assert got.dtype == want.dtype and got.tobytes() == want.tobytes()
+            gpu.close()
+    finally:
+        gpu.close()
+
+
+@pytest.mark.gpu
+def test_engine_decode_same_on_gpu_and_cpu(monkeypatch, tmp_path):
+    """Decode (one row at a time: the CUDA gemv's case) gives the CPU's logits, bit for bit."""
     from harness.engines.python_engine import PythonEngine
 
     path = synthesize(SynthSpec(arch="bitnet-b1.58", format="i2_s", layers=1), tmp_path)
-    ids = [1, 2, 3]
+    ids = [1, 2, 3, 4]
+
+    def decode(engine):
+        state = engine.model.new_state()
+        return np.concatenate([engine.model.forward([i], state) for i in ids])
+
     monkeypatch.setenv("BITNET_DEVICE", "cpu")
-    cpu = PythonEngine(path, "bitnet-cpp")
-    try:
-        ref = cpu.logits(ids)
-        assert cpu.receipt.device == "cpu" and "fallback" not in cpu.receipt.version
-    finally:
-        cpu.close()
-    monkeypatch.setenv("BITNET_DEVICE", "gpu")
-    gpu = PythonEngine(path, "bitnet-cpp")
-    try:
-        if gpu.model.device.kind == "cuda":
-            assert gpu.receipt.device == "cuda:0"
-        else:
-            assert gpu.receipt.device == "cpu" and gpu.model.device.reason in gpu.receipt.version
-        out = gpu.logits(ids)
-        state = gpu.model.new_state()  # decode: one row at a time (the CUDA gemv's case on a GPU)
-        rows = [gpu.model.forward([i], state) for i in ids]
-    finally:
-        gpu.close()
-    assert out.dtype == ref.dtype and out.tobytes() == ref.tobytes()
-    assert np.concatenate(rows).shape == ref.shape
+    with PythonEngine(path, "bitnet-cpp") as cpu:
+        want = decode(cpu)
+    _cuda_or_skip(monkeypatch)
+    with PythonEngine(path, "bitnet-cpp") as gpu:
+        assert gpu.receipt.device == "cuda:0"
+        got = decode(gpu)
+    assert got.dtype == want.dtype and got.tobytes() == want.tobytes()
 
 
 def test_engines_line_shows_the_device(monkeypatch):
