@@ -467,7 +467,6 @@ def test_validation_warnings_pass(env, server, tmp_path, monkeypatch, gguf_bytes
 
 
 def test_real_validator_rejects_a_file_that_is_not_gguf(env, server, tmp_path):
-    pytest.importorskip("bitnet_ref.gguf.validate")
     server.add_commit(REPO, {"model.gguf": b"this is not a GGUF file at all" * 4})
     with pytest.raises(ModelError) as e:
         dl(tmp_path, validate=True)
