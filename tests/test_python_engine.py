@@ -32,6 +32,14 @@ def test_engine_runs_and_leaves_a_receipt(model):
         assert out[0] == int(np.argmax(logits[-1]))
         sampled = e.generate(ids, 5, Sampling(temperature=1.0, seed=3))
         assert sampled == e.generate(ids, 5, Sampling(temperature=1.0, seed=3))
+        # sampling is used: seeds give different continuations, top_k=1 is greedy, top_k bounds every pick
+        hot = {tuple(e.generate(ids, 5, Sampling(temperature=2.0, seed=s))) for s in range(8)}
+        assert len(hot) > 1  # an engine that ignored sampling would give the greedy text eight times
+        assert e.generate(ids, 5, Sampling(temperature=2.0, top_k=1, seed=5)) == out
+        top3 = e.generate(ids, 5, Sampling(temperature=5.0, top_k=3, seed=7))
+        for i, tok in enumerate(top3):
+            row = e.logits(ids + top3[:i])[-1]
+            assert np.count_nonzero(row > row[tok]) < 3, (i, tok)
         r = require_receipt("bitnet_ref", e.receipt)
         assert r.model_sha256 == file_sha256(model) and r.profile == "llama-cpp" and r.engine == "bitnet_ref"
         assert {"tokenize", "logits", "generate"} <= set(r.timings)
