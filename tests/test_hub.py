@@ -536,3 +536,20 @@ def test_cli(env, server, tmp_path, capsys, gguf_bytes):
     assert cli("--id", REPO, "--file", "missing.gguf") == 2
     err = capsys.readouterr().err
     assert "download-file-not-found" in err and "missing.gguf" in err
+
+
+def test_a_lock_case_downloads_its_model_verified(env, server, tmp_path, gguf_bytes):
+    """The ladder's `lock` model branch (harness.crossval.model_path_for): the case's `repo:file` is fetched
+    through the hub client and recorded in models.lock (cwd is tmp_path here), then verified against it."""
+    from harness.cases import Case
+    from harness.crossval import model_path_for
+
+    server.add_commit(REPO, {"model.gguf": gguf_bytes[0]})
+    case = Case(id="locked", file="(test)", model={"lock": f"{REPO}:model.gguf"}, references=["llama_cpp"],
+                prompts=["hi"])
+    path = model_path_for(case, tmp_path / "models")
+    assert path.read_bytes() == gguf_bytes[0]
+    lock = ModelLock.load(tmp_path / "models.lock")
+    (entry,) = lock.entries
+    assert (entry.repo, entry.file, entry.sha256) == (REPO, "model.gguf", sha256(gguf_bytes[0]))
+    assert model_path_for(case, tmp_path / "models") == path  # found again, checked against the lock

@@ -113,3 +113,23 @@ def test_min_comparisons_fails_a_run_that_compared_nothing():
     pytest.importorskip("llama_cpp", reason="llama-cpp-python (mainline llama.cpp) is not installed")
     r = pytest_run("-q", "-k", "tq1_0", "--min-comparisons=1", env=_env_without_bitnet_cpp())
     assert r.returncode == 0, r.stdout[-1500:]
+
+
+def test_a_known_reference_bug_is_an_xfail_and_its_fix_shows(tmp_path):
+    """A case's `xfail` (a known reference bug): when the ladder fails, the record says xfail with the
+    reason and pytest counts an expected failure; when it passes, strict xfail makes the run fail (XPASS)."""
+    pytest.importorskip("llama_cpp", reason="llama-cpp-python (mainline llama.cpp) is not installed")
+    cases, records = tmp_path / "cases.toml", tmp_path / "records"
+    common = ('model = { synth = { preset = "tiny", arch = "bitnet", format = "tq1_0", layers = 1 } }\n'
+              'references = ["llama_cpp"]\nprofile = "llama-cpp"\nprompts = ["Hello there."]\n'
+              'rungs = ["first_logits"]\nxfail = "planted: a limit no engine pair meets"\n')
+    cases.write_text(f'[[case]]\nid = "known-bug"\n{common}tolerances = {{ max_abs = 1e-12 }}\n'
+                     f'[[case]]\nid = "fixed-bug"\n{common}')
+    r = pytest_run("-q", "-rxX", "tests/crossval", f"--cases={cases}", f"--records={records}",
+                   f"--baselines-dir={tmp_path / 'baselines'}")
+    docs = {d["case_id"]: d for d in (json.loads(p.read_text()) for p in records.glob("*.json"))}
+    assert docs["known-bug"]["status"] == "xfail" and docs["known-bug"]["failed_rung"] == "first_logits"
+    assert docs["known-bug"]["reason"].startswith("known reference bug: planted: a limit no engine pair meets")
+    assert docs["fixed-bug"]["status"] == "pass"
+    assert r.returncode == 1 and "1 failed" in r.stdout and "1 xfailed" in r.stdout, r.stdout[-2000:]
+    assert "XPASS(strict)" in r.stdout and "fixed-bug" in r.stdout
