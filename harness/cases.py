@@ -15,6 +15,9 @@
     markers = ["slow"]                            # extra pytest markers (format and arch markers are added)
     xfail = "upstream bug ..."                    # a known reference bug: expected to fail (strict)
     reference_options = { n_ubatch = 1 }          # passed to the reference adapters that accept them
+    validation = "independent"                    # or "bit-exact"; default: bit-exact for bitnet_ref with an
+                                                  # emulation profile, independent otherwise (harness/validation.py)
+    teacher_forced_cap = 32                       # greedy: at most this many teacher-forced restarts
     [case.tolerances]                             # overrides of the defaults, by metric
     max_abs = 1e-4
 
@@ -34,7 +37,8 @@ KNOWN_REFERENCES = ("llama_cpp", "bitnet_cpp", "bitnet_cpp_cli", "bitnet_cpp_tl2
 FORMAT_MARKERS = {"i2_s": "i2s", "tl1": "tl1", "tl2": "tl2", "tq1_0": "tq1", "tq2_0": "tq2", "f16": "f16",
                   "f32": "f32"}
 CASE_KEYS = {"id", "model", "references", "profile", "prompts", "prompt_ids", "corpus", "ctx", "greedy_tokens",
-             "rungs", "markers", "tolerances", "reference_options", "description", "xfail"}
+             "rungs", "markers", "tolerances", "reference_options", "description", "xfail", "validation",
+             "teacher_forced_cap"}
 
 
 class CaseError(ValueError):
@@ -62,6 +66,8 @@ class Case:
     # what the model file says (read by describe_model) when the model is a path rather than a synth spec
     model_format: str | None = None
     model_arch: str | None = None
+    validation: str | None = None  # "bit-exact" | "independent"; None: the default (harness/validation.py)
+    teacher_forced_cap: int = 32  # greedy, independent mode: teacher-forced restarts at most
 
     @property
     def format(self) -> str | None:
@@ -187,7 +193,13 @@ def _parse_case(path: Path, index: int, c) -> Case:
             raise _fail(path, cid, "corpus", f"no file at {cpath}")
         corpus = str(cpath.resolve())
     ints = {}
-    for k, default in (("ctx", 128), ("greedy_tokens", 32)):
+    validation = c.get("validation")
+    if validation is not None:
+        from .validation import MODES
+
+        if validation not in MODES:
+            raise _fail(path, cid, "validation", f"unknown mode {validation!r} (known: {', '.join(MODES)})")
+    for k, default in (("ctx", 128), ("greedy_tokens", 32), ("teacher_forced_cap", 32)):
         v = c.get(k, default)
         if isinstance(v, bool) or not isinstance(v, int) or v < 1:
             raise _fail(path, cid, k, f"must be a positive integer, got {v!r}")
@@ -199,7 +211,8 @@ def _parse_case(path: Path, index: int, c) -> Case:
                 reference_options=_expect(c.get("reference_options", {}), dict, path, cid, "reference_options"),
                 description=str(c.get("description", "")),
                 xfail=_expect(c["xfail"], str, path, cid, "xfail") if "xfail" in c else None,
-                model_format=model_format, model_arch=model_arch, **ints)
+                model_format=model_format, model_arch=model_arch, validation=validation,
+                **ints)
 
 
 def load_cases(paths: list[str | Path] | None = None) -> list[Case]:

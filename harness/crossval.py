@@ -25,13 +25,16 @@ from bitnet_ref.gguf import open_gguf
 from bitnet_ref.gguf.validate import validate_file
 from bitnet_ref.synth import SynthSpec, synthesize, ternary_weights
 
+from . import capabilities, stats
 from . import metrics as M
+from . import noise_floor as NF
 from .baselines import topk_of
 from .cases import Case
 from .engines.base import EngineError, NotSupported, ReferenceUnavailable, file_sha256, require_receipt
 from .engines.registry import open_engine
 from .records import Check, Record, RungResult
-from .tolerances import Tolerances
+from .tolerances import Tolerance, Tolerances
+from .validation import resolve_mode
 
 # the tensors localization compares, in graph order: llama.cpp's node names per layer, then the output norm
 # and the logits (a name one engine's graph lacks is left out of the comparison)
@@ -126,9 +129,15 @@ def rung_tokens(case: Case, sut, ref) -> RungResult:
     return RungResult("tokens", "pass", f"{len(case.prompts)} prompts tokenized identically")
 
 
-def _logits_rung(name: str, a: np.ndarray, b: np.ndarray, targets, tol: Tolerances) -> RungResult:
+def _logits_rung(name: str, a: np.ndarray, b: np.ndarray, targets, tol: Tolerances,
+                 tie_gap: float | None = None) -> RungResult:
+    """One logits rung. `tie_gap` (independent mode): positions whose argmax differs where the reference's
+    top two logits are within it are near-ties, not failures (metric top1_beyond_ties)."""
     m = M.compare_logits(a, b, targets=targets)
     scalars = M.scalar_metrics(m)
+    scalars.update(stats.spearman_rows(a, b))
+    if tie_gap is not None:
+        scalars["top1_beyond_ties"], _ = NF.top1_beyond_ties(a, b, tie_gap)
     checks, ok = _checks(tol, scalars)
     bad = tol.first_bad_position(m["max_abs_per_position"])  # a NaN breaks the limit too
     failed = [c for c in checks if not c.passed]
@@ -143,7 +152,7 @@ def _logits_rung(name: str, a: np.ndarray, b: np.ndarray, targets, tol: Toleranc
 
 
 def localize(sut, ref, ids: list[int], n_layers: int, tol: Tolerances, failing_sut: np.ndarray,
-             failing_ref: np.ndarray) -> dict | None:
+             failing_ref: np.ndarray, exact=None) -> dict | None:
     """The first captured tensor (layer, operation) where the two engines differ, from one teacher-forced
     pass per engine that captures every intermediate and the final logits, evaluated as the failing logits
     call was (same ids, same micro-batches).
@@ -152,13 +161,20 @@ def localize(sut, ref, ids: list[int], n_layers: int, tol: Tolerances, failing_s
     bit for bit its failing call's logits, so the captured tensors are the ones that produced the failure;
     otherwise the result is inconclusive and says why. A tensor differs when max |Δ| exceeds the rung's
     relative tolerance (max_rel) times the tensor's own scale (max |reference|): hidden states are judged
-    relative to their magnitude, not with the logits' absolute limit. None: an engine captures nothing."""
+    relative to their magnitude, not with the logits' absolute limit. None: an engine captures nothing.
+
+    With `exact` (independent mode: bitnet_ref's exact profile on the model), a tensor differs when max |Δ|
+    exceeds a multiple of the reference's own distance from the definition there, or a fraction of its
+    scale, whichever is larger (harness.noise_floor.RULES["node_max_abs"])."""
     names = [f"{op}-{i}" for i in range(n_layers) for op in LOCALIZE_OPS] + list(FINAL_OPS)
     try:
         caps = {"sut": sut.intermediates(ids, names, missing_ok=True),
                 "reference": ref.intermediates(ids, names, missing_ok=True)}
+        if exact is not None:
+            caps["exact"] = exact.intermediates(ids, names, missing_ok=True)
     except NotSupported:
         return None
+    rule = NF.RULES["node_max_abs"]
     rel_limit = tol.limit("max_rel") or DEFAULT_LOCALIZE_REL
     out = {"layer": None, "op": None, "max_abs": None, "rel_limit": rel_limit, "reproduced": False, "nodes": []}
     for who, failing in (("sut", failing_sut), ("reference", failing_ref)):
@@ -183,8 +199,15 @@ def localize(sut, ref, ids: list[int], n_layers: int, tol: Tolerances, failing_s
         d = float(np.max(np.abs(x.astype(np.float64) - y.reshape(x.shape))))
         scale = float(np.max(np.abs(y)))
         rel = d / scale if scale > 0 else (0.0 if d == 0 else math.inf)
-        nodes.append({"name": name, "max_abs": d, "scale": scale, "rel": rel})
-        if not rel <= rel_limit:  # NaN breaks it too
+        node = {"name": name, "max_abs": d, "scale": scale, "rel": rel}
+        limit_rel = rel_limit
+        if exact is not None and name in caps["exact"]:
+            fl = float(np.max(np.abs(caps["exact"][name].reshape(x.shape).astype(np.float64) - y.reshape(x.shape))))
+            limit_abs = max(rule.multiplier * fl, rule.absolute * scale)
+            node.update(floor=fl, limit=limit_abs)
+            limit_rel = limit_abs / scale if scale > 0 else 0.0
+        nodes.append(node)
+        if not rel <= limit_rel:  # NaN breaks it too
             _, _, layer = name.rpartition("-")
             return {**out, "layer": int(layer) if layer.isdigit() else None, "op": name, "max_abs": d, "rel": rel}
     return {**out, "note": f"inconclusive: the pass reproduces the failing logits, yet no captured tensor "
@@ -217,28 +240,124 @@ def rung_greedy(case: Case, sut, ref, ids: list[int], tol: Tolerances) -> RungRe
                       first_bad_position=j)
 
 
-def rung_perplexity(case: Case, sut, ref, tol: Tolerances) -> RungResult:
+def rung_greedy_tie_aware(case: Case, sut, ref, ids: list[int], floor: NF.NoiseFloor, ops) -> RungResult:
+    """Independent mode: N greedy tokens, judged position by position. A position where the SUT's token
+    differs and the reference's top two logits are within the floor's tie gap is a near-tie, not a
+    failure; after any divergence the SUT continues from the reference's tokens (teacher-forced through
+    `generate`, or through `logits` when it has no generate), so every position is scored. Raw match rate
+    (free-running common prefix / N), the agreement over scored positions, and the rate excluding
+    near-ties, which must be >= 99 % (AC6)."""
+    n = case.greedy_tokens
+    b = ref.generate(ids, n)
+    if not b:
+        return RungResult("greedy", "fail", "the reference generated no token: nothing to score")
+    rows = ref.logits(ids + b[:-1])[len(ids) - 1:]
+    top2 = np.sort(rows, axis=1)[:, -2:]
+    gap = top2[:, 1] - top2[:, 0]
+    # a near-tie: within the floor's tie gap, or where the reference's own paths (prefill vs decode) disagree
+    tie = (gap <= floor.tie_gap) | (rows.argmax(axis=1) != np.asarray(b))
+    sut_tok: list[int | None] = [None] * len(b)
+    raw_prefix, restarts, how = None, 0, "generate"
+    if "generate" in ops:
+        k = 0
+        while k < len(b):
+            a = sut.generate(ids + b[:k], len(b) - k)
+            j = next((t for t, (x, y) in enumerate(zip(a, b[k:])) if x != y), min(len(a), len(b) - k))
+            raw_prefix = j if raw_prefix is None else raw_prefix
+            sut_tok[k:k + j] = b[k:k + j]
+            if k + j >= len(b):
+                break
+            sut_tok[k + j] = a[j] if j < len(a) else -1  # -1: the SUT stopped (end token) where the reference went on
+            k += j + 1
+            restarts += 1
+            if restarts > case.teacher_forced_cap:
+                break
+    else:
+        how = "teacher-forced logits (no generate)"
+        sut_tok = [int(x) for x in sut.logits(ids + b[:-1])[len(ids) - 1:].argmax(axis=1)]
+        raw_prefix = next((t for t, (x, y) in enumerate(zip(sut_tok, b)) if x != y), len(b))
+    scored = np.array([t is not None for t in sut_tok])
+    match = np.array([t == y for t, y in zip(sut_tok, b)])
+    beyond = scored & ~tie
+    mismatch_beyond = np.flatnonzero(beyond & ~match)
+    metrics = {
+        "greedy_match_rate": raw_prefix / n, "greedy_tokens": float(len(b)), "scored_positions": float(scored.sum()),
+        "agreement_scored": float(match[scored].mean()) if scored.any() else float("nan"),
+        "near_ties": float((scored & tie).sum()), "near_tie_mismatches": float((scored & tie & ~match).sum()),
+        "greedy_match_rate_excl_ties": float(match[beyond].mean()) if beyond.any() else 1.0,
+        "teacher_forced_restarts": float(restarts), "tie_gap": floor.tie_gap,
+        "near_tie_mismatch_gap_max": float(gap[scored & tie & ~match].max()) if (scored & tie & ~match).any() else 0.0,
+    }
+    tol = Tolerance("greedy_match_rate_excl_ties", NF.AC6_GREEDY, ">=",
+                    f"independent: AC6 (near-tie: reference's top-two gap <= {floor.tie_gap:.3g})",
+                    "the seed's >= 99 % token match", floor=floor.tie_gap)
+    check = NF.check(tol, metrics["greedy_match_rate_excl_ties"])
+    unscored = len(b) - int(scored.sum())
+    note = (f"; {unscored} positions unscored (teacher_forced_cap {case.teacher_forced_cap} restarts reached)"
+            if unscored else "")
+    if check.passed:
+        detail = (f"{len(b)} tokens ({how}): raw match {metrics['greedy_match_rate']:.3f} (prefix {raw_prefix}), "
+                  f"{int(metrics['near_tie_mismatches'])} near-tie divergences, "
+                  f"{metrics['greedy_match_rate_excl_ties']:.3f} excluding near-ties{note}")
+    else:
+        j = int(mismatch_beyond[0])
+        detail = (f"generated token {j}: {sut_tok[j]} (sut) vs {b[j]} (reference), whose top-two gap "
+                  f"{gap[j]:.3g} is beyond the tie gap {floor.tie_gap:.3g}; match excluding near-ties "
+                  f"{metrics['greedy_match_rate_excl_ties']:.3f} < {NF.AC6_GREEDY:g}{note}")
+    return RungResult("greedy", "pass" if check.passed else "fail", detail, metrics=metrics, checks=[check],
+                      first_bad_position=int(mismatch_beyond[0]) if mismatch_beyond.size else None)
+
+
+def rung_perplexity(case: Case, sut, ref, tol: Tolerances, ops=frozenset({"perplexity", "logits"}),
+                    ppl_tol: Tolerance | None = None) -> RungResult:
+    """Perplexity of the case's corpus (llama-perplexity's convention), from the engine's own perplexity
+    operation or, where it has none, from its logits. Where both engines give logits, the per-token NLLs
+    are compared pairwise (harness.stats: bootstrap CI, Wilcoxon signed-rank)."""
     text = Path(case.corpus).read_text(encoding="utf-8")
     ids = ref.tokenize(text)
-    pa, pb = sut.perplexity(ids, case.ctx), ref.perplexity(ids, case.ctx)
-    rel = abs(pa.ppl - pb.ppl) / pb.ppl
-    metrics = {"ppl_sut": pa.ppl, "ppl_reference": pb.ppl, "ppl_rel_diff": rel}
-    checks, ok = _checks(tol, metrics)
-    return RungResult("perplexity", "pass" if ok else "fail",
-                      f"PPL {pa.ppl:.4f} (sut) vs {pb.ppl:.4f} (reference), relative difference {rel:.2e}",
-                      metrics=metrics, checks=checks)
+    pb = ref.perplexity(ids, case.ctx)
+    nll_a = nll_b = None
+    if "logits" in ops:
+        try:
+            nll_b = stats.chunk_nll(ref.logits, ids, case.ctx, ids[0])
+            nll_a = stats.chunk_nll(sut.logits, ids, case.ctx, ids[0])
+        except NotSupported:
+            nll_a = nll_b = None
+    if "perplexity" in ops:
+        ppl_a, source = sut.perplexity(ids, case.ctx).ppl, "its perplexity operation"
+    elif nll_a is not None:
+        ppl_a, source = float(np.exp(nll_a.mean())), "its logits (it has no perplexity operation)"
+    else:
+        raise NotSupported("the system under test has neither perplexity nor logits")
+    rel = abs(ppl_a - pb.ppl) / pb.ppl
+    metrics = {"ppl_sut": ppl_a, "ppl_reference": pb.ppl, "ppl_rel_diff": rel}
+    if ppl_tol is not None:
+        checks = [NF.check(ppl_tol, rel)]
+        ok = checks[0].passed
+    else:
+        checks, ok = _checks(tol, metrics)
+    detail = f"PPL {ppl_a:.4f} (sut, from {source}) vs {pb.ppl:.4f} (reference), relative difference {rel:.2e}"
+    if nll_a is not None:
+        p = stats.paired(nll_a, nll_b)
+        metrics.update(p)
+        detail += "; per-token NLL " + stats.verdict(p)
+    return RungResult("perplexity", "pass" if ok else "fail", detail, metrics=metrics, checks=checks)
 
 
 # -- the whole ladder ------------------------------------------------------------------------------------
 def run_ladder(case: Case, reference: str, tol: Tolerances, models_dir: Path, *, sut: str = "bitnet_ref",
-               profile: str | None = None, test_id: str = "", open_fn=open_engine) -> Record:
+               profile: str | None = None, test_id: str = "", open_fn=open_engine,
+               validation: str | None = None) -> Record:
     """Run the case's rungs in order for (sut, reference); the record says how far it got and why.
-    `open_fn(name, model, profile, options)` opens the engines (the harness's self-tests pass their own)."""
+    `open_fn(name, model, profile, options)` opens the engines (the harness's self-tests pass their own).
+    `validation`: "bit-exact" | "independent" from the command line (None: the case's, else the default)."""
     profile = profile or case.profile
     record = Record(case_id=case.id, sut=sut, reference=reference, profile=profile, status="pass",
                     test_id=test_id, environment=environment())
     t0 = time.perf_counter()
     try:
+        mode, source = resolve_mode(sut, profile, case.validation, validation, case.file)
+        record.validation = {"mode": mode, "source": source}
         _ladder(case, reference, tol, models_dir, sut, profile, record, open_fn)
     except ReferenceUnavailable as e:
         record.status, record.reason = "skip", str(e)
@@ -277,38 +396,72 @@ def _ladder(case, reference, tol, models_dir, sut_name, profile, record: Record,
         sut_options = {k: v for k, v in case.reference_options.items() if k == "n_ubatch"}
         with open_fn(sut_name, path, profile, sut_options) as sut:
             record.receipts["sut"] = asdict(require_receipt(sut_name, sut.receipt))
-            _engine_rungs(case, sut, ref, tol, record, run, n_layers)
+            _engine_rungs(case, sut, ref, tol, record, run, n_layers, path, models_dir)
             record.receipts = {"sut": asdict(sut.receipt), "reference": asdict(ref.receipt)}
     finally:
         ref.close()
 
 
-def _engine_rungs(case, sut, ref, tol, record, run, n_layers: int) -> None:
-    if "tokens" in case.rungs and case.prompts:
+def _engine_rungs(case, sut, ref, tol, record, run, n_layers: int, path, models_dir) -> None:
+    independent = record.validation.get("mode") == "independent"
+    ops = capabilities.operations(sut)
+    name = sut.info().name
+    requested = [r for r in capabilities.ENGINE_RUNGS if r in case.rungs]
+
+    def unsupported(rung: str) -> bool:
+        why = capabilities.unsupported_reason(rung, ops, name)
+        if why:
+            record.rungs.append(RungResult(rung, "not_supported", why))
+        return why is not None
+
+    if "tokens" in case.rungs and case.prompts and not unsupported("tokens"):
         run(rung_tokens(case, sut, ref))
     prompts = [ref.tokenize(p) for p in case.prompts] + [list(p) for p in case.prompt_ids]
-    rungs = [name for name in ("first_logits", "all_logits") if name in case.rungs]
+    floor = None
+    if independent and requested:
+        floor = NF.measure(record.reference, ref, path, prompts, ctx=case.ctx, cache_dir=models_dir,
+                           corpus=case.corpus if "perplexity" in case.rungs else None)
+        record.validation["noise_floor"] = NF.describe(floor)
+    rungs = [r for r in ("first_logits", "all_logits") if r in case.rungs and not unsupported(r)]
     outputs = [(ids, sut.logits(ids), ref.logits(ids)) for ids in prompts] if rungs else []
     if outputs:  # kept in the baseline: a later run tells whether the reference itself moved
         record.reference_topk = topk_of(outputs[0][2])
-    for name in rungs:  # every prompt's first position, then every prompt's all positions
+    for rung in rungs:  # every prompt's first position, then every prompt's all positions
         for i, (ids, a, b) in enumerate(outputs):
-            if name == "first_logits":
+            if rung == "first_logits":
                 a, b = a[:1], b[:1]
-            result = _logits_rung(name, a, b, np.asarray(ids[1 : len(a) + 1]) if len(ids) > 1 else None, tol)
+            t = NF.logits_tolerances(floor, i, rung, tol) if floor else tol
+            result = _logits_rung(rung, a, b, np.asarray(ids[1 : len(a) + 1]) if len(ids) > 1 else None, t,
+                                  tie_gap=floor.tie_gap if floor else None)
             result.detail = f"prompt {i}: {result.detail}"
             if result.status == "fail" and n_layers:
                 full_a, full_b = outputs[i][1], outputs[i][2]  # what the failing call returned
-                loc = result.localization = localize(sut, ref, ids, n_layers, tol, full_a, full_b)
+                loc = result.localization = _localize(sut, ref, ids, n_layers, t, full_a, full_b,
+                                                      path if floor else None)
                 if loc and loc.get("op"):
                     result.detail += f"; first divergence: {loc['op']}"
                 elif loc:
                     result.detail += f"; localization {loc['note']}"
             run(result)
-    if "greedy" in case.rungs:
-        run(rung_greedy(case, sut, ref, prompts[0], tol))
-    if "perplexity" in case.rungs and case.corpus:
+    if "greedy" in case.rungs and prompts and not unsupported("greedy"):
+        if floor:
+            run(rung_greedy_tie_aware(case, sut, ref, prompts[0], floor, ops))
+        else:
+            run(rung_greedy(case, sut, ref, prompts[0], tol))
+    if "perplexity" in case.rungs and case.corpus and not unsupported("perplexity"):
         try:
-            run(rung_perplexity(case, sut, ref, tol))
+            run(rung_perplexity(case, sut, ref, tol, ops, NF.ppl_tolerance(floor) if floor else None))
         except NotSupported as e:
-            record.rungs.append(RungResult("perplexity", "skip", f"not supported: {e}"))
+            record.rungs.append(RungResult("perplexity", "not_supported", f"not supported: {e}"))
+    judged = [r for r in record.rungs if r.rung in capabilities.ENGINE_RUNGS and r.status in ("pass", "fail")]
+    if requested and not judged:
+        raise EngineError(f"nothing to compare: {name} supports none of the rungs {', '.join(requested)} "
+                          f"(it declares {', '.join(sorted(ops)) or 'no operations'})")
+
+
+def _localize(sut, ref, ids, n_layers: int, tol: Tolerances, full_a, full_b, exact_model) -> dict | None:
+    """Localization of a failed logits rung; in independent mode against per-tensor noise floors."""
+    if exact_model is None:
+        return localize(sut, ref, ids, n_layers, tol, full_a, full_b)
+    with open_engine("bitnet_ref", exact_model, "exact") as exact:
+        return localize(sut, ref, ids, n_layers, tol, full_a, full_b, exact=exact)

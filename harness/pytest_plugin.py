@@ -49,6 +49,11 @@ def pytest_addoption(parser) -> None:
     g.addoption("--reference", action="append", default=None,
                 help="reference engine (repeatable); default: each case's references")
     g.addoption("--model", default=None, help="run the cases on this GGUF instead of the cases' models")
+    g.addoption("--validation", default=None, choices=("bit-exact", "independent"),
+                help="how the system under test is judged: bit-exact (the reference's arithmetic reproduced: "
+                     "tight limits) or independent (its own numerics: limits a multiple of a measured noise "
+                     "floor). Default: the case's, else bit-exact for bitnet_ref with an emulation profile, "
+                     "independent for any other engine")
     g.addoption("--profile", default=None, help="numerics profile of the system under test (default: the case's)")
     g.addoption("--platform", default=None, help="platform id for baselines (default: detected)")
     g.addoption("--update-baselines", action="store_true", help="rewrite the platform's baselines")
@@ -199,7 +204,8 @@ def crossval_run(request, crossval_models_dir):
                       platform_overrides=config._crossval_platform_tolerances,
                       cli_max_abs=config.getoption("--tolerance"))
         record = run_ladder(case, reference, tol, crossval_models_dir, sut=config.getoption("--engine"),
-                            profile=profile, test_id=request.node.nodeid.split("::")[-1])
+                            profile=profile, test_id=request.node.nodeid.split("::")[-1],
+                            validation=config.getoption("--validation"))
         if case.xfail and record.status == "fail":
             record.status, record.reason = "xfail", f"known reference bug: {case.xfail} (here: {record.reason})"
         _baseline(config, record, platform)

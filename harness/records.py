@@ -11,11 +11,11 @@ HTML report (one file per record), and what baselines summarize. Schema (version
   "status": "pass" | "fail" | "skip" | "error" | "xfail",   # xfail: the case's known reference bug showed
   "failed_rung": null | "file" | "weights" | "tokens" | "first_logits" | "all_logits" | "greedy" | "perplexity",
   "reason": "...",                              # why it failed / skipped / errored (one line)
-  "rungs": [ {"rung": "...", "status": "...", "detail": "...",
+  "rungs": [ {"rung": "...", "status": "pass" | "fail" | "skip" | "not_supported", "detail": "...",
               "metrics": {"max_abs": 1.2e-6, ...},
               "checks": [ {"metric": "max_abs", "value": 1.2e-6, "limit": 1e-4, "op": "<=",
                            "source": "default:llama-cpp" | "case:FILE" | "platform:ID" | "cli:--tolerance",
-                           "passed": true} ],
+                           "passed": true, "floor": null | x, "multiplier": null | m} ],
               "series": {"max_abs_per_position": [...], "kl_per_position": [...]},   # for plots, optional
               "histogram": {"edges": [...], "counts": [...]},                          # |Δ| histogram, optional
               "first_bad_position": null | int,
@@ -34,6 +34,8 @@ HTML report (one file per record), and what baselines summarize. Schema (version
   "receipts": {"sut": {...Receipt...}, "reference": {...Receipt...} | null},
   "model": {"path": "...", "sha256": "...", "spec": {...} | null},
   "environment": {"python": "...", "platform": "...", "hostname": "..."},
+  "validation": {"mode": "bit-exact" | "independent", "source": "default" | "case:FILE" | "cli:--validation",
+                 "noise_floor": {...}},   # independent mode: the measured floor, the rules (multipliers), the tie gap
   "seconds": 1.23
 }
 """
@@ -50,6 +52,8 @@ from bitnet_ref.atomic import atomic_write_text
 RECORD_SCHEMA = 1
 RUNGS = ("file", "weights", "tokens", "first_logits", "all_logits", "greedy", "perplexity")
 STATUSES = ("pass", "fail", "skip", "error", "xfail")  # xfail: a known reference bug, reproduced
+# a rung's status: pass | fail | skip | "not_supported" (the system under test cannot perform it: never a pass)
+RUNG_STATUSES = ("pass", "fail", "skip", "not_supported")
 
 
 @dataclass
@@ -60,6 +64,8 @@ class Check:
     op: str  # "<=" or ">="
     source: str  # where the limit came from
     passed: bool
+    floor: float | None = None  # independent mode: the noise floor the limit is a multiple of
+    multiplier: float | None = None
 
 
 @dataclass
@@ -90,6 +96,9 @@ class Record:
     receipts: dict = field(default_factory=dict)
     model: dict = field(default_factory=dict)
     environment: dict = field(default_factory=dict)
+    # {"mode": "bit-exact" | "independent", "source": "default" | "case:FILE" | "cli:--validation",
+    #  "noise_floor": {...} (independent mode; harness.noise_floor.describe)}
+    validation: dict = field(default_factory=dict)
     seconds: float = 0.0
     # the reference's top-k logits at the first positions of the first prompt (harness.baselines.topk_of):
     # kept in the baseline, so a later run can tell when the reference itself moved

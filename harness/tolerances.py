@@ -156,6 +156,8 @@ class Tolerance:
     op: str
     source: str
     why: str = ""
+    floor: float | None = None  # independent mode: the measured noise floor the limit multiplies
+    multiplier: float | None = None
 
     def passes(self, value: float) -> bool:
         v = float(value)
@@ -191,7 +193,7 @@ class Tolerances:
                 continue
             value = float(metrics[key])
             out.append(Check(metric=name, value=value, limit=tol.limit, op=tol.op, source=tol.source,
-                             passed=tol.passes(value)))
+                             passed=tol.passes(value), floor=tol.floor, multiplier=tol.multiplier))
         return out
 
     def first_bad_position(self, max_abs_per_position) -> int | None:

@@ -17,7 +17,7 @@ engine's own measurements; the harness adds them to the receipt as "<op>.engine_
 Operations:
 - hello (always first, id 0): {"id": 0, "op": "hello", "protocol": 1}
     -> {"ok": true, "protocol": 1, "name": str, "version": str, "archs": [str], "formats": [str],
-        "operations": [str, of tokenize detokenize logits generate perplexity],
+        "operations": [str, of tokenize detokenize logits generate perplexity intermediates],
         "receipt": {"artifact": path|null, "artifact_sha256": hex|null, "model": path|null,
                     "device": str?, "threads": int?, "profile": str?, "source": str?}}
     "artifact" is the library or binary that computes (e.g. libllama.so). Where that file exists here,
@@ -34,8 +34,19 @@ Operations:
     temperature 0 is greedy.
 - perplexity: {"ids": [int], "ctx": int, "convention": "llama-perplexity"|"sliding"}
     -> {"ppl": float, "nll": float, "n_scored": int, "per_chunk": [float], "convention": str, "ctx": int}
+- intermediates (optional): {"ids": [int], "names": [str]}
+    -> {"tensors": {name: {"shape": [...], "dtype": "<f4", "b64": str}}}: named tensors of one teacher-forced
+    pass over ids, float32 base64 as for logits, under llama.cpp's graph node names (attn_norm-N,
+    attn_sub_norm-N, ffn_sub_norm-N, l_out-N, result_output, ...: one row per token; names the engine does not
+    have are left out). With it a failing logits rung is
+    localized to the first layer and operation that diverges, as for the in-process engines.
 - shutdown: {"op": "shutdown"} -> {"ok": true}, then the engine exits. The harness also closes stdin
   (EOF means: exit) and kills the process group if it is still there after a grace period.
+
+Capabilities. "operations" in the hello says what the engine can do; the check ladder judges only the
+rungs those allow and records the others as not supported (harness/capabilities.py): an engine with
+generate only gets a verdict from its greedy rung. The protocol version stays 1: every addition is
+optional.
 
 Faults. Each request has a timeout (the engine's default or per call); on timeout, on EOF from the
 engine (it died), on a protocol error, or on an interruption, the harness kills the whole process group
@@ -309,6 +320,30 @@ class JsonlEngine(Engine):
                               per_chunk=[float(x) for x in r.get("per_chunk", [])])
         except (KeyError, TypeError, ValueError) as e:
             raise self._fail(f"engine's perplexity response is malformed ({e}): {str(r)[:300]}") from None
+
+    def intermediates(self, ids: list[int], names: list[str], missing_ok: bool = False) -> dict[str, np.ndarray]:
+        if "intermediates" not in self._info.operations:
+            raise NotSupported(f"{self._info.name} does not declare intermediates")
+        with self.timed("intermediates"):
+            r = self._request("intermediates", {"ids": [int(i) for i in ids], "names": [str(n) for n in names]})
+        tensors = self._field(r, "tensors", "intermediates")
+        out = {}
+        for name in names:
+            spec = tensors.get(name) if isinstance(tensors, dict) else None
+            if spec is None and missing_ok:
+                continue
+            if not isinstance(spec, dict):
+                raise EngineError(f"engine's intermediates response lacks tensor {name!r}; engine: "
+                                  f"{shlex.join(self.command)}")
+            try:
+                if spec.get("dtype", "<f4") != "<f4":
+                    raise ValueError(f"dtype {spec['dtype']!r}, expected '<f4'")
+                arr = np.frombuffer(base64.b64decode(spec["b64"], validate=True), dtype="<f4")
+                out[name] = arr.reshape([int(x) for x in spec["shape"]]).astype(np.float32)
+            except (ValueError, KeyError, TypeError) as e:
+                raise EngineError(f"engine's tensor {name!r} is unreadable ({e}); engine: "
+                                  f"{shlex.join(self.command)}") from e
+        return out
 
     def close(self, grace: float = 2.0) -> None:
         """Ask the engine to shut down, close its stdin, then kill its group if it lingers."""

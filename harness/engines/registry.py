@@ -1,6 +1,8 @@
 """Engines by name: what `--engine` / `--reference` and `bitnet-xval engines` accept.
 
   bitnet_ref       the Python engine (numpy; the default system under test)
+  bitnet_ref:PROFILE  the Python engine in that numerics profile whatever profile the caller asks for (e.g. as
+                   a reference: `bitnet_ref:bitnet-cpp` computes bitnet.cpp's arithmetic where no build is here)
   llama_cpp        mainline llama.cpp in-process (libllama from llama-cpp-python, or LLAMA_CPP_LIB)
   bitnet_cpp       bitnet.cpp in-process (libllama of the build named by BITNET_CPP_DIR)
   bitnet_cpp_tl2   bitnet.cpp in-process, from a build with TL2 kernels (BITNET_CPP_TL2_DIR)
@@ -41,10 +43,11 @@ def open_engine(spec: str, model, profile: str = "exact", options: dict | None =
     options = options or {}
     if spec in ISOLATED if isolate is None else isolate:
         return _isolated(spec, model, profile, options)
-    if spec == "bitnet_ref":
+    if spec == "bitnet_ref" or spec.startswith("bitnet_ref:"):
         from .python_engine import PythonEngine
 
-        return PythonEngine(model, profile, n_ubatch=options.get("n_ubatch"))
+        fixed = spec.partition(":")[2]
+        return PythonEngine(model, fixed or profile, n_ubatch=options.get("n_ubatch"))
     if spec == "llama_cpp":
         from .llama_ffi import LlamaLibEngine, mainline_library
 

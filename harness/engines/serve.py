@@ -49,6 +49,11 @@ def _handle(engine, req: dict) -> dict:
         p = engine.perplexity(req["ids"], req["ctx"], req.get("convention", "llama-perplexity"))
         return {"ppl": p.ppl, "nll": p.nll, "n_scored": p.n_scored, "per_chunk": p.per_chunk,
                 "convention": p.convention, "ctx": p.ctx}
+    if op == "intermediates":
+        tensors = engine.intermediates(req["ids"], req["names"], missing_ok=True)  # the harness asks for what it needs
+        return {"tensors": {n: {"shape": list(a.shape), "dtype": "<f4",
+                                "b64": base64.b64encode(np.ascontiguousarray(a, dtype="<f4").tobytes()).decode()}
+                            for n, a in tensors.items()}}
     raise NotSupported(f"unknown op {op!r}")
 
 
@@ -62,6 +67,12 @@ def main(argv=None) -> int:
     ap.add_argument("--option", action="append", default=[], metavar="KEY=VALUE")
     a = ap.parse_args(argv)
     options = {k: _value(v) for k, _, v in (o.partition("=") for o in a.option)}
+    return serve(lambda: open_engine(a.engine, a.model, a.profile, options, isolate=False))
+
+
+def serve(open_fn, operations: tuple[str, ...] | None = None) -> int:
+    """Answer protocol requests on stdin/stdout with the engine `open_fn()` opens at the hello.
+    `operations`: what the hello declares (default: everything the engine's info() names)."""
     out = sys.stdout
     sys.stdout = sys.stderr  # only protocol lines on the real stdout
     engine = None
@@ -75,14 +86,16 @@ def main(argv=None) -> int:
         t = time.perf_counter()
         try:
             if op == "hello":
-                engine = open_engine(a.engine, a.model, a.profile, options, isolate=False)
+                engine = open_fn()
                 info, r = engine.info(), engine.receipt
                 resp = {"protocol": 1, "name": r.engine, "version": r.version, "archs": list(info.archs),
                         "formats": list(info.formats),
-                        "operations": [o for o in info.operations if o != "intermediates"],
+                        "operations": list(info.operations if operations is None else operations),
                         "receipt": {"artifact": r.artifact, "artifact_sha256": r.artifact_sha256, "model": r.model,
                                     "device": r.device, "threads": r.threads, "profile": r.profile,
                                     "source": r.source}}
+            elif operations is not None and op not in operations and op != "detokenize":
+                raise NotSupported(f"this engine does not offer {op}")
             else:
                 resp = _handle(engine, req)
             resp.update(ok=True, timings={"compute": time.perf_counter() - t})
