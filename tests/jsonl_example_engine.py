@@ -1,12 +1,16 @@
 """An example engine speaking the JSON-lines protocol of harness/engines/jsonl.py.
 
     python tests/jsonl_example_engine.py --model M.gguf [--backend llama|toy] [--fault MODE] [--fault-op OP]
+                                         [--operations OP,OP,...]
 
 Backends: "llama" wraps mainline llama.cpp through llama-cpp-python (Llama(..., logits_all=True));
 "toy" is a deterministic byte-level stand-in with no dependency (vocab 257: bytes, BOS = 256) so the
 protocol and fault tests run everywhere. Faults, on the first request of --fault-op (default: the first
 request after hello): crash (message on stderr, exit 3 mid-request), hang (sleep), garbage (a
 non-JSON line), error (an "ok": false response; the engine stays usable), wrongid, segv.
+`--operations` limits what the hello declares and what the engine answers (e.g. `generate` for a
+greedy-only engine: the harness then judges its greedy rung only). The toy backend also answers the
+optional `intermediates` op (named per-token tensors, encoded like logits).
 """
 
 from __future__ import annotations
@@ -45,6 +49,11 @@ class Toy:
 
     def next_token(self, ids):
         return int(np.argmax(self.logits(ids)[-1]))
+
+    def intermediates(self, ids, names):
+        """One row per token for every requested name: a deterministic function of the ids and the name."""
+        x = np.asarray(ids, np.float32)[:, None]
+        return {n: np.cos(x * (1 + len(n)) + np.arange(8, dtype=np.float32)).astype(np.float32) for n in names}
 
     def close(self):
         pass
@@ -135,6 +144,11 @@ def handle(backend, req, npy_ok=True):
         if req.get("convention", "llama-perplexity") != "llama-perplexity":
             return {"ok": False, "kind": "not_supported", "error": f"convention {req['convention']}"}
         out = perplexity(backend, req["ids"], req["ctx"])
+    elif op == "intermediates" and hasattr(backend, "intermediates"):
+        tensors = backend.intermediates(req["ids"], req["names"])
+        out = {"tensors": {n: {"shape": list(a.shape), "dtype": "<f4",
+                               "b64": base64.b64encode(np.ascontiguousarray(a, "<f4").tobytes()).decode()}
+                           for n, a in tensors.items()}}
     else:
         return {"ok": False, "kind": "not_supported", "error": f"unknown op {op!r}"}
     out["ok"] = True
@@ -149,6 +163,7 @@ def main():
     ap.add_argument("--fault", choices=("crash", "hang", "garbage", "error", "wrongid", "segv"))
     ap.add_argument("--fault-op")
     ap.add_argument("--pid-file")
+    ap.add_argument("--operations", default=None, help="comma-separated operations to declare and answer")
     a = ap.parse_args()
     if a.pid_file:
         with open(a.pid_file, "w") as f:
@@ -156,6 +171,7 @@ def main():
     out = sys.stdout
     backend = None
     faulted = False
+    ops: list[str] = []
     for line in sys.stdin:
         req = json.loads(line)
         rid, op = req.get("id"), req.get("op")
@@ -171,9 +187,12 @@ def main():
                 out.write(json.dumps({"id": rid, "ok": False, "error": f"cannot load {a.model}: {e}"}) + "\n")
                 out.flush()
                 return 1
+            ops = ["tokenize", "detokenize", "logits", "generate", "perplexity"]
+            ops += ["intermediates"] if hasattr(backend, "intermediates") else []
+            ops = a.operations.split(",") if a.operations else ops
             resp = {"ok": True, "protocol": 1, "name": backend.name, "version": backend.version,
                     "archs": ["bitnet", "llama"], "formats": ["f32", "f16", "tq1_0", "tq2_0"],
-                    "operations": ["tokenize", "detokenize", "logits", "generate", "perplexity"],
+                    "operations": ops,
                     "receipt": {"artifact": backend.artifact, "model": os.path.abspath(a.model), "device": "cpu",
                                 "threads": THREADS}}
         elif a.fault and not faulted and (a.fault_op in (None, op)):
@@ -196,6 +215,8 @@ def main():
                 out.flush()
                 continue
             resp = handle(backend, req)
+        elif op not in ops:
+            resp = {"ok": False, "kind": "not_supported", "error": f"this engine does not offer {op}"}
         else:
             try:
                 resp = handle(backend, req)

@@ -172,9 +172,10 @@ def table(models_dir: Path) -> str:
             legits += v.kind == "legit"
             caught += ok and v.kind == "bug"
             legit_ok += ok and v.kind == "legit"
+            if r.status == "fail" and r.rungs[-1].localization and not loc:
+                loc = "output norm / lm_head"
             rows.append(f"| {fmt} {arch} | {reference} | {v.what} | {expected} | {r.validation.get('mode')} | "
-                        f"{r.status.upper()}{'' if ok else ' (!)'} | {r.failed_rung or '-'} | "
-                        f"{loc or ('output norm / lm_head' if r.status == 'fail' and r.rungs[-1].localization else '-')} |")
+                        f"{r.status.upper()}{'' if ok else ' (!)'} | {r.failed_rung or '-'} | {loc or '-'} |")
     rows.append(f"\nBugs caught: {caught}/{bugs}; legitimate variants failed: {legits - legit_ok}/{legits}.")
     return "\n".join(rows)
 

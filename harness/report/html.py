@@ -225,15 +225,16 @@ def _summary(ordered: list[tuple[int, dict]]) -> str:
             f'<tr class="{" ".join(cls)}" data-status="{e(st)}">'
             f'<td><a href="#{_anchor(i, rec)}">{e(rec.get("case_id", "?"))}</a></td>'
             f"<td>{e(rec.get('sut', ''))}</td><td>{e(rec.get('reference', ''))}</td>"
-            f"<td>{e(rec.get('profile', ''))}</td><td>{status_cell}</td>"
+            f"<td>{e(rec.get('profile', ''))}</td><td>{_mode(rec)}</td><td>{status_cell}</td>"
             f"<td>{e(failed) if failed else '<span class=muted>—</span>'}</td>"
             f"<td>{_check_cell(primary_check(rec))}</td><td>{_baseline_badge(bl)}</td></tr>"
         )
     if not rows:
-        rows.append('<tr><td colspan="8" class="muted">no records</td></tr>')
+        rows.append('<tr><td colspan="9" class="muted">no records</td></tr>')
     return (
         '<section id="summary"><h2>Summary</h2><table class="summary" id="summary-table"><thead><tr>'
-        "<th>case</th><th>SUT</th><th>reference</th><th>profile</th><th>status</th><th>failed rung</th>"
+        "<th>case</th><th>SUT</th><th>reference</th><th>profile</th><th>validation</th><th>status</th>"
+        "<th>failed rung</th>"
         "<th>max |Δ| all positions vs limit</th><th>baseline</th></tr></thead><tbody>"
         + "".join(rows)
         + "</tbody></table></section>"
@@ -256,7 +257,8 @@ def _ladder(rec: dict) -> str:
         fbp = r.get("first_bad_position")
         extra = f' <span class="muted">(first bad position {e(fbp)})</span>' if fbp is not None else ""
         items.append(
-            f'<li class="rung r-{e(st)}"><span class="rn">{e(name)}</span><span class="rs">{e(st)}</span>'
+            f'<li class="rung r-{e(st)}"><span class="rn">{e(name)}</span>'
+            f'<span class="rs">{e(st.replace("_", " "))}</span>'
             f'<span class="rd">{e(detail)}{extra}</span></li>'
         )
     loc = _localization(rec)
@@ -513,6 +515,36 @@ def _kv(d: dict) -> str:
     return f'<table class="kv"><tbody>{rows}</tbody></table>'
 
 
+def _mode(rec: dict) -> str:
+    v = _d(rec.get("validation"))
+    mode = v.get("mode")
+    return (f'<span title="{e(v.get("source", ""))}">{e(mode)}</span>' if mode else '<span class="muted">—</span>')
+
+
+def _validation(rec: dict) -> str:
+    """The validation mode and, in independent mode, the measured noise floor and the rules on it."""
+    v = _d(rec.get("validation"))
+    if not v.get("mode"):
+        return ""
+    out = [f'<h3>Validation</h3><p class="info">mode <b>{e(v.get("mode"))}</b> <span class="muted">'
+           f'({e(v.get("source", ""))})</span></p>']
+    floor = _d(v.get("noise_floor"))
+    if floor:
+        over = _d(floor.get("overall"))
+        rows = [("measured", f"{floor.get('how', '')}" + (" (cached)" if floor.get("cached") else "")),
+                ("tie gap (greedy, top-1)", fmt(floor.get("tie_gap")))]
+        rows += [(f"floor {k}", fmt(x)) for k, x in over.items()]
+        corpus = _d(floor.get("corpus"))
+        rows += [(f"corpus {k}", fmt(x)) for k, x in corpus.items()]
+        rows += [(f"rule {k}", f"x {fmt(r.get('multiplier'))}, absolute {fmt(r.get('absolute'))}: "
+                               f"{r.get('why', '')}") for k, r in _d(floor.get("rules")).items() if isinstance(r, dict)]
+        if floor.get("note"):
+            rows.append(("note", floor["note"]))
+        body = "".join(f"<tr><th>{e(k)}</th><td>{e(x)}</td></tr>" for k, x in rows)
+        out.append(f'<table class="kv"><tbody>{body}</tbody></table>')
+    return "".join(out)
+
+
 def _case(i: int, rec: dict) -> str:
     st, reason = effective_status(rec)
     bl = _d(rec.get("baseline"))
@@ -550,6 +582,7 @@ def _case(i: int, rec: dict) -> str:
         parts.append("<p class='info bad'>the reference itself moved since the baseline: "
                      + ", ".join(e(d) for d in drift) + "</p>")
     parts.append(_ladder(rec))
+    parts.append(_validation(rec))
     parts.append(_metrics(rec))
     parts.append(_plots(rec))
     parts.append(_localization_detail(rec))
@@ -622,7 +655,7 @@ ol.ladder{list-style:none;padding:0;margin:0;display:grid;grid-template-columns:
 .r-pass{background:var(--passbg)}.r-pass .rs{color:var(--pass)}
 .r-fail{background:var(--failbg)}.r-fail .rs{color:var(--fail)}
 .r-error{background:#f9e0e0}.r-error .rs{color:#8e0f0f}
-.r-skip,.r-notrun{background:#f6f8fa;color:var(--muted)}
+.r-skip,.r-notrun,.r-not_supported{background:#f6f8fa;color:var(--muted)}
 .plots{display:flex;flex-wrap:wrap;gap:10px}
 figure{margin:0;border:1px solid var(--line);border-radius:4px;padding:4px}
 figcaption{font-size:12px;color:var(--muted);padding:0 4px}

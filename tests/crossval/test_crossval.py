@@ -21,7 +21,8 @@ def test_crossval(crossval_pair, crossval_run):
     if record.status == "error":
         raise CrossvalError(record.reason)
     # "xfail" (the case's known reference bug showed) fails here too: the case's strict xfail mark expects it
-    assert record.status == "pass", f"failed at rung {record.failed_rung!r}: {record.reason}"
+    mode = record.validation.get("mode", "?")
+    assert record.status == "pass", f"failed at rung {record.failed_rung!r} ({mode} validation): {record.reason}"
     regression = regression_message(record)  # correct, but worse than this platform's baseline
     if regression:
         pytest.fail(regression)
