@@ -74,9 +74,9 @@ RULES: dict[str, Rule] = {
                                        "difference is not measurable on this corpus: the floor's own relative "
                                        "difference is one draw, 2.3e-4..6.7e-3 on the tiny models, SE ~4e-3); "
                                        "legitimate variants measured <= 0.6 of that limit; absolute: AC5 0.1 %"),
-    "node_max_abs": Rule(3.0, 1e-3, "localization, per intermediate tensor (absolute: a fraction of the tensor's "
-                                    "scale): legitimate <= 1.3x the floor's "
-                                    "tensor; a planted bug's first tensor >= 10x"),
+    "node_max_abs": Rule(3.0, 1e-3, "localization after a failed logits rung, per intermediate tensor: the "
+                                    "reference's own distance from the definition there, x3 (the logits' "
+                                    "multipliers); absolute: 1e-3 of the tensor's scale (max |reference|)"),
 }
 # near-tie: the reference's top-two gap within the floor's spread of that gap, i.e. the largest change of the
 # reference's top-two gap from the definition's over the measured positions (its own noise flips such ties).
@@ -198,7 +198,8 @@ def _limit(metric: str, floor_value: float) -> tuple[float, float, Rule]:
 
 def logits_tolerances(floor: NoiseFloor, prompt: int, rung: str, base: Tolerances) -> Tolerances:
     """The independent-mode limits of one logits rung (first_logits or all_logits) for one prompt: each a
-    multiple of the same prompt's floor on the same positions. A command-line max |Δ| still wins."""
+    multiple of the same prompt's floor on the same positions. The case file's and the command line's
+    values (in `base`, sources "case:..." and "cli:...") still win: they are the user's."""
     part = floor.prompts[prompt]["first" if rung == "first_logits" else "all"]
     values: dict[str, Tolerance] = {}
     for metric in ("max_abs", "nmse", "cosine_min", "kl_mean", "kl_max"):
@@ -212,9 +213,9 @@ def logits_tolerances(floor: NoiseFloor, prompt: int, rung: str, base: Tolerance
         "top1_beyond_ties", AC6_GREEDY, ">=", f"independent: >= {AC6_GREEDY:g} of positions agree or are near-ties "
         f"(reference's top-two gap <= {floor.tie_gap:.3g})", "the seed's AC6 bar, per position",
         floor=floor.tie_gap, multiplier=None)
-    cli = base.values.get("max_abs")
-    if cli is not None and cli.source.startswith("cli"):
-        values["max_abs"] = cli
+    for metric, t in base.values.items():
+        if t.source.startswith(("case:", "cli:")):
+            values[metric] = t
     return Tolerances(profile=base.profile, fmt=base.fmt, values=values)
 
 

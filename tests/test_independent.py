@@ -51,7 +51,7 @@ def models_dir(tmp_path_factory):
 def test_default_mode_follows_the_engine():
     assert default_mode("bitnet_ref", "bitnet-cpp") == "bit-exact"
     assert default_mode("bitnet_ref", "llama-cpp") == "bit-exact"
-    assert default_mode("bitnet_ref", "exact") == "independent"  # the definition, not an emulation
+    assert default_mode("bitnet_ref", "exact") == "bit-exact"  # the exact profile's own measured defaults
     assert default_mode("jsonl:./engine", "bitnet-cpp") == "independent"
     assert resolve_mode("jsonl:x", "exact", case_mode="bit-exact", case_file="c.toml") == ("bit-exact", "case:c.toml")
     assert resolve_mode("jsonl:x", "exact", "bit-exact", "independent") == ("independent", "cli:--validation")
@@ -113,12 +113,16 @@ def test_a_planted_bug_fails_and_says_where(models_dir):
     assert "first divergence: ffn_sub_norm-0" in r.reason
 
 
-def test_cli_tolerance_still_wins_in_independent_mode(models_dir):
+def test_cli_and_case_tolerances_still_win_in_independent_mode(models_dir):
     c = case(rungs=["first_logits"])
     r = run_ladder(c, REF, resolve("exact", "i2_s", cli_max_abs=1e-6), models_dir, sut=mutant("float-activations"))
     assert r.status == "fail"
     check = next(ch for ch in r.rungs[-1].checks if ch.metric == "max_abs")
     assert check.limit == 1e-6 and check.source.startswith("cli")
+    c = case(rungs=["first_logits"], tolerances={"kl_max": 1e-9})
+    r = run_ladder(c, REF, resolve("exact", "i2_s", case_overrides=c.tolerances, case_file="c.toml"), models_dir,
+                   sut=mutant("float-activations"))
+    assert r.status == "fail" and "kl_max" in r.reason and "case:c.toml" in r.reason
 
 
 # -- capabilities --------------------------------------------------------------------------------------------
