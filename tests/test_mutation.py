@@ -138,7 +138,8 @@ def check(record, variant: str) -> None:
     assert record.failed_rung == earliest.get(variant, "first_logits"), (record.failed_rung, record.reason)
     loc = record.rungs[-1].localization
     expected = {"silu-relu2-swapped": "ffn_sub_out-0", "sub-norm-skipped": "ffn_sub_norm-0",
-                "rope-normal-pairing": "Qcur-0", "rope-base-off-10pct": "Qcur-0", "attention-scale-1-over-d": "kqv_out-0",
+                "rope-normal-pairing": "Qcur-0", "rope-base-off-10pct": "Qcur-0",
+                "attention-scale-1-over-d": "kqv_out-0",
                 "i2s-other-flavour": "Qcur-0", "tq2-scale-offset": "Qcur-0", "lm-head-row-plus-one": "result_output"}
     if variant in expected:
         assert loc is not None and loc["reproduced"], (record.reason, loc)
