@@ -187,7 +187,7 @@ VARIANTS: dict[str, Variant] = {v.name: v for v in (
     Variant("sub-norm-skipped", "bug", "layer 0's ffn_sub_norm skipped", skip_sub_norm),
     Variant("rope-normal-pairing", "bug", "RoPE pairs (2i, 2i+1) instead of NeoX (i, i+d/2)", rope_normal_pairing),
     Variant("rope-base-off-10pct", "bug", "RoPE base 10% too large", rope_base_off),
-    Variant("kv-position-off-by-one", "bug", "tokens after the prompt get position + 1", kv_position_off_by_one),
+    Variant("kv-position-off-by-one", "bug", "KV position one short after the prompt", kv_position_off_by_one),
     Variant("i2s-other-flavour", "bug", "I2_S read with 64-value (ARM) blocks", i2s_other_flavour,
             formats=("i2_s",)),
     Variant("tq2-scale-offset", "bug", "TQ2_0 block scale read from offset 0", tq2_scale_offset, formats=("tq2_0",)),
