@@ -149,7 +149,10 @@ def check(record, variant: str) -> None:
 
 @pytest.fixture(scope="module")
 def models_dir(tmp_path_factory):
-    return tmp_path_factory.mktemp("mutation-models")
+    yield tmp_path_factory.mktemp("mutation-models")
+    for memo in _REFS.values():  # the shared references, kept open for the module
+        memo.engine.close()
+    _REFS.clear()
 
 
 @pytest.mark.parametrize("fmt,arch,variant", _params())
