@@ -308,6 +308,52 @@ def rung_greedy_tie_aware(case: Case, sut, ref, ids: list[int], floor: NF.NoiseF
                       first_bad_position=int(mismatch_beyond[0]) if mismatch_beyond.size else None)
 
 
+def rung_top1_by_generate(case: Case, sut, ref, prompts: list[list[int]], tie_gap: float,
+                          tol: Tolerances) -> RungResult:
+    """all_logits for an engine without logits: its top-1 at prompt positions, teacher-forced through
+    generate(ids[:k], 1) (one call per position: slow), at most case.teacher_forced_cap positions per prompt,
+    spread evenly. A disagreement where the reference's top two logits are within `tie_gap` (independent
+    mode: the floor's tie gap; bit-exact: 0) is a near-tie."""
+    total = agree = near = 0
+    first_bad = None
+    for i, ids in enumerate(prompts):
+        b = ref.logits(ids)
+        ks = range(1, len(ids) + 1)
+        if len(ids) > case.teacher_forced_cap:
+            ks = sorted({int(k) for k in np.linspace(1, len(ids), case.teacher_forced_cap).round()})
+        for k in ks:
+            got = sut.generate(ids[:k], 1)
+            tok = got[0] if got else -1  # -1: the engine stopped (an end token)
+            row = b[k - 1]
+            top2 = np.sort(row)[-2:]
+            total += 1
+            if tok == int(row.argmax()):
+                agree += 1
+            elif float(top2[1] - top2[0]) <= tie_gap:
+                near += 1
+            elif first_bad is None:
+                first_bad = (i, k - 1, tok, int(row.argmax()), float(top2[1] - top2[0]))
+    metrics = {"positions_checked": float(total), "top1_agreement": agree / total,
+               "near_tie_mismatches": float(near), "top1_beyond_ties": (agree + near) / total}
+    if tie_gap > 0:
+        t = Tolerance("top1_beyond_ties", NF.AC6_GREEDY, ">=", f"independent: >= {NF.AC6_GREEDY:g} of positions agree "
+                      f"or are near-ties (reference's top-two gap <= {tie_gap:.3g})", "AC6, per position",
+                      floor=tie_gap)
+        check = NF.check(t, metrics["top1_beyond_ties"])
+    else:
+        t = tol.values.get("top1_agreement") or Tolerance("top1_agreement", 1.0, ">=", "bit-exact", "")
+        check = NF.check(t, metrics["top1_agreement"])
+    how = f"top-1 only (no logits: teacher-forced through generate, {total} positions)"
+    if check.passed:
+        detail = f"{how}: agreement {metrics['top1_agreement']:.3f}, {near} near-tie mismatches"
+    else:
+        i, pos, tok, top, gap = first_bad if first_bad else (0, 0, None, None, 0.0)
+        detail = (f"{how}: prompt {i} position {pos}: {tok} (sut) vs {top} (reference, top-two gap {gap:.3g}); "
+                  f"{check.metric} {check.value:.3f} against {check.op} {check.limit:g}")
+    return RungResult("all_logits", "pass" if check.passed else "fail", detail, metrics=metrics, checks=[check],
+                      first_bad_position=first_bad[1] if first_bad else None)
+
+
 def rung_perplexity(case: Case, sut, ref, tol: Tolerances, ops=frozenset({"perplexity", "logits"}),
                     ppl_tol: Tolerance | None = None) -> RungResult:
     """Perplexity of the case's corpus (llama-perplexity's convention), from the engine's own perplexity
@@ -423,6 +469,9 @@ def _engine_rungs(case, sut, ref, tol, record, run, n_layers: int, path, models_
                            corpus=case.corpus if "perplexity" in case.rungs else None)
         record.validation["noise_floor"] = NF.describe(floor)
     rungs = [r for r in ("first_logits", "all_logits") if r in case.rungs and not unsupported(r)]
+    if "logits" not in ops and "all_logits" in rungs:  # top-1 only, through generate
+        rungs.remove("all_logits")
+        run(rung_top1_by_generate(case, sut, ref, prompts, floor.tie_gap if floor else 0.0, tol))
     outputs = [(ids, sut.logits(ids), ref.logits(ids)) for ids in prompts] if rungs else []
     if outputs:  # kept in the baseline: a later run tells whether the reference itself moved
         record.reference_topk = topk_of(outputs[0][2])

@@ -127,13 +127,17 @@ def test_cli_and_case_tolerances_still_win_in_independent_mode(models_dir):
 
 # -- capabilities --------------------------------------------------------------------------------------------
 def test_a_greedy_only_engine_gets_a_verdict_from_its_greedy_rung(models_dir):
-    c = case(corpus=str(CASES_DIR / "corpus" / "small.txt"),
+    c = case(corpus=str(CASES_DIR / "corpus" / "small.txt"), teacher_forced_cap=10,
              rungs=["tokens", "first_logits", "all_logits", "greedy", "perplexity"])
     r = ladder(c, mutant("float-activations", "generate"), models_dir)
     assert r.status == "pass", r.reason
     status = {x.rung: x.status for x in r.rungs}
-    assert status == {"tokens": "not_supported", "first_logits": "not_supported", "all_logits": "not_supported",
+    assert status == {"tokens": "not_supported", "first_logits": "not_supported", "all_logits": "pass",
                       "greedy": "pass", "perplexity": "not_supported"}
+    top1 = next(x for x in r.rungs if x.rung == "all_logits")
+    assert "teacher-forced through generate" in top1.detail and top1.metrics["positions_checked"] == 10  # the cap
+    broken = ladder(case(rungs=["all_logits"]), mutant("sub-norm-skipped", "generate"), models_dir)
+    assert broken.status == "fail" and broken.failed_rung == "all_logits" and "top-two gap" in broken.reason
     bug = ladder(case(greedy_tokens=32), mutant("kv-position-off-by-one", "generate"), models_dir)
     assert bug.status == "fail" and bug.failed_rung == "greedy", bug.reason
     assert "beyond the tie gap" in bug.reason
@@ -151,7 +155,7 @@ def test_logits_only_engine_gets_greedy_and_perplexity_from_logits(models_dir):
 
 
 def test_nothing_to_compare_is_an_error(models_dir):
-    r = ladder(case(), mutant("float-activations", "detokenize"), models_dir)
+    r = ladder(case(), mutant("float-activations", "detokenize"), models_dir)  # neither logits nor generate
     assert r.status == "error" and "nothing to compare" in r.reason
     assert all(x.status == "not_supported" for x in r.rungs)
 
