@@ -87,3 +87,26 @@ def test_synth_command_and_console_script(tmp_path):
 def test_synth_refuses_a_format_the_preset_cannot_hold(tmp_path, capsys):
     assert main(["synth", "--format", "tl2", "-o", str(tmp_path)]) == 2
     assert "cannot be stored as tl2" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("fmt, arch, profile", [("i2_s", "bitnet-b1.58", "bitnet-cpp"), ("tq2_0", "bitnet", "llama-cpp"),
+                                                ("f32", "bitnet", "exact")])
+def test_run_defaults_to_the_profile_of_the_files_reference(tmp_path, capsys, fmt, arch, profile):
+    from bitnet_ref.synth import SynthSpec, synthesize
+
+    path = synthesize(SynthSpec(preset="tiny", arch=arch, format=fmt), tmp_path)
+    assert main(["run", "--model", str(path), "--prompt", "Hello", "-n", "2", "--format", "json"]) == 0
+    out, err = capsys.readouterr()
+    assert json.loads(out)["receipt"]["profile"] == profile
+    assert f"run: profile {profile} (the file's projections are {fmt.upper()}" in err
+    assert main(["run", "--model", str(path), "--prompt", "Hello", "-n", "2", "--format", "json",
+                 "--profile", "exact"]) == 0
+    out, err = capsys.readouterr()
+    assert json.loads(out)["receipt"]["profile"] == "exact" and "profile" not in err
+
+
+def test_help_texts_are_whole_sentences():
+    from harness.cli import build_parser
+
+    text = build_parser().format_help()
+    assert "explains each command." in text and "offers\n" not in text
