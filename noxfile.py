@@ -53,7 +53,9 @@ def crossval(session: nox.Session) -> None:
     writes the HTML report and the JSON records. Extra args go to pytest (e.g. -k tl2 --tolerance=1e-4)."""
     _install(session)
     report = os.path.join("out", "crossval", "report.html")
-    session.run("pytest", "-q", "-rsx", "tests/crossval", f"--report-html={report}", *session.posargs)
+    history = os.path.join("out", "history")
+    session.run("pytest", "-q", "-rsx", "tests/crossval", f"--report-html={report}", f"--history={history}",
+                *session.posargs)
     session.log(f"report: {os.path.abspath(report)}")
 
 

@@ -64,6 +64,8 @@ def pytest_addoption(parser) -> None:
     g.addoption("--report-html", default=None, help="write the HTML regression report here")
     g.addoption("--records", default=None, help="directory for the JSON records (default: beside the report)")
     g.addoption("--cases", action="append", default=None, help="case file (repeatable; default: cases/*.toml)")
+    g.addoption("--history", default=None,
+                help="append this run's records to a history directory (bitnet-xval history DIR shows the trends)")
     g.addoption("--min-comparisons", type=int, default=0,
                 help="fail the session when fewer cross-validations than this compared anything (CI: a job whose "
                      "every case skipped must not pass)")
@@ -84,6 +86,8 @@ def pytest_configure(config) -> None:
     report = config.getoption("--report-html")
     if records is None and report is not None:
         records = str(Path(report).with_suffix("")) + "-records"
+    if records is None and config.getoption("--history") is not None:
+        records = tempfile.mkdtemp(prefix="crossval-records-")
     config._crossval_records = Path(records) if records else None
     if config._crossval_records and not hasattr(config, "workerinput"):
         _clear_records(config._crossval_records)  # controller only, before any worker writes
@@ -274,17 +278,25 @@ def pytest_sessionfinish(session, exitstatus) -> None:
             tr.write_line(f"crossval: {len(_COMPARED)} cross-validations compared anything, fewer than "
                           f"--min-comparisons={wanted}: the run fails (nothing ran is not a pass)", red=True)
         session.exitstatus = pytest.ExitCode.TESTS_FAILED
-    report = config.getoption("--report-html")
-    if report is None or hasattr(config, "workerinput") or config._crossval_records is None:
+    report, history = config.getoption("--report-html"), config.getoption("--history")
+    if hasattr(config, "workerinput") or config._crossval_records is None:
         return
     from .records import read_records
     from .report import write_report
 
     records = read_records(config._crossval_records) if config._crossval_records.is_dir() else []
-    path = write_report(records, report)
     tr = config.pluginmanager.get_plugin("terminalreporter")
-    if tr is not None:
-        tr.write_line(f"crossval report: {Path(path).resolve()} ({len(records)} records)")
+    if history is not None and records:
+        from . import history as H
+
+        run = H.append_run(history, records)
+        H.write_html(history)
+        if tr is not None:
+            tr.write_line(f"crossval history: {Path(history).resolve()} (run {run}; bitnet-xval history {history})")
+    if report is not None:
+        path = write_report(records, report, history=history)
+        if tr is not None:
+            tr.write_line(f"crossval report: {Path(path).resolve()} ({len(records)} records)")
 
 
 # -- runs that must not pass by comparing nothing ------------------------------------------------------

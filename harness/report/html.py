@@ -545,14 +545,16 @@ def _validation(rec: dict) -> str:
     return "".join(out)
 
 
-def _case(i: int, rec: dict) -> str:
+def _case(i: int, rec: dict, history_href: str | None = None) -> str:
     st, reason = effective_status(rec)
     bl = _d(rec.get("baseline"))
+    anchor = f"{rec.get('case_id', '')}--{rec.get('reference', '')}"
     head = (
         f'<summary><span class="ctitle">{e(rec.get("case_id", "?"))}</span> '
         f'<span class="muted">{e(rec.get("sut", ""))} vs {e(rec.get("reference", ""))} · '
         f"profile {e(rec.get('profile', ''))}</span> {_badge(st, reason, long=True)}"
         + (' <span class="badge bl-regression">REGRESSION</span>' if is_regression(rec) else "")
+        + (f' <a class="history" href="{e(history_href)}#{e(anchor)}">history</a>' if history_href else "")
         + "</summary>"
     )
     parts = []
@@ -636,6 +638,7 @@ border:1px solid transparent}
 .why{font-size:12px;color:#5a1a16;margin-top:2px}
 .num{font-variant-numeric:tabular-nums;font-family:ui-monospace,"DejaVu Sans Mono",monospace;font-size:12.5px}
 .ok{color:var(--pass);font-weight:600}.bad{color:var(--fail);font-weight:600}.muted{color:var(--muted)}
+.history{font-size:12px;margin-left:6px}
 .drift{border-left:3px solid var(--fail);padding:4px 8px;margin:6px 0}
 .toolbar{margin:18px 0 6px;display:flex;gap:8px;align-items:center}
 .toolbar button{font:inherit;font-size:12px;padding:3px 10px;
@@ -694,8 +697,10 @@ def render_html(
     title: str,
     generated_at: str | None = None,
     environment: dict | None = None,
+    history_href: str | None = None,
 ) -> str:
-    """The report as one self-contained HTML document (str)."""
+    """The report as one self-contained HTML document (str); `history_href` links each case to its charts in
+    a history page (harness/history.py)."""
     records = [r for r in records if isinstance(r, dict)]
     if generated_at is None:
         generated_at = _dt.datetime.now(_dt.timezone.utc).strftime("%Y-%m-%d %H:%M:%S UTC")
@@ -707,7 +712,7 @@ def render_html(
         '<div class="toolbar"><h2 style="margin:0">Cases</h2>'
         '<button type="button" onclick="setAll(true)">expand all</button>'
         '<button type="button" onclick="setAll(false)">collapse all</button></div>',
-        "".join(_case(i, rec) for i, rec in ordered),
+        "".join(_case(i, rec, history_href) for i, rec in ordered),
         "<h2>Environment of the report</h2>" + _kv(env or _default_environment()),
         f"<footer>bitnet-crossval report · record schema {RECORD_SCHEMA} · {len(records)} records</footer>",
     ]
@@ -726,8 +731,10 @@ def write_report(
     title: str = "bitnet-crossval report",
     generated_at: str | None = None,
     environment: dict | None = None,
+    history: str | os.PathLike | None = None,
 ) -> Path:
-    """Write the HTML report to `path` and every record combined to `<stem>.json` beside it.
+    """Write the HTML report to `path` and every record combined to `<stem>.json` beside it; with `history`
+    (a history directory) each case links to its charts in `<history>/history.html`.
 
     Both writes are atomic (temp file in the same directory, then os.replace). Returns the HTML path.
     """
@@ -736,7 +743,10 @@ def write_report(
         raise ValueError(f"{path}: the report is HTML; the combined records go to <name>.json beside it")
     if generated_at is None:
         generated_at = _dt.datetime.now(_dt.timezone.utc).strftime("%Y-%m-%d %H:%M:%S UTC")
-    html = render_html(records, title, generated_at=generated_at, environment=environment)
+    href = None
+    if history is not None:
+        href = os.path.relpath(Path(history).resolve() / "history.html", path.resolve().parent)
+    html = render_html(records, title, generated_at=generated_at, environment=environment, history_href=href)
     doc = {
         "schema_version": RECORD_SCHEMA,
         "title": title,
