@@ -18,7 +18,7 @@ WORKFLOW = ROOT / ".github" / "workflows" / "crossval.yml"
 # (no TL1 job: its kernels are ARM-only, and no reference runs it on the x86 runners)
 FORMATS = {"tq1_0": "-m tq1", "tq2_0": "-m tq2", "i2_s": "-m i2s", "tl2": "-m tl2", "f16": "-k f16"}
 PINS = {"actions/checkout": "v4", "actions/setup-python": "v5", "actions/cache": "v4",
-        "actions/cache/restore": "v4", "actions/upload-artifact": "v4"}
+        "actions/cache/restore": "v4", "actions/upload-artifact": "v4", "actions/download-artifact": "v4"}
 
 
 @pytest.fixture(scope="module")
@@ -49,7 +49,7 @@ def readme_test_command() -> str:
 def test_triggers_and_jobs(wf):
     on = wf.get("on", wf.get(True))  # YAML 1.1 reads a bare `on` key as true
     assert "push" in on and "pull_request" in on
-    assert set(wf["jobs"]) == {"references", "tests", "crossval", "real-model"}
+    assert set(wf["jobs"]) == {"references", "tests", "crossval", "real-model", "merge"}
     assert wf["permissions"] == {"contents": "read"}
 
 
@@ -129,6 +129,14 @@ def test_references_are_built_by_the_project_and_required(wf):
         assert restore["with"]["key"] == REF_KEY and restore["with"]["fail-on-cache-miss"] is True
     for name in ("tests", "crossval"):  # a skip for want of a reference fails these jobs
         assert "BITNET_XVAL_REQUIRE=BITNET_CPP_DIR,BITNET_CPP_TL2_DIR" in "\n".join(runs(wf["jobs"][name]))
+
+
+def test_matrix_records_merge_into_one_report(wf):
+    job = wf["jobs"]["merge"]
+    assert job["needs"] == "crossval" and job["if"] == "always()"
+    (down,) = uses(job, "actions/download-artifact")
+    assert down["with"]["pattern"] == "crossval-*"
+    assert "bitnet-xval report reports/crossval-*/records" in "\n".join(runs(job))
 
 
 def test_report_and_records_uploaded_always(wf):
