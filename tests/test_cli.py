@@ -110,3 +110,28 @@ def test_help_texts_are_whole_sentences():
 
     text = build_parser().format_help()
     assert "explains each command." in text and "offers\n" not in text
+
+
+@pytest.mark.llama_cpp
+def test_score_against_the_reference_impl(tmp_path, capsys):
+    """`score --reference-impl`: the llama-cpp profile is within AC5 of mainline (exit 0) and not
+    distinguishable; the exact profile (float activations, no Q8_K) is outside it on this TQ2_0 model (exit 1);
+    both as the JSON says."""
+    pytest.importorskip("llama_cpp", reason="llama-cpp-python (mainline llama.cpp) is not installed")
+    from pathlib import Path
+
+    from bitnet_ref.synth import SynthSpec, synthesize
+
+    model = synthesize(SynthSpec(preset="tiny", arch="bitnet", format="tq2_0"), tmp_path)
+    corpus = Path(__file__).parents[1] / "cases" / "corpus" / "small.txt"
+    args = ["score", "--model", str(model), "--file", str(corpus), "--ctx", "64", "--format", "json"]
+    assert main(args + ["--reference-impl", "cpp"]) == 0
+    c = json.loads(capsys.readouterr().out)["comparison"]
+    assert c["reference"] == "llama_cpp" and c["ppl_rel_diff"] <= 1e-6 and c["within_limit"]
+    assert c["paired"]["distinguishable_95"] == 0.0 and c["reference_receipt"]["engine"] == "llama.cpp"
+    assert main(args + ["--reference-impl", "llama_cpp", "--profile", "exact"]) == 1
+    c = json.loads(capsys.readouterr().out)["comparison"]
+    assert c["ppl_rel_diff"] > 1e-3 and not c["within_limit"] and c["paired"]["nll_mean_diff"] != 0
+    assert c["verdict"].startswith(("distinguishable", "not distinguishable"))  # 217 tokens: either may hold
+    assert main(args + ["--reference-impl", "no_such_engine"]) == 2
+    assert "unknown engine" in capsys.readouterr().err
