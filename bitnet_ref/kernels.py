@@ -31,12 +31,13 @@ import numpy as np
 from .formats.activations import QK_K
 from .formats.activations import quantize_i8_s as _np_quantize_i8_s
 from .formats.activations import quantize_q8_k_blocks as _np_quantize_q8_k_blocks
+from .formats.i2s import QK_I2_S
+from .formats.tq import TQ1_0, TQ2_0
+from .ggml_ref import _i2s_raw_int16, _tq_lanes_numpy, f16_gemm_ggml, tq_dot_q8_k_ggml, vec_dot_f16_ggml
 
 log = logging.getLogger(__name__)
 
-QK_I2_S = 128
-TQ1_0, TQ2_0 = 34, 35
-TQ_BLOCK_BYTES = {TQ1_0: 54, TQ2_0: 66}
+TQ_FORMATS = {f.type_id: f for f in (TQ1_0, TQ2_0)}  # type id -> format (block bytes, unpacking)
 
 _state: dict = {}
 
@@ -209,8 +210,6 @@ def i2s_raw(q: np.ndarray, packed, rows: int, wrap16: bool = False) -> np.ndarra
     w = _packed_u8(packed, rows * k // 4, "i2s_raw")
     mod = _load()
     if mod is None:
-        from .model import _i2s_raw_int16
-
         codes = _i2s_codes_numpy(w, rows, k).astype(np.int16)
         if wrap16:
             return _i2s_raw_int16(q, codes).astype(np.int32)
@@ -224,8 +223,9 @@ def i2s_raw(q: np.ndarray, packed, rows: int, wrap16: bool = False) -> np.ndarra
 
 def _tq_args(type_id: int, q, packed, rows: int, what: str) -> tuple[np.ndarray, np.ndarray, int, int]:
     """A TQ product's checked inputs: q int8 (T, K) contiguous, the packed block bytes, K and K/256."""
-    if type_id not in TQ_BLOCK_BYTES:
-        raise ValueError(f"{what}: type {type_id} is not TQ1_0 (34) or TQ2_0 (35)")
+    fmt = TQ_FORMATS.get(type_id)
+    if fmt is None:
+        raise ValueError(f"{what}: type {type_id} is not TQ1_0 ({TQ1_0.type_id}) or TQ2_0 ({TQ2_0.type_id})")
     q = np.ascontiguousarray(q, dtype=np.int8)
     if q.ndim != 2:
         raise ValueError(f"{what}: q must be (T, K), got shape {q.shape}")
@@ -233,14 +233,11 @@ def _tq_args(type_id: int, q, packed, rows: int, what: str) -> tuple[np.ndarray,
     if k % QK_K:
         raise ValueError(f"{what}: K={k} is not a multiple of the {QK_K}-value block")
     nb = k // QK_K
-    return q, _packed_u8(packed, rows * nb * TQ_BLOCK_BYTES[type_id], what), k, nb
+    return q, _packed_u8(packed, fmt.nbytes((rows, k)), what), k, nb
 
 
 def _tq_unpack(type_id: int, w: np.ndarray, rows: int, k: int):
-    from .formats.tq import TQ1_0 as F1
-    from .formats.tq import TQ2_0 as F2
-
-    return (F1 if type_id == TQ1_0 else F2).unpack(w, (rows, k))
+    return TQ_FORMATS[type_id].unpack(w, (rows, k))
 
 
 def tq_lanes(type_id: int, q: np.ndarray, packed, rows: int) -> np.ndarray:
@@ -249,8 +246,6 @@ def tq_lanes(type_id: int, q: np.ndarray, packed, rows: int) -> np.ndarray:
     q, w, k, nb = _tq_args(type_id, q, packed, rows, "tq_lanes")
     mod = _load()
     if mod is None:
-        from .model import _tq_lanes_numpy
-
         return _tq_lanes_numpy(q, _tq_unpack(type_id, w, rows, k).values).astype(np.int32)
     out = np.empty((q.shape[0], rows, nb, 8), np.int32)
     rc = mod.lib.bk_tq_lanes(type_id, _ptr(mod, "int8_t[]", q), q.shape[0], k, _ptr(mod, "uint8_t[]", w), rows,
@@ -261,7 +256,7 @@ def tq_lanes(type_id: int, q: np.ndarray, packed, rows: int) -> np.ndarray:
 
 def tq_dot(type_id: int, q: np.ndarray, dy: np.ndarray, packed, rows: int) -> np.ndarray:
     """ggml's x86 TQ1_0/TQ2_0 x Q8_K dot for every (token, row): float32 (T, rows), bit for bit
-    `model.tq_dot_q8_k_ggml` (the lanes of `tq_lanes`, ggml's FMA epilogue with the blocks' f16 scales, and
+    `ggml_ref.tq_dot_q8_k_ggml` (the lanes of `tq_lanes`, ggml's FMA epilogue with the blocks' f16 scales, and
     hsum_float_8). q int8 (T, K) and dy float32 (T, K/256): the Q8_K activations; packed: the block bytes."""
     q, w, k, nb = _tq_args(type_id, q, packed, rows, "tq_dot")
     t = q.shape[0]
@@ -270,8 +265,6 @@ def tq_dot(type_id: int, q: np.ndarray, dy: np.ndarray, packed, rows: int) -> np
         raise ValueError(f"tq_dot: dy must be ({t}, {nb}), got {dy.shape}")
     mod = _load()
     if mod is None:
-        from .model import tq_dot_q8_k_ggml
-
         tern = _tq_unpack(type_id, w, rows, k)
         return tq_dot_q8_k_ggml(q, dy, tern.values, np.asarray(tern.scale, dtype=np.float32))
     out = np.empty((t, rows), np.float32)
@@ -289,8 +282,8 @@ def f16_matmul(x, w, rows: int, mode: str) -> np.ndarray:
     """F16 rows times float32 activations in ggml's float32 order: float32 (T, rows).
 
     x (T, K) float32; w: the little-endian f16 bytes (uint8, e.g. a view of the mapped file) or a float16
-    array of a (rows, K) tensor, read in place. mode "vec_dot": `model.vec_dot_f16_ggml` (x must hold f16
-    values: round it first); "gemm": `model.f16_gemm_ggml` (K % 16 == 0). Bit-identical to those functions;
+    array of a (rows, K) tensor, read in place. mode "vec_dot": `ggml_ref.vec_dot_f16_ggml` (x must hold f16
+    values: round it first); "gemm": `ggml_ref.f16_gemm_ggml` (K % 16 == 0). Bit-identical to those functions;
     they compute it when the native kernels are unavailable."""
     if mode not in F16_MODES:
         raise ValueError(f"f16_matmul: mode {mode!r} is not one of {sorted(F16_MODES)}")
@@ -306,8 +299,6 @@ def f16_matmul(x, w, rows: int, mode: str) -> np.ndarray:
     wb = _packed_u8(wa, rows * k * 2, "f16_matmul")
     mod = _load()
     if mod is None:
-        from .model import f16_gemm_ggml, vec_dot_f16_ggml
-
         rows_f16 = wb.view(np.float16).reshape(rows, k)
         if mode == "gemm":
             return f16_gemm_ggml(a, rows_f16.astype(np.float32))

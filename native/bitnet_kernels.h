@@ -1,6 +1,6 @@
 /* bitnet-crossval native kernels: integer-exact / bit-defined pieces of the BitNet b1.58 forward.
  *
- * Everything here returns what the numpy reference (bitnet_ref/model.py) computes bit for bit: the activation
+ * Everything here returns what the numpy reference (bitnet_ref/ggml_ref.py, model.py) computes bit for bit: the activation
  * quantizers (bitnet.cpp's quantize_row_i8_s, ggml's quantize_row_q8_K_ref), ternary x int8 products as exact
  * int32 sums, and the float parts whose order is ggml's and is written out here operation for operation: the
  * TQ x Q8_K dot's epilogue, the F16 lm_head, the f16-cache attention and a whole bitnet-cpp decoder layer.

@@ -32,7 +32,7 @@
 #define BK_AVX512 __attribute__((target("avx512f")))
 #endif
 
-/* ggml's expf constants, as model.py's _EXPF_C */
+/* ggml's expf constants, as ggml_ref.py's _EXPF_C */
 #define EXP_LOG2E 0x1.715476p+0f
 #define EXP_LN2_HI 0x1.62e4p-1f
 #define EXP_LN2_LO 0x1.7f7d1cp-20f
@@ -51,7 +51,7 @@
 /* x rounded to the nearest f16 value (ties to even), as numpy's astype(float16) */
 static float round_f16(float x) { return bk_f16_bits_to_f32(bk_f32_to_f16_bits(x)); }
 
-/* model.py's ggml_expf, one value */
+/* ggml_ref.py's ggml_expf, one value */
 static float expf_ggml(float x) {
     float n = fmaf(x, EXP_LOG2E, EXP_SHIFT) - EXP_SHIFT;
     float b = fmaf(-n, EXP_LN2_LO, fmaf(-n, EXP_LN2_HI, x));

@@ -233,7 +233,7 @@ static int project(scratch_t *sc, const bk_layer *L, int p, int64_t t, int64_t k
 }
 
 /* NeoX RoPE on the rows [i0, i1) of (t, heads, d): pairs (j, j + d/2), fma(x0, c, -(x1*s)) and fma(x0, s, x1*c)
- * (ggml's contracted rotation, model.py's _fma: one rounding each) */
+ * (ggml's contracted rotation, ggml_ref.py's _fma: one rounding each) */
 typedef struct {
     float *x;
     int64_t heads, d;

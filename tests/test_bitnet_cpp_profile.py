@@ -12,7 +12,8 @@ import numpy as np
 import pytest
 
 from bitnet_ref.formats.activations import quantize_i8_s
-from bitnet_ref.model import Model, _rms, i2s_dot_i8_s_ggml
+from bitnet_ref.ggml_ref import i2s_dot_i8_s_ggml
+from bitnet_ref.model import Model, _rms
 from bitnet_ref.synth import SynthSpec, synthesize
 from harness.engines.base import ReferenceUnavailable
 from harness.engines.discovery import find_build

@@ -1,4 +1,4 @@
-"""model._fma (and _add_f32, which it and the float32 FMA accumulators use) against an exact reference: a float32
+"""ggml_ref._fma (and _add_f32, which it and the float32 FMA accumulators use) against an exact reference: a float32
 fused multiply-add rounded once, as ggml's FMAs (fmaf, vfmadd*ps) compute it.
 
 The reference is `fractions.Fraction` arithmetic rounded to float32 by hand (nearest, ties to even, subnormals,
@@ -17,7 +17,7 @@ from fractions import Fraction
 import numpy as np
 import pytest
 
-from bitnet_ref.model import _add_f32, _fma
+from bitnet_ref.ggml_ref import _add_f32, _fma
 
 pytestmark = [pytest.mark.filterwarnings("ignore:overflow encountered:RuntimeWarning"),
               pytest.mark.filterwarnings("ignore:invalid value encountered:RuntimeWarning")]

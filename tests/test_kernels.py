@@ -21,20 +21,21 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from bitnet_ref import kernels
+from bitnet_ref import ggml_ref, kernels
 from bitnet_ref import model as model_module
 from bitnet_ref.formats.activations import quantize_i8_s, quantize_q8_k_blocks
 from bitnet_ref.formats.i2s import I2S_X86
 from bitnet_ref.formats.tq import TQ1_0, TQ2_0
-from bitnet_ref.model import (
-    Model,
+from bitnet_ref.ggml_ref import (
     _i2s_epilogue,
+    _i2s_raw_int16,
     _tq_epilogue,
     f16_gemm_ggml,
     i2s_dot_i8_s_ggml,
     tq_dot_q8_k_ggml,
     vec_dot_f16_ggml,
 )
+from bitnet_ref.model import Model
 from bitnet_ref.numerics import get_profile
 from bitnet_ref.synth import SynthSpec, synthesize
 
@@ -247,8 +248,6 @@ def test_i2s_extremes_exact_and_wrap(isa):
         raw = kernels.i2s_raw(q, packed, 3)
         assert (raw == 2 * val * k).all()
         codes = values.astype(np.int16) + 1
-        from bitnet_ref.model import _i2s_raw_int16
-
         assert same_bits(kernels.i2s_raw(q, packed, 3, wrap16=True), _i2s_raw_int16(q, codes).astype(np.int32))
     q = np.full((1, k), 127, np.int8)
     wrapped = kernels.i2s_raw(q, packed, 3, wrap16=True)
@@ -596,7 +595,7 @@ def test_attention_f16_sgemm_rounds_once():
         q = (rng.standard_normal((t, kvh * g, d)) * 12).astype(np.float32)
         kc = rng.standard_normal((s_len, kvh, d)).astype(np.float16)
         vc = rng.standard_normal((s_len, kvh, d)).astype(np.float16)
-        with mock.patch.object(model_module, "_fma", spy):
+        with mock.patch.object(model_module, "_fma", spy), mock.patch.object(ggml_ref, "_fma", spy):
             want = attention_numpy(q, kc, vc, s_len, 4096)
         for isa, got in attention_every_isa(q, kc, vc, s_len, 4096):
             assert same_bits(got, want), (isa, seed)

@@ -18,6 +18,8 @@ from ..gguf.types import I2_S, i2s_nbytes
 from .base import Ternary, WeightFormat, check_ternary
 
 TAIL = 32
+QK_I2_S = 128  # values per block of the x86 flavour (ACT_PARALLEL): the layout bitnet.cpp's x86 kernels read
+QK_I2_S_ARM = 64
 # quantize_i2_s maps any |w| >= this to +-1 (everything else to 0) and stores max|w| as the scale
 NONZERO_THRESHOLD = 1e-6
 
@@ -73,5 +75,5 @@ class I2SFormat(WeightFormat):
         return self.unpack(data, shape).dequantize()
 
 
-I2S_X86 = I2SFormat("i2_s", 128)
-I2S_ARM = I2SFormat("i2_s_arm", 64)
+I2S_X86 = I2SFormat("i2_s", QK_I2_S)
+I2S_ARM = I2SFormat("i2_s_arm", QK_I2_S_ARM)
