@@ -319,8 +319,113 @@ def _has_symbol(handle, name: str) -> bool:
         return False
 
 
+class _MainlineApi:
+    """What differs in mainline llama.cpp's API (2025-): one small object per generation, so the adapter
+    asks it instead of testing the generation everywhere."""
+
+    name = MAINLINE
+    symbols = MAINLINE_SYMBOLS
+    cdef = _CDEF_MAINLINE
+    profile = "llama-cpp"
+    archs = ("bitnet",)
+    formats = ("f32", "f16", "tq1_0", "tq2_0")
+    default_kv = "f32"
+    v_cache_f16_only = False
+
+    @staticmethod
+    def load_model(lib, path: bytes, mp):
+        mp.load_mode = 0  # LLAMA_LOAD_MODE_NONE: read, no mmap
+        return lib.llama_model_load_from_file(path, mp)
+
+    @staticmethod
+    def vocab(lib, model):
+        vocab = lib.llama_model_get_vocab(model)
+        return vocab, int(lib.llama_vocab_n_tokens(vocab))
+
+    @staticmethod
+    def n_ctx_train(lib, model) -> int:
+        return int(lib.llama_model_n_ctx_train(model))
+
+    @staticmethod
+    def new_context(lib, model, cp):
+        cp.flash_attn_type = 0  # LLAMA_FLASH_ATTN_TYPE_DISABLED
+        return lib.llama_init_from_model(model, cp)
+
+    @staticmethod
+    def free_model(lib, model) -> None:
+        lib.llama_model_free(model)
+
+    @staticmethod
+    def clear(lib, ctx) -> None:
+        lib.llama_memory_clear(lib.llama_get_memory(ctx), True)
+
+    @staticmethod
+    def batch(lib, ffi, toks, n: int, pos0: int):
+        """A batch of n tokens at positions pos0..; returns (batch, what must stay alive with it)."""
+        batch = lib.llama_batch_get_one(toks, n)
+        pos = ffi.new("llama_pos[]", list(range(pos0, pos0 + n)))
+        batch.pos = pos
+        return batch, pos
+
+    @staticmethod
+    def is_eog(lib, vocab, model, tok: int) -> bool:
+        return bool(lib.llama_vocab_is_eog(vocab, tok))
+
+
+class _ForkApi:
+    """bitnet.cpp's fork (llama.cpp of 2024): its own names, and a V cache that must be f16 without flash
+    attention."""
+
+    name = FORK
+    symbols = FORK_SYMBOLS
+    cdef = _CDEF_FORK
+    profile = "bitnet-cpp"
+    archs = ("bitnet-b1.58",)
+    formats = ("f32", "f16", "i2_s", "tl1", "tl2")
+    default_kv = "f16"
+    v_cache_f16_only = True
+
+    @staticmethod
+    def load_model(lib, path: bytes, mp):
+        mp.use_mmap = False
+        return lib.llama_load_model_from_file(path, mp)
+
+    @staticmethod
+    def vocab(lib, model):
+        return model, int(lib.llama_n_vocab(model))
+
+    @staticmethod
+    def n_ctx_train(lib, model) -> int:
+        return int(lib.llama_n_ctx_train(model))
+
+    @staticmethod
+    def new_context(lib, model, cp):
+        cp.flash_attn = False
+        cp.logits_all = False  # each batch says which tokens' logits it wants
+        return lib.llama_new_context_with_model(model, cp)
+
+    @staticmethod
+    def free_model(lib, model) -> None:
+        lib.llama_free_model(model)
+
+    @staticmethod
+    def clear(lib, ctx) -> None:
+        lib.llama_kv_cache_clear(ctx)
+
+    @staticmethod
+    def batch(lib, ffi, toks, n: int, pos0: int):
+        return lib.llama_batch_get_one(toks, n, pos0, 0), None
+
+    @staticmethod
+    def is_eog(lib, vocab, model, tok: int) -> bool:
+        return bool(lib.llama_token_is_eog(model, tok))
+
+
+APIS = (_MainlineApi, _ForkApi)
+
+
 class _Library:
-    """One loaded libllama (per path, per process): its generation, its cffi handle, its log tail."""
+    """One loaded libllama (per path, per process): its API generation (`api`), its cffi handle, its log tail."""
 
     _loaded: dict[str, _Library] = {}
     _lock = threading.Lock()
@@ -346,19 +451,16 @@ class _Library:
             probe = ctypes.CDLL(str(path), mode=flags)
         except OSError as e:
             raise EngineError(f"cannot load {path} (from {variable}): {e}") from e
-        missing_main = _missing(MAINLINE_SYMBOLS, probe)
-        missing_fork = _missing(FORK_SYMBOLS, probe)
-        if not missing_main:
-            self.generation, cdef = MAINLINE, _CDEF_MAINLINE
-        elif not missing_fork:
-            self.generation, cdef = FORK, _CDEF_FORK
-        else:
+        missing = {api: _missing(api.symbols, probe) for api in APIS}
+        self.api = next((api for api in APIS if not missing[api]), None)
+        if self.api is None:
             raise EngineError(f"{path} (from {variable}) is not a libllama of a known API generation: "
-                              f"mainline needs {', '.join(missing_main)}; bitnet.cpp's fork needs "
-                              f"{', '.join(missing_fork)}")
+                              f"mainline needs {', '.join(missing[_MainlineApi])}; bitnet.cpp's fork needs "
+                              f"{', '.join(missing[_ForkApi])}")
+        self.generation = self.api.name
         self._probe = probe
         self.ffi = cffi.FFI()
-        self.ffi.cdef(cdef)
+        self.ffi.cdef(self.api.cdef)
         self.lib = self.ffi.dlopen(str(path), flags)
         self.log_lines: collections.deque[str] = collections.deque(maxlen=40)
         self._partial = ""
@@ -456,21 +558,21 @@ class LlamaLibEngine(Engine):
         if not self.model_path.is_file():
             raise EngineError(f"model {self.model_path} does not exist")
         self.L = L = _Library.get(Path(library), variable)
-        self.generation = L.generation
+        self.generation, self.api = L.generation, L.api
         self.threads = threads or kernels.threads()
         # KV cache: f32 where the library allows. The fork refuses a non-f16 V cache without flash
         # attention, so there the default is f16/f16 (what bitnet.cpp's own tools use) and "f32" means
         # an f32 K cache with an f16 V cache.
-        kv_type = kv_type or ("f16" if L.generation == FORK else "f32")
+        kv_type = kv_type or L.api.default_kv
         if kv_type not in ("f32", "f16"):
             raise EngineError(f"kv_type must be 'f32' or 'f16', got {kv_type!r}")
         k = GGML_TYPE_F32 if kv_type == "f32" else GGML_TYPE_F16
-        self.kv_types = (k, GGML_TYPE_F16 if L.generation == FORK else k)
+        self.kv_types = (k, GGML_TYPE_F16 if L.api.v_cache_f16_only else k)
         self._n_ctx, self._n_batch, self._n_ubatch = n_ctx, n_batch, n_ubatch
         self.receipt = Receipt(engine=name, version=f"{L.generation} {L.version}; {L.system_info}",
                                model=str(self.model_path), model_sha256=file_sha256(self.model_path),
                                artifact=str(L.path), artifact_sha256=L.sha256,
-                               profile="bitnet-cpp" if L.generation == FORK else "llama-cpp",
+                               profile=L.api.profile,
                                threads=self.threads, device="cpu")
         self.model = self.ctx = None
         self._keep = []
@@ -488,27 +590,15 @@ class LlamaLibEngine(Engine):
         L.log_lines.clear()
         mp = lib.llama_model_default_params()
         mp.n_gpu_layers = 0
-        if L.generation == MAINLINE:
-            mp.load_mode = 0  # LLAMA_LOAD_MODE_NONE: read, no mmap
-            self.model = lib.llama_model_load_from_file(str(self.model_path).encode(), mp)
-        else:
-            mp.use_mmap = False
-            self.model = lib.llama_load_model_from_file(str(self.model_path).encode(), mp)
+        self.model = L.api.load_model(lib, str(self.model_path).encode(), mp)
         if self.model == ffi.NULL:
             self.model = None
             raise self._fail(f"cannot load model {self.model_path}")
-        if L.generation == MAINLINE:
-            self.vocab = lib.llama_model_get_vocab(self.model)
-            self.n_vocab = int(lib.llama_vocab_n_tokens(self.vocab))
-        else:
-            self.vocab = self.model
-            self.n_vocab = int(lib.llama_n_vocab(self.model))
+        self.vocab, self.n_vocab = L.api.vocab(lib, self.model)
         buf = ffi.new("char[256]")
         lib.llama_model_desc(self.model, buf, 256)
         self.description = ffi.string(buf).decode("utf-8", "replace")
-        n_train = lib.llama_model_n_ctx_train(self.model) if L.generation == MAINLINE \
-            else lib.llama_n_ctx_train(self.model)
-        self.n_ctx = self._n_ctx or int(n_train)
+        self.n_ctx = self._n_ctx or L.api.n_ctx_train(lib, self.model)
         self.n_batch = self._n_batch or self.n_ctx  # default: a prompt that fits is one batch
         try:
             self.ctx = self._new_context()
@@ -528,18 +618,10 @@ class LlamaLibEngine(Engine):
         cp.n_threads = cp.n_threads_batch = self.threads
         cp.type_k, cp.type_v = self.kv_types
         cp.no_perf = True
-        if L.generation == MAINLINE:
-            cp.flash_attn_type = 0  # LLAMA_FLASH_ATTN_TYPE_DISABLED
-        else:
-            cp.flash_attn = False
-            cp.logits_all = False  # each batch says which tokens' logits it wants
         if cb_eval is not None:
             cp.cb_eval = cb_eval
             cp.cb_eval_user_data = ffi.NULL
-        if L.generation == MAINLINE:
-            ctx = lib.llama_init_from_model(self.model, cp)
-        else:
-            ctx = lib.llama_new_context_with_model(self.model, cp)
+        ctx = L.api.new_context(lib, self.model, cp)  # flash attention off
         if ctx == ffi.NULL:
             raise self._fail("cannot create a context")
         return ctx
@@ -550,7 +632,7 @@ class LlamaLibEngine(Engine):
             lib.llama_free(self.ctx)
             self.ctx = None
         if self.model is not None:
-            (lib.llama_model_free if self.generation == MAINLINE else lib.llama_free_model)(self.model)
+            self.api.free_model(lib, self.model)
             self.model = None
 
     def __del__(self):
@@ -562,9 +644,7 @@ class LlamaLibEngine(Engine):
     # ---- Engine ----------------------------------------------------------------------------------
     def info(self) -> EngineInfo:
         return EngineInfo(name=self.name, version=self.receipt.version,
-                          archs=("bitnet-b1.58",) if self.generation == FORK else ("bitnet",),
-                          formats=("f32", "f16", "i2_s", "tl1", "tl2") if self.generation == FORK
-                          else ("f32", "f16", "tq1_0", "tq2_0"),
+                          archs=self.api.archs, formats=self.api.formats,
                           operations=("tokenize", "logits", "generate", "perplexity", "intermediates"))
 
     def tokenize(self, text: str, add_bos: bool = True, parse_special: bool = False) -> list[int]:
@@ -598,10 +678,7 @@ class LlamaLibEngine(Engine):
     def _clear(self, ctx=None) -> None:
         lib = self.L.lib
         ctx = ctx or self.ctx
-        if self.generation == MAINLINE:
-            lib.llama_memory_clear(lib.llama_get_memory(ctx), True)
-        else:
-            lib.llama_kv_cache_clear(ctx)
+        self.api.clear(lib, ctx)
 
     def _decode(self, ids: list[int], pos0: int, want_all: bool, ctx=None) -> np.ndarray | None:
         """Decode ids at positions pos0.. (one llama_decode per n_batch); the logits of every token
@@ -619,12 +696,7 @@ class LlamaLibEngine(Engine):
             # outputs: every token's, or (as llama-cli asks) only the prompt's last: llama.cpp then drops the
             # other rows in its last layer, so the last logits can differ from the every-token run's last row
             flags = ffi.new("int8_t[]", [1] * len(chunk) if want_all else [0] * (len(chunk) - 1) + [int(last)])
-            if self.generation == MAINLINE:
-                batch = lib.llama_batch_get_one(toks, len(chunk))
-                pos = ffi.new("llama_pos[]", list(range(pos0 + s, pos0 + s + len(chunk))))
-                batch.pos = pos
-            else:
-                batch = lib.llama_batch_get_one(toks, len(chunk), pos0 + s, 0)
+            batch, _alive = self.api.batch(lib, ffi, toks, len(chunk), pos0 + s)
             batch.logits = flags
             rc = lib.llama_decode(ctx, batch)
             if rc != 0:
@@ -654,9 +726,7 @@ class LlamaLibEngine(Engine):
             pos = len(ids)
             for _ in range(n):
                 tok = int(np.argmax(last))
-                eog = lib.llama_vocab_is_eog(self.vocab, tok) if self.generation == MAINLINE \
-                    else lib.llama_token_is_eog(self.model, tok)
-                if eog:
+                if self.api.is_eog(lib, self.vocab, self.model, tok):
                     break
                 out.append(tok)
                 if len(out) == n:
@@ -699,8 +769,8 @@ class LlamaLibEngine(Engine):
 
     def _run_with_callback(self, ids: list[int], cb, after_piece=None) -> None:
         """One teacher-forced pass over ids in a new context whose cb_eval is `cb`, decoded one micro-batch
-        (n_ubatch tokens) per llama_decode, so that each piece is one graph evaluation; `after_piece()` is
-        called after each."""
+        (n_ubatch tokens) per llama_decode, so that each piece is one graph evaluation; `after_piece(n_tokens)`
+        is called after each."""
         ffi = self.L.ffi
         c_cb = ffi.callback("bool(struct ggml_tensor *, bool, void *)", cb, onerror=lambda *a: True)
         ctx = self._new_context(c_cb)
