@@ -26,7 +26,8 @@ def test_k_tl2_selects_exactly_the_tl2_cases():
 
 def test_bad_tolerance_is_a_usage_error():
     r = pytest_run("--co", "-q", "--tolerance=-1")
-    assert r.returncode != 0 and "--tolerance: tolerance 'max_abs' = -1.0 is not a positive finite number" in r.stderr + r.stdout
+    out = r.stderr + r.stdout
+    assert r.returncode != 0 and "--tolerance: tolerance 'max_abs' = -1.0 is not a positive finite number" in out
 
 
 def test_tolerance_applies_and_is_recorded(tmp_path):

@@ -45,8 +45,17 @@ from pathlib import Path
 
 from bitnet_ref import kernels
 
-from .base import (Engine, EngineError, EngineInfo, NotSupported, Perplexity, Receipt, ReferenceUnavailable, Sampling,
-                   file_sha256)
+from .base import (
+    Engine,
+    EngineError,
+    EngineInfo,
+    NotSupported,
+    Perplexity,
+    Receipt,
+    ReferenceUnavailable,
+    Sampling,
+    file_sha256,
+)
 from .discovery import NativeBuild
 
 TAIL_CHARS = 3000

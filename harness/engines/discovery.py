@@ -50,7 +50,8 @@ class NativeBuild:
 
     def tool(self, name: str) -> Path:
         if name not in self.tools:
-            raise ReferenceUnavailable(f"{name} is not in {self.root}/bin (named by {self.variable}): build that target")
+            raise ReferenceUnavailable(f"{name} is not in {self.root}/bin (named by {self.variable}): "
+                                       "build that target")
         return self.tools[name]
 
     def library(self, name: str) -> Path:
@@ -87,5 +88,6 @@ def find_build(variable: str = "BITNET_CPP_DIR") -> NativeBuild:
         if p.is_file() and os.access(p, os.X_OK):
             build.tools[tool] = p
     if build.libllama is None and not build.tools:
-        raise ReferenceUnavailable(f"{variable}={value} holds neither libllama.so nor bin/llama-cli: is it a build dir?")
+        raise ReferenceUnavailable(f"{variable}={value} holds neither libllama.so nor bin/llama-cli: "
+                                   "is it a build dir?")
     return build

@@ -28,8 +28,17 @@ import numpy as np
 
 from bitnet_ref import kernels
 
-from .base import (Engine, EngineError, EngineInfo, NotSupported, Perplexity, Receipt, ReferenceUnavailable, Sampling,
-                   file_sha256)
+from .base import (
+    Engine,
+    EngineError,
+    EngineInfo,
+    NotSupported,
+    Perplexity,
+    Receipt,
+    ReferenceUnavailable,
+    Sampling,
+    file_sha256,
+)
 
 GGML_TYPE_F32 = 0
 GGML_TYPE_F16 = 1
