@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 from bitnet_ref.synth import SynthSpec, synthesize
-from harness.engines.base import EngineError, NotSupported
+from harness.engines.base import EngineError
 from harness.engines.jsonl import JsonlEngine
 from harness.engines.registry import open_engine
 
@@ -34,8 +34,10 @@ def test_isolated_engine_answers_what_the_in_process_one_does(model):
         r, s = local.receipt, served.receipt
         assert (s.engine, s.model_sha256, s.artifact_sha256, s.profile) == (r.engine, r.model_sha256,
                                                                               r.artifact_sha256, "llama-cpp")
-        with pytest.raises(NotSupported):
-            served.intermediates(ids, ["l_out-0"])
+        names = ["Qcur-0", "l_out-1", "result_output"]
+        got, want = served.intermediates(ids, names), local.intermediates(ids, names)
+        assert all(got[n].tobytes() == want[n].tobytes() for n in names)
+        assert got["result_output"].tobytes() == a.tobytes()  # in the same micro-batches as logits()
         with pytest.raises(EngineError, match=r"token-out-of-range.*token id 1000000 .*outside the vocabulary"):
             served.logits([10**6])
         assert served.generate(ids[:8], 2) == local.generate(ids[:8], 2)  # still usable after the error
