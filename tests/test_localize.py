@@ -135,3 +135,20 @@ def test_logits_over_the_absolute_limit_only_is_inconclusive(models):
     assert "no captured tensor (result_output included) differs by more than 1e-05 of its scale" in loc["note"]
     assert [n["name"] for n in loc["nodes"]][-2:] == ["result_norm", "result_output"]
     assert all(n["max_abs"] == 0.0 for n in loc["nodes"][:-1])
+
+
+def test_bitnet_cpp_tl2_batch_bug_is_named_at_its_first_matmul(tmp_path):
+    """The issue's case: bitnet.cpp's TL2 kernels mis-stride a batch of several tokens. The ladder fails at
+    first_logits, and localization (the TL2 build runs in its own process; intermediates over JSON lines)
+    reproduces the failing call and names layer 0's Q projection, the first TL2 matmul."""
+    import os
+
+    from harness.cases import load_cases
+
+    if not os.environ.get("BITNET_CPP_TL2_DIR"):
+        pytest.skip("BITNET_CPP_TL2_DIR is not set: no bitnet.cpp build with TL2 kernels here")
+    c = next(x for x in load_cases() if x.id == "tl2-bitnet-b1.58-large-shapes")
+    r = run_ladder(c, "bitnet_cpp_tl2", tol(c), tmp_path)
+    loc = r.rungs[-1].localization
+    assert r.status == "fail" and r.failed_rung == "first_logits", r.reason
+    assert loc["reproduced"] is True and loc["op"] == "Qcur-0" and loc["nodes"][0]["max_abs"] == 0.0, loc
