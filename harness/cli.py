@@ -8,7 +8,6 @@ import sys
 
 from .commands import COMMANDS
 
-
 DESCRIPTION = """\
 Cross-validation and conformance for BitNet b1.58 inference: check a model file, synthesize or download
 models, build the reference engines (bitnet.cpp, llama.cpp's tools), run and score with the Python engine.

@@ -13,7 +13,6 @@ Records (one JSON per test) go to --records; with pytest-xdist every worker writ
 from __future__ import annotations
 
 import os
-import re
 import tempfile
 from pathlib import Path
 
@@ -81,7 +80,12 @@ def pytest_configure(config) -> None:
             check_platform(config.getoption("--platform"))
         except ValueError as e:
             raise pytest.UsageError(f"--platform: {e}") from None
-    config._crossval_platform_tolerances = _platform_tolerances(config)
+    from .runner import RunError, platform_tolerances
+
+    try:
+        config._crossval_platform_tolerances = platform_tolerances(run_options(config))
+    except RunError as e:
+        raise pytest.UsageError(str(e)) from None
     records = config.getoption("--records")
     report = config.getoption("--report-html")
     if records is None and report is not None:
@@ -93,20 +97,17 @@ def pytest_configure(config) -> None:
         _clear_records(config._crossval_records)  # controller only, before any worker writes
 
 
-PLATFORM_TOLERANCES = "tolerances.toml"
+def run_options(config):
+    """The plugin's options as the runner takes them (harness/runner.py)."""
+    from .runner import RunOptions
 
-
-def _platform_tolerances(config) -> dict | None:
-    """The platform overrides file, <baselines-dir>/tolerances.toml (one table per platform id), if any."""
-    from .tolerances import ToleranceError, load_platform_overrides
-
-    path = Path(config.getoption("--baselines-dir") or "baselines") / PLATFORM_TOLERANCES
-    if not path.is_file():
-        return None
-    try:
-        return load_platform_overrides(path)
-    except ToleranceError as e:
-        raise pytest.UsageError(str(e)) from None
+    return RunOptions(engine=config.getoption("--engine"), references=config.getoption("--reference"),
+                      model=config.getoption("--model"), cases=config.getoption("--cases"),
+                      profile=config.getoption("--profile"), validation=config.getoption("--validation"),
+                      tolerance=config.getoption("--tolerance"), platform=config.getoption("--platform"),
+                      baselines_dir=config.getoption("--baselines-dir"),
+                      baselines_mode=config.getoption("--baselines"),
+                      update_baselines=config.getoption("--update-baselines"))
 
 
 def _clear_records(directory: Path) -> None:
@@ -124,48 +125,13 @@ def _clear_records(directory: Path) -> None:
             p.unlink()
 
 
-USER_MODEL_PROMPTS = [
-    "The quick brown fox jumps over the lazy dog.",
-    "Les élèves étudient la géométrie; 東京は日本の首都です。 🚀",
-    "def add(a, b):\n    return a + b\n",
-]
-PROFILE_FOR = {"llama_cpp": "llama-cpp", "bitnet_cpp": "bitnet-cpp", "bitnet_cpp_tl2": "bitnet-cpp"}
-
-
-def default_references(arch: str | None, fmt: str | None) -> list[str]:
-    """The references that can run a model of this architecture and weight format."""
-    if fmt == "tl2":
-        return ["bitnet_cpp_tl2"]
-    if fmt in ("i2_s", "tl1") or arch != "bitnet":
-        return ["bitnet_cpp"]
-    return ["llama_cpp", "bitnet_cpp"]  # mainline's arch: F32, F16, TQ1_0, TQ2_0
-
-
-def _user_model_cases(path: str, refs: list[str] | None):
-    """Cases for --model: the default prompts and corpus against the references that run its arch and
-    format. Architecture and format come from the file, so tolerances, skips and markers are the file's."""
-    from bitnet_ref.errors import ModelError
-
-    from .cases import CASES_DIR, Case, describe_model
-
-    p = Path(path).resolve()
-    try:
-        arch, fmt = describe_model(p)
-    except (ModelError, OSError) as e:
-        raise pytest.UsageError(f"--model {path}: cannot read the model: {e}") from None
-    return [(Case(id=p.stem, file=str(p), model={"path": str(p)}, references=[r],
-                  profile=PROFILE_FOR.get(r, "exact"), prompts=USER_MODEL_PROMPTS,
-                  corpus=str(CASES_DIR / "corpus" / "small.txt"), model_format=fmt, model_arch=arch), r)
-            for r in refs or default_references(arch, fmt)]
-
-
 def _pairs(config):
-    from .cases import load_cases
+    from .runner import RunError, pairs
 
-    refs = config.getoption("--reference")
-    if config.getoption("--model"):
-        return _user_model_cases(config.getoption("--model"), refs)
-    return [(case, ref) for case in load_cases(config.getoption("--cases")) for ref in refs or case.references]
+    try:
+        return pairs(run_options(config))
+    except RunError as e:
+        raise pytest.UsageError(str(e)) from None
 
 
 def pytest_generate_tests(metafunc) -> None:
@@ -192,81 +158,22 @@ def crossval_models_dir(tmp_path_factory) -> Path:
 
 @pytest.fixture
 def crossval_run(request, crossval_models_dir):
-    """Runs the ladder for the test's (case, reference); writes its record; returns it."""
-    from . import baselines
-    from .crossval import run_ladder
+    """Runs the ladder for the test's (case, reference) (harness/runner.py); writes its record; returns it."""
     from .records import write_json_atomic
-    from .tolerances import resolve
+    from .runner import record_filename, run_pair
 
     config = request.config
 
     def run(pair):
         case, reference = pair
-        profile = config.getoption("--profile") or case.profile
-        platform = config.getoption("--platform") or baselines.platform_id()
-        tol = resolve(profile, case.format, case_overrides=case.tolerances, case_file=case.file, platform=platform,
-                      platform_overrides=config._crossval_platform_tolerances,
-                      cli_max_abs=config.getoption("--tolerance"))
-        record = run_ladder(case, reference, tol, crossval_models_dir, sut=config.getoption("--engine"),
-                            profile=profile, test_id=request.node.nodeid.split("::")[-1],
-                            validation=config.getoption("--validation"))
-        if case.xfail and record.status == "fail":
-            record.status, record.reason = "xfail", f"known reference bug: {case.xfail} (here: {record.reason})"
-        _baseline(config, record, platform)
+        record = run_pair(case, reference, run_options(config), crossval_models_dir,
+                          test_id=request.node.nodeid.split("::")[-1],
+                          platform_overrides=config._crossval_platform_tolerances)
         if config._crossval_records is not None:
-            name = re.sub(r"[^A-Za-z0-9_.-]+", "_", record.test_id or record.case_id)
-            write_json_atomic(config._crossval_records / f"{name}.json", record.to_json())
+            write_json_atomic(config._crossval_records / record_filename(record), record.to_json())
         return record
 
     return run
-
-
-def _baseline(config, record, platform: str) -> None:
-    """Judge the record against its baseline (or rewrite the baseline, when asked); the outcome goes in
-    record.baseline, which the test reads (a regression fails it unless --baselines=report)."""
-    from . import baselines
-
-    if record.status not in ("pass", "fail"):
-        return
-    directory = Path(config.getoption("--baselines-dir") or "baselines")
-    key = baselines.BaselineKey(record.case_id, record.sut, record.reference)
-    info = {"platform": platform, "regressions": [], "gate": config.getoption("--baselines") == "gate"}
-    try:
-        info["path"] = str(baselines.path_for(directory, platform, key))
-        if config.getoption("--update-baselines"):
-            baselines.update(directory, platform, key, record.to_json(), reference_topk=record.reference_topk)
-            record.baseline = {**info, "status": "updated"}
-            return
-        base = baselines.load(directory, platform, key)
-    except baselines.BaselineError as e:  # a corrupt or newer-schema file, or a key that names none
-        record.status, record.reason = "error", str(e)
-        record.baseline = {**info, "status": "error"}
-        return
-    if base is None:
-        record.baseline = {**info, "status": "new"}
-        return
-    regressions = baselines.compare(base, record.to_json())
-    record.baseline = {
-        **info, "status": "regression" if regressions else "match", "regressions": regressions,
-        "metrics": {f"{rung}.{m}": v for rung, ms in base.metrics().items() for m, v in ms.items()},
-        "engine_changes": baselines.engine_changes(base, record.to_json()),
-        "reference_drift": baselines.compare_reference_topk(base, record.reference_topk),
-    }
-
-
-def regression_message(record) -> str | None:
-    """Why the test fails against its baseline (None when it does not): the regressed metrics, the
-    baseline file, and what changed since it was taken."""
-    bl = record.baseline or {}
-    if bl.get("status") != "regression" or not bl.get("gate"):
-        return None
-    regs = "; ".join(f"{r['metric']} {r['baseline']} -> {r['now']}" for r in bl.get("regressions", []))
-    text = f"regressed against the baseline {bl.get('path')}: {regs}"
-    if bl.get("engine_changes"):
-        text += f" (since the baseline: {'; '.join(bl['engine_changes'])})"
-    if bl.get("reference_drift"):
-        text += f" (the reference itself moved: {bl['reference_drift'][0]['metric']})"
-    return text + ". Accept with --update-baselines, or only report with --baselines=report"
 
 
 def pytest_sessionfinish(session, exitstatus) -> None:

@@ -539,7 +539,8 @@ def _drain_log_at_exit(root: Path) -> bool:
     text = path.read_text(encoding="utf-8") if path.is_file() else ""
     if LOG_INIT not in text or "intentionally leak" not in text:
         return False
-    fix = LOG_INIT + "\n        std::atexit([]() { common_log_pause(common_log_main()); });  // bitnet-crossval: drain at exit"
+    drain = "std::atexit([]() { common_log_pause(common_log_main()); });  // bitnet-crossval: drain at exit"
+    fix = LOG_INIT + "\n        " + drain
     path.write_text(text.replace(LOG_INIT, fix, 1), encoding="utf-8")
     return True
 

@@ -89,8 +89,8 @@ def test_synth_refuses_a_format_the_preset_cannot_hold(tmp_path, capsys):
     assert "cannot be stored as tl2" in capsys.readouterr().err
 
 
-@pytest.mark.parametrize("fmt, arch, profile", [("i2_s", "bitnet-b1.58", "bitnet-cpp"), ("tq2_0", "bitnet", "llama-cpp"),
-                                                ("f32", "bitnet", "exact")])
+@pytest.mark.parametrize("fmt, arch, profile", [("i2_s", "bitnet-b1.58", "bitnet-cpp"),
+                                                ("tq2_0", "bitnet", "llama-cpp"), ("f32", "bitnet", "exact")])
 def test_run_defaults_to_the_profile_of_the_files_reference(tmp_path, capsys, fmt, arch, profile):
     from bitnet_ref.synth import SynthSpec, synthesize
 

@@ -196,7 +196,8 @@ PPL_TEXT = ("The quick brown fox jumps over the lazy dog. In 1905, Albert Einste
 
 # each real build on the model format it is the reference for: bitnet.cpp's tools on I2_S, mainline's
 # (LLAMA_CPP_DIR, built by `bitnet-xval reference llama.cpp`) on TQ2_0
-REAL_BUILDS = {"BITNET_CPP_DIR": ("bitnet-b1.58", "i2_s", "bitnet.cpp"), "LLAMA_CPP_DIR": ("bitnet", "tq2_0", "llama.cpp")}
+REAL_BUILDS = {"BITNET_CPP_DIR": ("bitnet-b1.58", "i2_s", "bitnet.cpp"),
+               "LLAMA_CPP_DIR": ("bitnet", "tq2_0", "llama.cpp")}
 
 
 @pytest.fixture(scope="module", params=sorted(REAL_BUILDS))

@@ -22,7 +22,8 @@ def crossval_records(tmp: Path, select: str) -> Path:
     pytest.importorskip("llama_cpp", reason="llama-cpp-python (mainline llama.cpp) is not installed")
     out = tmp / f"records-{select}"
     r = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "tests/crossval", "-k", select,
-                        f"--records={out}", f"--history={tmp / 'plugin-history'}"], cwd=ROOT, capture_output=True, text=True, timeout=600)
+                        f"--records={out}", f"--history={tmp / 'plugin-history'}"],
+                       cwd=ROOT, capture_output=True, text=True, timeout=600)
     assert r.returncode == 0, r.stdout[-2000:]
     return out
 

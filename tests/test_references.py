@@ -271,7 +271,8 @@ def test_log_flush_fix_applies_once_and_only_to_a_leaked_logger(tmp_path):
     (root / "common").mkdir(parents=True)
     log_cpp = root / "common" / "log.cpp"
     leaked = ("// We intentionally leak (i.e. do not delete) the logger singleton\n"
-              "    std::call_once(init_flag, [&]() {\n        log = new common_log;\n        " + R.LOG_INIT + "\n    });\n")
+              "    std::call_once(init_flag, [&]() {\n        log = new common_log;\n        "
+              + R.LOG_INIT + "\n    });\n")
     log_cpp.write_text(leaked)
     assert R._drain_log_at_exit(root)
     text = log_cpp.read_text()

@@ -13,7 +13,8 @@ import pytest
 from bitnet_ref.synth import SynthSpec, synthesize
 from harness.cases import load_case_file
 from harness.crossval import unavailable_reason
-from harness.pytest_plugin import _user_model_cases
+from harness.runner import RunError
+from harness.runner import user_model_pairs as _user_model_cases
 from harness.tolerances import resolve
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -78,5 +79,5 @@ def test_tl1_user_model_is_skipped_with_the_reason(tmp_path):
 def test_an_unreadable_model_is_a_usage_error(tmp_path):
     bad = tmp_path / "bad.gguf"
     bad.write_bytes(b"not a gguf")
-    with pytest.raises(pytest.UsageError, match="bad.gguf"):
+    with pytest.raises(RunError, match="bad.gguf"):
         _user_model_cases(str(bad), None)

@@ -1,5 +1,5 @@
 """Subcommands of bitnet-xval, in the order `--help` lists them."""
 
-from . import compat_check, download_model, engines, history, reference, report, run, score, synth
+from . import compat_check, crossval, download_model, engines, history, reference, report, run, score, synth
 
-COMMANDS = [compat_check, synth, download_model, run, score, engines, reference, report, history]
+COMMANDS = [crossval, compat_check, synth, download_model, run, score, engines, reference, report, history]

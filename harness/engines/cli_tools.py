@@ -189,10 +189,12 @@ def _unparsed(run: ToolRun, what: str, text: str | None = None) -> EngineError:
 # parsers (pure functions: tested on recorded and fake output)
 
 _PERF = re.compile(
-    r"(?:llama_perf_context_print|llama_print_timings|common_perf_print):\s*(load|prompt eval|eval|total) time\s*=\s*" + _NUM
+    r"(?:llama_perf_context_print|llama_print_timings|common_perf_print):"
+    + r"\s*(load|prompt eval|eval|total) time\s*=\s*" + _NUM
     + r"\s*ms(?:\s*/\s*(\d+)\s*(tokens|runs)(?:\s*\(\s*" + _NUM + r"\s*ms per token,\s*" + _NUM
     + r"\s*tokens per second\))?)?")
-_SAMPLER = re.compile(r"(?:llama_perf_sampler_print|common_perf_print):\s*sampling time\s*=\s*" + _NUM + r"\s*ms(?:\s*/\s*(\d+)\s*runs)?")
+_SAMPLER = re.compile(r"(?:llama_perf_sampler_print|common_perf_print):\s*sampling time\s*=\s*" + _NUM
+                      + r"\s*ms(?:\s*/\s*(\d+)\s*runs)?")
 
 
 def parse_timings(stderr: str) -> dict[str, float]:

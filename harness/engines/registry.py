@@ -65,7 +65,8 @@ def open_engine(spec: str, model, profile: str = "exact", options: dict | None =
         from .cli_tools import CliToolsEngine
         from .discovery import find_build
 
-        variable, name = ("BITNET_CPP_DIR", "bitnet.cpp") if spec == "bitnet_cpp_cli" else ("LLAMA_CPP_DIR", "llama.cpp")
+        bitnet = spec == "bitnet_cpp_cli"
+        variable, name = ("BITNET_CPP_DIR", "bitnet.cpp") if bitnet else ("LLAMA_CPP_DIR", "llama.cpp")
         build = find_build(variable)
         # mainline's tools default to flash attention and an f16 KV cache; the in-process adapter and the
         # llama-cpp profile compute without flash attention over an F32 cache, so the tools are run that way
