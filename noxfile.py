@@ -14,6 +14,9 @@ BUILD_ENV = {"CMAKE_BUILD_PARALLEL_LEVEL": str(os.cpu_count() or 2)}
 
 
 def _install(session: nox.Session, extras: str = "test") -> None:
+    session.log("installing the project and its test tools; the first time pip compiles mainline llama.cpp "
+                "(llama-cpp-python) and the native kernels, about 10 minutes on 2 cores, silently; later runs "
+                "reuse pip's wheel cache")
     session.install("-e", f".[{extras}]", env=BUILD_ENV)
 
 
