@@ -135,3 +135,22 @@ def test_score_against_the_reference_impl(tmp_path, capsys):
     assert c["verdict"].startswith(("distinguishable", "not distinguishable"))  # 217 tokens: either may hold
     assert main(args + ["--reference-impl", "no_such_engine"]) == 2
     assert "unknown engine" in capsys.readouterr().err
+
+
+def test_score_against_bitnet_cpp(tmp_path, capsys):
+    """`--reference-impl cpp` on an I2_S file is bitnet.cpp: the bitnet-cpp profile scores the same per-token
+    NLLs (bit-identical logits), so the difference is 0 and not distinguishable."""
+    import os
+    from pathlib import Path
+
+    from bitnet_ref.synth import SynthSpec, synthesize
+
+    if not os.environ.get("BITNET_CPP_DIR"):
+        pytest.skip("BITNET_CPP_DIR is not set (eval \"$(bitnet-xval reference bitnet.cpp --src ...)\" sets it)")
+    model = synthesize(SynthSpec(preset="tiny", arch="bitnet-b1.58", format="i2_s"), tmp_path)
+    corpus = Path(__file__).parents[1] / "cases" / "corpus" / "small.txt"
+    assert main(["score", "--model", str(model), "--file", str(corpus), "--ctx", "64", "--format", "json",
+                 "--reference-impl", "cpp"]) == 0
+    c = json.loads(capsys.readouterr().out)["comparison"]
+    assert c["reference"] == "bitnet_cpp" and c["reference_receipt"]["engine"] == "bitnet.cpp"
+    assert c["ppl_rel_diff"] == 0.0 and c["paired"]["wilcoxon_p"] == 1.0
