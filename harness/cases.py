@@ -4,6 +4,8 @@
     id = "tq2_0-bitnet-tiny"                      # unique; becomes part of the pytest id
     model = { synth = { preset = "tiny", arch = "bitnet", format = "tq2_0" } }
         # or { lock = "org/repo:file.gguf" } (an entry of models.lock) or { path = "model.gguf" }
+        # or { trained = { format = "tq2_0", arch = "bitnet" } } (a shipped trained model, models/, in that
+        # format; arch defaults to bitnet-b1.58)
     references = ["llama_cpp"]                    # engines to compare the system under test against
     profile = "llama-cpp"                         # numerics profile of the system under test
     prompts = ["The quick brown fox ...", "..."]
@@ -49,7 +51,7 @@ class CaseError(ValueError):
 class Case:
     id: str
     file: str
-    model: dict  # {"synth": {...}} | {"lock": "repo:file"} | {"path": "..."}
+    model: dict  # {"synth": {...}} | {"trained": {"format": ...}} | {"lock": "repo:file"} | {"path": "..."}
     references: list[str]
     profile: str = "exact"
     prompts: list[str] = field(default_factory=list)
@@ -73,10 +75,17 @@ class Case:
     def format(self) -> str | None:
         """The weight format (case-file spelling: "tq2_0", "i2_s", "f32", ...): the synth spec's, else the
         one read from the model file (None when neither is known, e.g. a lock entry not yet downloaded)."""
-        return self.model["synth"].get("format") if "synth" in self.model else self.model_format
+        for kind in ("synth", "trained"):
+            if kind in self.model:
+                return self.model[kind].get("format")
+        return self.model_format
 
     @property
     def arch(self) -> str | None:
+        if "trained" in self.model:
+            from bitnet_ref.train import ARCH
+
+            return self.model["trained"].get("arch", ARCH)
         return self.model["synth"].get("arch") if "synth" in self.model else self.model_arch
 
     def all_markers(self) -> list[str]:
@@ -139,8 +148,9 @@ def _parse_case(path: Path, index: int, c) -> Case:
     if unknown:
         raise _fail(path, cid, sorted(unknown)[0], f"unknown field (known: {', '.join(sorted(CASE_KEYS))})")
     model = _expect(c.get("model"), dict, path, cid, "model")
-    if len(model) != 1 or next(iter(model)) not in ("synth", "lock", "path"):
-        raise _fail(path, cid, "model", "must be exactly one of {synth = {...}}, {lock = \"repo:file\"}, {path = ...}")
+    if len(model) != 1 or next(iter(model)) not in ("synth", "trained", "lock", "path"):
+        raise _fail(path, cid, "model", "must be exactly one of {synth = {...}}, {trained = {format = ...}}, "
+                                        "{lock = \"repo:file\"}, {path = ...}")
     if "synth" in model:
         from bitnet_ref.synth import SynthSpec
 
@@ -148,6 +158,15 @@ def _parse_case(path: Path, index: int, c) -> Case:
             SynthSpec(**_expect(model["synth"], dict, path, cid, "model.synth")).resolved()
         except (TypeError, ValueError) as e:
             raise _fail(path, cid, "model.synth", str(e)) from None
+    elif "trained" in model:
+        from bitnet_ref.train import ARCHS, FORMAT_NAMES
+
+        spec = _expect(model["trained"], dict, path, cid, "model.trained")
+        if (not {"format"} <= set(spec) <= {"format", "arch"} or spec["format"] not in FORMAT_NAMES
+                or spec.get("arch", ARCHS[0]) not in ARCHS):
+            raise _fail(path, cid, "model.trained", f"must be {{format = F, arch = A}} with F one of "
+                                                    f"{', '.join(FORMAT_NAMES)} and A (optional) one of "
+                                                    f"{', '.join(ARCHS)}; got {spec!r}")
     elif "path" in model:
         model = {"path": str((path.parent / _expect(model["path"], str, path, cid, "model.path")).resolve())}
     model_arch = model_format = None

@@ -57,6 +57,11 @@ def model_path_for(case: Case, models_dir: Path) -> Path:
         spec = SynthSpec(**case.model["synth"]).resolved()
         path = models_dir / spec.filename()
         return path if path.exists() else synthesize(spec, models_dir)
+    if "trained" in case.model:
+        from bitnet_ref.train import ARCH, derived_path, shipped_path
+
+        spec = case.model["trained"]
+        return derived_path(spec["format"], models_dir, shipped_path(spec.get("arch", ARCH)))
     if "lock" in case.model:
         from bitnet_ref.hub import download_model
 
@@ -92,9 +97,15 @@ def rung_file(path: Path) -> RungResult:
 
 
 def rung_weights(case: Case, path: Path) -> RungResult:
-    """Ternary values and scales as stored. For a synthesized model, bit-exact against the generator;
-    otherwise every ternary tensor must decode to values in {-1, 0, 1} with finite scales."""
+    """Ternary values and scales as stored. For a synthesized model, bit-exact against the generator; for the
+    trained model, against the shipped file; otherwise every ternary tensor must decode to values in {-1, 0, 1}
+    with finite scales."""
     spec = SynthSpec(**case.model["synth"]).resolved() if "synth" in case.model else None
+    if "trained" in case.model:
+        from bitnet_ref.train import ARCH, read_model, shipped_path
+
+        shipped = read_model(shipped_path(case.model["trained"].get("arch", ARCH)))[2].ternary
+        spec = "shipped"
     n = 0
     with open_gguf(path) as gf:
         for t in gf.tensors:
@@ -104,7 +115,7 @@ def rung_weights(case: Case, path: Path) -> RungResult:
             tern = fmt.unpack(gf.tensor_bytes(t), t.shape)
             n += 1
             if spec is not None:
-                values, scale = ternary_weights(spec.seed, t.name, t.shape)
+                values, scale = shipped[t.name] if spec == "shipped" else ternary_weights(spec.seed, t.name, t.shape)
                 if not np.array_equal(tern.values, values):
                     i = tuple(int(x) for x in np.argwhere(tern.values != values)[0])
                     return RungResult("weights", "fail", f"{t.name}: ternary value at {i} is {tern.values[i]}, "
@@ -114,7 +125,8 @@ def rung_weights(case: Case, path: Path) -> RungResult:
                     return RungResult("weights", "fail", f"{t.name}: scales {stored[:4]} differ from {scale}")
             elif not np.isfinite(tern.scale).all():
                 return RungResult("weights", "fail", f"{t.name}: non-finite scale")
-    how = "bit-exact against the generator" if spec else "ternary with finite scales"
+    how = ("bit-exact against the shipped file" if spec == "shipped" else "bit-exact against the generator" if spec
+           else "ternary with finite scales")
     return RungResult("weights", "pass", f"{n} ternary tensors {how}", metrics={"ternary_tensors": n})
 
 

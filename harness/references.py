@@ -251,6 +251,23 @@ def preset_shapes(preset: str = "large-shapes") -> list[tuple[int, int]]:
     return sorted({(p.hidden, p.hidden), (p.kv_heads * head_dim, p.hidden), (p.ffn, p.hidden), (p.hidden, p.ffn)})
 
 
+def tl2_shapes(models: Iterable[str | os.PathLike] = (), preset: str | None = "large-shapes") -> list[tuple[int, int]]:
+    """The shapes one TL2 build holds: the union of a synth preset's (None or "none": no preset) and every
+    model's projection shapes."""
+    from bitnet_ref.synth import PRESETS
+
+    shapes: set[tuple[int, int]] = set()
+    if preset not in (None, "none"):
+        if preset not in PRESETS:
+            raise BuildError(f"--preset-shapes {preset!r}: unknown preset (known: {', '.join(PRESETS)}, none)")
+        shapes.update(preset_shapes(preset))
+    for m in models:
+        shapes.update(model_shapes(m))
+    if not shapes:
+        raise BuildError("--preset-shapes none and no --model: no shapes to generate TL2 kernels for")
+    return sorted(shapes)
+
+
 def tl2_tilings(shapes: Iterable[tuple[int, int]]) -> list[tuple[int, int, int, int, int]]:
     """(M, K, BM, BK, bm) per shape: the tilings bitnet_ref's TL2 writer packs with, so the generated
     kernels read what our files hold."""

@@ -109,10 +109,12 @@ def test_round_trip_shipped_shapes(fmt, shape):
 
 
 def test_shipped_tiling_tables():
-    """The tables hold every model shape set of setup_env.py, each with a tiling that fits."""
+    """The tables hold every model shape set of setup_env.py and the trained model's (models/), each with a
+    tiling that fits."""
+    trained = {(256, 256), (128, 256), (768, 256), (256, 768)}
     for fmt, table in ((TL1_DEFAULT, TL1_TILINGS), (TL2_DEFAULT, TL2_TILINGS)):
         assert set(table) == {(1536, 4096), (1536, 1536), (4096, 1536), (3200, 8640), (3200, 3200),
-                              (8640, 3200)} | LLAMA3_SHAPES
+                              (8640, 3200)} | LLAMA3_SHAPES | trained
         for shape in table:
             fmt.check_shape(shape)
 

@@ -129,6 +129,20 @@ def test_model_shapes_read_from_the_file(tmp_path):
         R.model_shapes(tmp_path / "missing.gguf")
 
 
+def test_tl2_shapes_union_of_preset_and_models(tmp_path):
+    from bitnet_ref.synth import SynthSpec, synthesize
+
+    path = synthesize(SynthSpec(preset="tiny", arch="bitnet-b1.58", format="i2_s"), tmp_path)
+    large = R.preset_shapes("large-shapes")
+    assert R.tl2_shapes() == large
+    assert R.tl2_shapes([path]) == sorted(set(large) | set(R.model_shapes(path)))
+    assert R.tl2_shapes([path, path], preset="none") == R.model_shapes(path)
+    with pytest.raises(R.BuildError, match="no shapes"):
+        R.tl2_shapes([], preset="none")
+    with pytest.raises(R.BuildError, match="--preset-shapes 'huge'"):
+        R.tl2_shapes([], preset="huge")
+
+
 def test_generated_kernels_equal_the_generators_own_output(tmp_path):
     """Our driver of utils/codegen_tl2.py, given the shapes and tilings setup_env.py gives it for
     bitnet_b1_58-large, writes the very header and config the script's command line writes."""

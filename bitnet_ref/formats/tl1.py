@@ -75,6 +75,12 @@ TL1_TILINGS: dict[tuple[int, int], Tiling] = {
     (4096, 14336): Tiling(128, 64, 64),
     (1024, 4096): Tiling(256, 128, 32),
     (4096, 4096): Tiling(128, 64, 64),
+    # the project's trained model (models/, bitnet_ref/train.py): hidden 256, 2 KV heads of 64, ffn 768;
+    # codegen_tl1.py's rules: M % BM == 0, K % BK == 0, bm in (32, 64) (and BK a multiple of 256/bm)
+    (256, 256): Tiling(128, 64, 32),
+    (128, 256): Tiling(128, 64, 32),
+    (768, 256): Tiling(256, 128, 32),
+    (256, 768): Tiling(128, 64, 32),
 }
 
 

@@ -50,6 +50,12 @@ TL2_TILINGS: dict[tuple[int, int], Tiling] = {
     (4096, 14336): Tiling(128, 96, 32),
     (1024, 4096): Tiling(256, 96, 32),
     (4096, 4096): Tiling(128, 96, 32),
+    # the project's trained model (models/, bitnet_ref/train.py): codegen_tl2.py's rules M % BM == 0,
+    # (K % BK) % 32 == 0, bm == 32; K = 256 leaves a 64-column two part, K = 768 none
+    (256, 256): Tiling(128, 96, 32),
+    (128, 256): Tiling(128, 96, 32),
+    (768, 256): Tiling(256, 96, 32),
+    (256, 768): Tiling(128, 96, 32),
 }
 
 BM_SIMD = 32  # bm: rows per SIMD block, the only value codegen_tl2.py accepts

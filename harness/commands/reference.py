@@ -1,6 +1,6 @@
 """`bitnet-xval reference`: build a reference into the cache and print the variables that name it.
 
-  bitnet-xval reference bitnet.cpp --src DIR_OR_TARBALL [--variant i2_s|tl2] [--model M]
+  bitnet-xval reference bitnet.cpp --src DIR_OR_TARBALL [--variant i2_s|tl2] [--model M ...] [--preset-shapes P|none]
   bitnet-xval reference bitnet.cpp --git URL --commit SHA [--variant ...]
   bitnet-xval reference llama.cpp [--src SDIST_OR_DIR]      (default: the pinned llama-cpp-python sdist)
 
@@ -25,8 +25,12 @@ def add_parser(sub) -> None:
     p.add_argument("--variant", default="i2_s", choices=("i2_s", "tl2", "tl1"),
                    help="bitnet.cpp: i2_s (default), or tl2 with kernels generated for --model's shapes (x86); "
                         "tl1 is ARM-only")
-    p.add_argument("--model", help="bitnet.cpp tl2: generate kernels for this GGUF's projection shapes "
-                                   "(default: the large-shapes preset)")
+    p.add_argument("--model", action="append", default=[],
+                   help="bitnet.cpp tl2: also generate kernels for this GGUF's projection shapes (repeatable; one "
+                        "build holds the union of the shapes)")
+    p.add_argument("--preset-shapes", default="large-shapes",
+                   help="bitnet.cpp tl2: the synth preset whose shapes the build always holds (default: "
+                        "large-shapes; 'none': only the --model shapes)")
     p.add_argument("--format", choices=("text", "json"), default="text",
                    help="json: the build's manifest on stdout instead of export lines")
     p.set_defaults(func=run)
@@ -57,7 +61,7 @@ def run(args) -> int:
     try:
         if args.name == "bitnet.cpp":
             source = R.resolve_source(args.src, args.git, args.commit)
-            shapes = R.model_shapes(args.model) if args.model else None
+            shapes = R.tl2_shapes(args.model, args.preset_shapes) if args.variant == "tl2" else None
             build = R.build_bitnet_cpp(source, args.variant, shapes, progress=progress, log=log)
         else:
             if args.git:
