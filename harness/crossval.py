@@ -252,24 +252,19 @@ def rung_greedy(case: Case, sut, ref, ids: list[int], tol: Tolerances) -> RungRe
                       first_bad_position=j)
 
 
-def rung_greedy_tie_aware(case: Case, sut, ref, ids: list[int], floor: NF.NoiseFloor, ops) -> RungResult:
-    """Independent mode: N greedy tokens, judged position by position. A position where the SUT's token
-    differs and the reference's top two logits are within the floor's tie gap is a near-tie, not a
-    failure; after any divergence the SUT continues from the reference's tokens (teacher-forced through
-    `generate`, or through `logits` when it has no generate), so every position is scored. Raw match rate
-    (free-running common prefix / N), the agreement over scored positions, and the rate excluding
-    near-ties, which must be >= 99 % (AC6)."""
-    n = case.greedy_tokens
-    b = ref.generate(ids, n)
+def _greedy_positions(case: Case, sut, ref, ids: list[int], tie_gap: float, ops) -> dict | None:
+    """One prompt of the tie-aware greedy rung: the reference's N greedy tokens, the SUT's token at every
+    position (free-running, then teacher-forced after each divergence), and which positions are near-ties."""
+    b = ref.generate(ids, case.greedy_tokens)
     if not b:
-        return RungResult("greedy", "fail", "the reference generated no token: nothing to score")
+        return None
     rows = ref.logits(ids + b[:-1])[len(ids) - 1:]
     top2 = np.sort(rows, axis=1)[:, -2:]
     gap = top2[:, 1] - top2[:, 0]
     # a near-tie: within the floor's tie gap, or where the reference's own paths (prefill vs decode) disagree
-    tie = (gap <= floor.tie_gap) | (rows.argmax(axis=1) != np.asarray(b))
+    tie = (gap <= tie_gap) | (rows.argmax(axis=1) != np.asarray(b))
     sut_tok: list[int | None] = [None] * len(b)
-    raw_prefix, restarts, how = None, 0, "generate"
+    raw_prefix, restarts = None, 0
     if "generate" in ops:
         k = 0
         while k < len(b):
@@ -285,39 +280,61 @@ def rung_greedy_tie_aware(case: Case, sut, ref, ids: list[int], floor: NF.NoiseF
             if restarts > case.teacher_forced_cap:
                 break
     else:
-        how = "teacher-forced logits (no generate)"
         sut_tok = [int(x) for x in sut.logits(ids + b[:-1])[len(ids) - 1:].argmax(axis=1)]
         raw_prefix = next((t for t, (x, y) in enumerate(zip(sut_tok, b)) if x != y), len(b))
     scored = np.array([t is not None for t in sut_tok])
     match = np.array([t == y for t, y in zip(sut_tok, b)])
+    return {"b": b, "sut": sut_tok, "gap": gap, "tie": tie, "scored": scored, "match": match,
+            "raw_prefix": raw_prefix, "restarts": restarts}
+
+
+def rung_greedy_tie_aware(case: Case, sut, ref, prompts: list[list[int]], floor: NF.NoiseFloor, ops) -> RungResult:
+    """Independent mode: N greedy tokens after every prompt, judged position by position. A position where
+    the SUT's token differs and the reference's top two logits are within the floor's tie gap is a
+    near-tie, not a failure; after any divergence the SUT continues from the reference's tokens
+    (teacher-forced through `generate`, or through `logits` when it has no generate), so every position is
+    scored. Raw match rate (free-running common prefix / N, the first prompt's), the agreement over scored
+    positions, and the rate excluding near-ties over all prompts, which must be >= 99 % (AC6)."""
+    parts = [(i, p) for i, ids in enumerate(prompts)
+             if (p := _greedy_positions(case, sut, ref, ids, floor.tie_gap, ops)) is not None]
+    if not parts:
+        return RungResult("greedy", "fail", "the reference generated no token: nothing to score")
+    cat = {k: np.concatenate([p[k] for _, p in parts]) for k in ("scored", "match", "tie")}
+    scored, match, tie = cat["scored"], cat["match"], cat["tie"]
     beyond = scored & ~tie
-    mismatch_beyond = np.flatnonzero(beyond & ~match)
+    n_tok = int(sum(len(p["b"]) for _, p in parts))
     metrics = {
-        "greedy_match_rate": raw_prefix / n, "greedy_tokens": float(len(b)), "scored_positions": float(scored.sum()),
+        "greedy_match_rate": parts[0][1]["raw_prefix"] / case.greedy_tokens, "greedy_tokens": float(n_tok),
+        "prompts": float(len(parts)), "scored_positions": float(scored.sum()),
         "agreement_scored": float(match[scored].mean()) if scored.any() else float("nan"),
         "near_ties": float((scored & tie).sum()), "near_tie_mismatches": float((scored & tie & ~match).sum()),
         "greedy_match_rate_excl_ties": float(match[beyond].mean()) if beyond.any() else 1.0,
-        "teacher_forced_restarts": float(restarts), "tie_gap": floor.tie_gap,
-        "near_tie_mismatch_gap_max": float(gap[scored & tie & ~match].max()) if (scored & tie & ~match).any() else 0.0,
+        "teacher_forced_restarts": float(sum(p["restarts"] for _, p in parts)), "tie_gap": floor.tie_gap,
+        "near_tie_mismatch_gap_max": max((float(p["gap"][p["scored"] & p["tie"] & ~p["match"]].max())
+                                          for _, p in parts if (p["scored"] & p["tie"] & ~p["match"]).any()),
+                                         default=0.0),
     }
     tol = Tolerance("greedy_match_rate_excl_ties", NF.AC6_GREEDY, ">=",
                     f"independent: AC6 (near-tie: reference's top-two gap <= {floor.tie_gap:.3g})",
                     "the seed's >= 99 % token match", floor=floor.tie_gap)
     check = NF.check(tol, metrics["greedy_match_rate_excl_ties"])
-    unscored = len(b) - int(scored.sum())
+    how = "generate" if "generate" in ops else "teacher-forced logits (no generate)"
+    unscored = n_tok - int(scored.sum())
     note = (f"; {unscored} positions unscored (teacher_forced_cap {case.teacher_forced_cap} restarts reached)"
             if unscored else "")
+    first_bad = next(((i, int(j), p) for i, p in parts
+                      for j in np.flatnonzero(p["scored"] & ~p["tie"] & ~p["match"])[:1]), None)
     if check.passed:
-        detail = (f"{len(b)} tokens ({how}): raw match {metrics['greedy_match_rate']:.3f} (prefix {raw_prefix}), "
-                  f"{int(metrics['near_tie_mismatches'])} near-tie divergences, "
-                  f"{metrics['greedy_match_rate_excl_ties']:.3f} excluding near-ties{note}")
+        detail = (f"{n_tok} tokens after {len(parts)} prompts ({how}): raw match {metrics['greedy_match_rate']:.3f} "
+                  f"(prompt 0, prefix {parts[0][1]['raw_prefix']}), {int(metrics['near_tie_mismatches'])} near-tie "
+                  f"divergences, {metrics['greedy_match_rate_excl_ties']:.3f} excluding near-ties{note}")
     else:
-        j = int(mismatch_beyond[0])
-        detail = (f"generated token {j}: {sut_tok[j]} (sut) vs {b[j]} (reference), whose top-two gap "
-                  f"{gap[j]:.3g} is beyond the tie gap {floor.tie_gap:.3g}; match excluding near-ties "
+        i, j, p = first_bad
+        detail = (f"prompt {i}, generated token {j}: {p['sut'][j]} (sut) vs {p['b'][j]} (reference), whose top-two "
+                  f"gap {p['gap'][j]:.3g} is beyond the tie gap {floor.tie_gap:.3g}; match excluding near-ties "
                   f"{metrics['greedy_match_rate_excl_ties']:.3f} < {NF.AC6_GREEDY:g}{note}")
     return RungResult("greedy", "pass" if check.passed else "fail", detail, metrics=metrics, checks=[check],
-                      first_bad_position=int(mismatch_beyond[0]) if mismatch_beyond.size else None)
+                      first_bad_position=first_bad[1] if first_bad else None)
 
 
 def rung_top1_by_generate(case: Case, sut, ref, prompts: list[list[int]], tie_gap: float,
@@ -506,7 +523,7 @@ def _engine_rungs(case, sut, ref, tol, record, run, n_layers: int, path, models_
             run(result)
     if "greedy" in case.rungs and prompts and not unsupported("greedy"):
         if floor:
-            run(rung_greedy_tie_aware(case, sut, ref, prompts[0], floor, ops))
+            run(rung_greedy_tie_aware(case, sut, ref, prompts, floor, ops))
         else:
             run(rung_greedy(case, sut, ref, prompts[0], tol))
     if "perplexity" in case.rungs and case.corpus and not unsupported("perplexity"):

@@ -80,8 +80,9 @@ RULES: dict[str, Rule] = {
 }
 # near-tie: the reference's top-two gap within the floor's spread of that gap, i.e. the largest change of the
 # reference's top-two gap from the definition's over the measured positions (its own noise flips such ties).
-# Measured 0.33-0.40 on the tiny models; legitimate variants' divergences were at gaps <= 0.13; the KV
-# position bug diverges at gaps 0.49-0.61 (bitnet-b1.58) but only <= 0.36 on arch bitnet (not caught there).
+# Measured 0.28-0.40 on the tiny models; legitimate variants' divergences were at gaps <= 0.18; the KV
+# position bug diverges at gaps 0.49-0.61 (bitnet-b1.58) and, on arch bitnet, at 1.29 after the code prompt
+# (after the other prompts only at <= 0.36: near-ties, which is why the greedy rung runs after every prompt).
 TIE_FACTOR = 1.0
 
 _MEMORY: dict[str, NoiseFloor] = {}

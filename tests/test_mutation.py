@@ -10,8 +10,9 @@ The default run covers every bug and three legitimate variants on two models (I2
 bitnet_ref:bitnet-cpp, TQ2_0 bitnet vs llama.cpp: both archs, both formats); `-m slow` runs the rest of
 the matrix. One bug is judged
 in `bit-exact` mode, as the README's table says: the int8 clamp at ±126 (inside the reference's own
-quantization noise: only an engine that claims the reference's arithmetic can be held to it). One bug
-is a known miss (MISSES, a strict xfail): the KV position bug on arch bitnet.
+quantization noise: only an engine that claims the reference's arithmetic can be held to it). The greedy
+rung generates after every prompt: the KV position bug flips tokens beyond the reference's tie spread
+after the code prompt on arch bitnet (after the other two, only near-ties).
 
     python tests/test_mutation.py      # the whole matrix as the README's markdown table (minutes)
 """
@@ -37,7 +38,7 @@ pytest.importorskip("llama_cpp", reason="llama-cpp-python (mainline llama.cpp) i
 ENGINE = Path(__file__).parent / "mutant_engine.py"
 LONG = next(c for c in tomllib.loads((CASES_DIR / "default.toml").read_text(encoding="utf-8"))["case"]
             if c["id"] == "tq2_0-bitnet-tiny-long-context")["prompts"][0]  # 403 tokens: RoPE errors grow with it
-PROMPTS = ["The quick brown fox jumps over the lazy dog.", LONG]
+PROMPTS = ["The quick brown fox jumps over the lazy dog.", LONG, "def add(a, b):\n    return a + b  # 2024-11-26\n"]
 MODELS = {  # (format, arch) -> reference
     ("i2_s", "bitnet-b1.58"): "bitnet_ref:bitnet-cpp",
     ("i2_s", "bitnet"): "bitnet_ref:bitnet-cpp",
@@ -56,12 +57,6 @@ def judged_mode(variant: str, arch: str) -> str:
     """independent, except the int8 clamp bug: it lives inside the reference's own quantization, so only an
     engine that claims the reference's arithmetic (bit-exact) can be held to it."""
     return "bit-exact" if variant == "int8-clamp-126" else "independent"
-
-
-# Known misses, each a strict xfail (a fix of the harness that catches it shows as XPASS):
-MISSES = {("kv-position-off-by-one", "bitnet"): "the KV position bug flips greedy tokens only where the reference's "
-          "top-two gap is <= 0.36, inside the reference's own tie spread (0.33-0.40) on the tiny arch-bitnet models; "
-          "its decode logits are far off (KL 0.06, 25x the floor) but the protocol's generate shows tokens only"}
 
 
 class Memo:
@@ -120,8 +115,6 @@ def _params():
         for name, v in mutants.VARIANTS.items():
             if fmt in v.formats:
                 marks = [] if name in DEFAULT.get((fmt, arch), ()) else [pytest.mark.slow]
-                if (name, arch) in MISSES:
-                    marks = marks + [pytest.mark.xfail(reason=MISSES[name, arch], strict=True, raises=AssertionError)]
                 out.append(pytest.param(fmt, arch, name, id=f"{fmt}-{arch}-{name}", marks=marks))
     return out
 
