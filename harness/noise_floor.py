@@ -47,7 +47,7 @@ from .engines.base import EngineError, NotSupported, file_sha256
 from .records import Check
 from .tolerances import METRICS, Tolerance, Tolerances
 
-FLOOR_VERSION = 2
+FLOOR_VERSION = 3
 AC6_GREEDY = 0.99  # the seed's acceptance criterion: >= 99% greedy token match (near-ties excluded)
 AC5_PPL = 1e-3  # the seed's acceptance criterion: perplexity within 0.1 %
 
@@ -162,15 +162,15 @@ def measure(reference: str, ref, model_path, prompts: list[list[int]], *, corpus
         floor.tie_gap = TIE_FACTOR * floor.overall["top2_gap_change_max"]
         if corpus:
             ids = ref.tokenize(Path(corpus).read_text(encoding="utf-8"))
-            try:
-                pa, pb = exact.perplexity(ids, ctx), ref.perplexity(ids, ctx)
-                floor.corpus = {"ppl_exact": pa.ppl, "ppl_reference": pb.ppl,
-                                "ppl_rel_diff": abs(pa.ppl / pb.ppl - 1.0)}
+            try:  # both from logits, llama-perplexity's convention (harness.stats.chunk_nll)
                 from .stats import chunk_nll
 
-                d = chunk_nll(exact.logits, ids, ctx, ids[0]) - chunk_nll(ref.logits, ids, ctx, ids[0])
-                floor.corpus.update(nll_pairs=int(d.size), nll_mean_diff=float(d.mean()),
-                                    nll_diff_se=float(d.std(ddof=1) / math.sqrt(d.size)) if d.size > 1 else 0.0)
+                nll_e, nll_r = chunk_nll(exact.logits, ids, ctx, ids[0]), chunk_nll(ref.logits, ids, ctx, ids[0])
+                d = nll_e - nll_r
+                floor.corpus = {"ppl_exact": math.exp(nll_e.mean()), "ppl_reference": math.exp(nll_r.mean()),
+                                "ppl_rel_diff": abs(math.expm1(d.mean())), "nll_pairs": int(d.size),
+                                "nll_mean_diff": float(d.mean()),
+                                "nll_diff_se": float(d.std(ddof=1) / math.sqrt(d.size)) if d.size > 1 else 0.0}
             except (NotSupported, EngineError) as e:
                 floor.note += f"no corpus perplexity floor ({str(e).splitlines()[0]}); "
     floor.seconds = time.perf_counter() - t0
