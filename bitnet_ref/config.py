@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 from .errors import model_error
@@ -24,6 +25,8 @@ REQUIRED_KEYS = (
 # one is corruption, and taking it at face value would build billions of tensor names.
 LIMITS = {"context_length": 1 << 24, "embedding_length": 1 << 17, "block_count": 4096,
           "feed_forward_length": 1 << 20, "attention.head_count": 4096, "attention.head_count_kv": 4096}
+# the required keys that are real numbers; the others are integers
+FLOAT_KEYS = ("attention.layer_norm_rms_epsilon",)
 LAYER_TENSORS = ("attn_norm", "attn_q", "attn_k", "attn_v", "attn_output", "attn_sub_norm",
                  "ffn_norm", "ffn_gate", "ffn_up", "ffn_down", "ffn_sub_norm")
 PROJECTIONS = ("attn_q", "attn_k", "attn_v", "attn_output", "ffn_gate", "ffn_up", "ffn_down")
@@ -113,19 +116,20 @@ class ModelConfig:
                 raise model_error("missing-metadata", f"{key} is missing (the references require it)",
                                   "add the key with the converter (see FORMATS.md's required list)",
                                   path=path, key=key)
-            if isinstance(v, bool) or not isinstance(v, (int, float)) or v <= 0:
-                raise model_error("bad-metadata", f"{key} = {v!r} is not a positive number",
-                                  "fix the converter that wrote this file", path=path, key=key)
-            if k in LIMITS and v > LIMITS[k]:
-                raise model_error("bad-metadata", f"{key} = {v!r} is implausibly large (limit {LIMITS[k]})",
-                                  "the value is corrupt: the file is damaged or its converter is broken",
-                                  path=path, key=key)
-            values[k] = v
+            values[k] = _check_number(key, v, path, integer=k not in FLOAT_KEYS, limit=LIMITS.get(k))
         tokens = meta.get("tokenizer.ggml.tokens")
-        vocab = meta.get(f"{arch}.vocab_size") or (len(tokens) if tokens is not None else 0)
-        heads = int(values["attention.head_count"])
-        kv_heads = int(values["attention.head_count_kv"])
-        hidden = int(values["embedding_length"])
+        vocab_key = f"{arch}.vocab_size"
+        if meta.get(vocab_key) is not None:
+            vocab = _check_number(vocab_key, meta[vocab_key], path, integer=True, limit=1 << 24)
+        else:
+            vocab = len(tokens) if isinstance(tokens, list) else 0
+        rope_key = f"{arch}.rope.freq_base"
+        rope_theta = 10000.0
+        if meta.get(rope_key) is not None:
+            rope_theta = float(_check_number(rope_key, meta[rope_key], path, integer=False, limit=None))
+        heads = values["attention.head_count"]
+        kv_heads = values["attention.head_count_kv"]
+        hidden = values["embedding_length"]
         if hidden % heads or heads % kv_heads:
             raise model_error(
                 "bad-metadata",
@@ -134,9 +138,34 @@ class ModelConfig:
                 "fix the hyper-parameters", path=path, key=f"{arch}.attention.head_count",
             )
         return cls(
-            arch=arch, hidden=hidden, ffn=int(values["feed_forward_length"]),
-            layers=int(values["block_count"]), heads=heads, kv_heads=kv_heads, vocab=int(vocab),
-            context=int(values["context_length"]),
+            arch=arch, hidden=hidden, ffn=values["feed_forward_length"],
+            layers=values["block_count"], heads=heads, kv_heads=kv_heads, vocab=vocab,
+            context=values["context_length"],
             rms_eps=float(values["attention.layer_norm_rms_epsilon"]),
-            rope_theta=float(meta.get(f"{arch}.rope.freq_base", 10000.0)),
+            rope_theta=rope_theta,
         )
+
+
+def _check_number(key: str, v, path: str | None, integer: bool, limit: int | None):
+    """`v` as a positive int (integer=True) or a positive finite number; ModelError otherwise. A float
+    where an integer belongs is refused rather than truncated: int(0.5) == 0 would pass a `> 0` check and
+    divide by zero later (a single flipped bit does it)."""
+    if isinstance(v, bool) or not isinstance(v, (int, float)):
+        raise model_error("bad-metadata", f"{key} = {v!r} is not a number",
+                          "fix the converter that wrote this file", path=path, key=key)
+    if isinstance(v, float) and not math.isfinite(v):
+        raise model_error("metadata-not-finite", f"{key} = {v!r} is not a finite number",
+                          "the value is corrupt (NaN or infinity): the file is damaged or its converter is broken",
+                          path=path, key=key)
+    if integer and not isinstance(v, int):
+        raise model_error("metadata-not-integer", f"{key} = {v!r} is a float; it must be an integer",
+                          "write the key as an integer type (the references read it as uint32): the file is "
+                          "damaged or its converter is broken", path=path, key=key)
+    if v <= 0:
+        raise model_error("bad-metadata", f"{key} = {v!r} is not a positive number",
+                          "fix the converter that wrote this file", path=path, key=key)
+    if limit is not None and v > limit:
+        raise model_error("bad-metadata", f"{key} = {v!r} is implausibly large (limit {limit})",
+                          "the value is corrupt: the file is damaged or its converter is broken",
+                          path=path, key=key)
+    return v

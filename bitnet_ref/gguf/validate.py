@@ -5,6 +5,7 @@ it loads but something is degraded or ambiguous.
 Finding codes (stable; tools match on them):
   bad-alignment, tensor-misaligned, tensor-out-of-bounds, tensor-overlap, tensor-gap, unknown-type,
   tensor-shape-not-blockable, duplicate-tensor, duplicate-key, missing-metadata, bad-metadata,
+  metadata-not-integer (a float where an integer belongs), metadata-not-finite (NaN or infinity),
   unsupported-architecture, missing-tensor, tensor-shape-mismatch, unused-tensor, non-finite-scale,
   non-finite-norm, missing-tokenizer, tokenizer-size-mismatch, tokenizer-inconsistent, missing-merges,
   missing-pre-tokenizer, special-token-out-of-range, i2s-flavour-unknown, type-39-is-mxfp4,
