@@ -78,13 +78,18 @@ from .base import Engine, EngineError, EngineInfo, NotSupported, Perplexity, Rec
 PROTOCOL = 1
 TAIL_CHARS = 3000
 NPY_THRESHOLD = 1 << 22  # floats: above this the harness asks for a .npy file (16 MiB of float32)
+# The longest response line read (bytes): memory stays bounded whatever an engine writes. Base64 logits of
+# 512 positions x 128256 tokens are ~350 MB; larger outputs go through the .npy path once the vocabulary is known.
+MAX_LINE = 1 << 30
+MAX_TOKEN_ID = (1 << 31) - 1
 GREEDY = Sampling()
 
 
 class JsonlEngine(Engine):
     def __init__(self, command: list[str], model: str | os.PathLike, *, timeout: float = 120.0,
                  hello_timeout: float | None = None, env: dict | None = None, cwd: str | os.PathLike | None = None,
-                 npy_threshold: int = NPY_THRESHOLD):
+                 npy_threshold: int = NPY_THRESHOLD, max_line: int = MAX_LINE):
+        self.max_line = max_line
         self.command = [str(c) for c in command]
         self.model = Path(model)
         if not self.model.is_file():
@@ -123,6 +128,9 @@ class JsonlEngine(Engine):
         if h.get("protocol", PROTOCOL) != PROTOCOL:
             raise self._fail(f"engine speaks protocol {h.get('protocol')}, the harness {PROTOCOL}")
         r = h.get("receipt") or {}
+        if not isinstance(r, dict) or not all(isinstance(r.get(k), (str, type(None)))
+                                              for k in ("model", "artifact", "artifact_sha256")):
+            raise self._fail(f"handshake's receipt must be an object with string paths: {str(r)[:300]}")
         self.receipt.engine, self.receipt.version = self._info.name, self._info.version
         claimed_model = r.get("model")
         if claimed_model and Path(claimed_model).resolve() != self.model.resolve():
@@ -207,6 +215,8 @@ class JsonlEngine(Engine):
             if not chunk:
                 raise EOFError
             self._buf += chunk
+            if len(self._buf) > self.max_line and b"\n" not in self._buf:
+                raise OverflowError
         line, self._buf = self._buf.split(b"\n", 1)
         return line
 
@@ -229,6 +239,9 @@ class JsonlEngine(Engine):
             except TimeoutError:
                 raise self._fail(f"request {rid} ({op}) timed out after {timeout:g} s; process group "
                                  f"{self.proc.pid} killed") from None
+            except OverflowError:
+                raise self._fail(f"engine's response to request {rid} ({op}) exceeds {self.max_line} bytes "
+                                 f"without a newline") from None
             except EOFError:
                 try:
                     self.proc.wait(timeout=2)
@@ -244,13 +257,18 @@ class JsonlEngine(Engine):
             resp = json.loads(line)
             if not isinstance(resp, dict):
                 raise ValueError("not an object")
-        except ValueError:
+        except (ValueError, RecursionError):
             shown = line[:500].decode("utf-8", "replace")
             raise self._fail(f"engine answered request {rid} ({op}) with a line that is not a JSON object: "
                              f"{shown!r}") from None
-        if resp.get("id") != rid:
+        if type(resp.get("id")) is not int or resp.get("id") != rid:
             raise self._fail(f"engine answered request {rid} ({op}) with id {resp.get('id')!r}")
-        for name, seconds in (resp.get("timings") or {}).items():
+        timings = resp.get("timings") or {}
+        if not isinstance(timings, dict) or not all(
+                type(v) in (int, float) and np.isfinite(v) for v in timings.values()):
+            raise self._fail(f"engine's {op} response has timings that are not an object of finite numbers: "
+                             f"{str(timings)[:300]}")
+        for name, seconds in timings.items():
             key = f"{op}.engine_{name}"
             self.receipt.timings[key] = self.receipt.timings.get(key, 0.0) + float(seconds)
         if resp.get("ok") is not True:
@@ -265,6 +283,13 @@ class JsonlEngine(Engine):
             raise self._fail(f"engine's {op} response lacks {key!r}: {str(resp)[:300]}")
         return resp[key]
 
+    def _ids(self, resp: dict, op: str) -> list[int]:
+        ids = self._field(resp, "ids", op)
+        if not isinstance(ids, list) or not all(type(i) is int and 0 <= i <= MAX_TOKEN_ID for i in ids):
+            raise self._fail(f"engine's {op} response: 'ids' must be a list of non-negative integer token ids, "
+                             f"got {str(ids)[:300]}")
+        return ids
+
     # -- Engine ---------------------------------------------------------------------------------------
     def info(self) -> EngineInfo:
         return self._info
@@ -272,12 +297,15 @@ class JsonlEngine(Engine):
     def tokenize(self, text: str, add_bos: bool = True) -> list[int]:
         with self.timed("tokenize"):
             r = self._request("tokenize", {"text": text, "add_bos": add_bos})
-        return [int(i) for i in self._field(r, "ids", "tokenize")]
+        return self._ids(r, "tokenize")
 
     def detokenize(self, ids: list[int]) -> str:
         with self.timed("detokenize"):
             r = self._request("detokenize", {"ids": [int(i) for i in ids]})
-        return str(self._field(r, "text", "detokenize"))
+        text = self._field(r, "text", "detokenize")
+        if not isinstance(text, str):
+            raise self._fail(f"engine's detokenize response: 'text' must be a string, got {str(text)[:300]}")
+        return text
 
     def logits(self, ids: list[int], vocab_hint: int | None = None) -> np.ndarray:
         ids = [int(i) for i in ids]
@@ -290,14 +318,26 @@ class JsonlEngine(Engine):
             r = self._request("logits", args)
             spec = self._field(r, "logits", "logits")
             try:
+                if not isinstance(spec, dict):
+                    raise TypeError(f"'logits' must be an object, got {str(spec)[:100]}")
+                shape = spec.get("shape")
+                if (not isinstance(shape, list) or len(shape) != 2
+                        or not all(type(x) is int and x >= 0 for x in shape)):
+                    raise ValueError(f"shape must be [T, V] of non-negative integers, got {str(shape)[:100]}")
                 if "npy" in spec:
+                    if not isinstance(spec["npy"], str):
+                        raise TypeError(f"npy must be a path, got {str(spec['npy'])[:100]}")
                     arr = np.load(spec["npy"], allow_pickle=False).astype(np.float32, copy=False)
                 else:
                     if spec.get("dtype", "<f4") != "<f4":
-                        raise ValueError(f"dtype {spec['dtype']!r}, expected '<f4'")
+                        raise ValueError(f"dtype {str(spec['dtype'])[:100]!r}, expected '<f4'")
+                    if not isinstance(spec.get("b64"), str):
+                        raise TypeError("b64 must be a string")
                     arr = np.frombuffer(base64.b64decode(spec["b64"], validate=True), dtype="<f4")
-                    arr = arr.reshape([int(s) for s in spec["shape"]]).astype(np.float32)
-            except (ValueError, KeyError, TypeError, OSError) as e:
+                    arr = arr.reshape(shape).astype(np.float32)
+                if list(arr.shape) != shape:
+                    raise ValueError(f"the array has shape {list(arr.shape)}, the response says {shape}")
+            except (ValueError, KeyError, TypeError, OSError, EOFError) as e:
                 raise EngineError(f"engine's logits are unreadable ({e}); engine: {shlex.join(self.command)}") from e
         if arr.ndim != 2 or arr.shape[0] != len(ids):
             raise EngineError(f"engine returned logits of shape {arr.shape} for {len(ids)} tokens")
@@ -309,12 +349,16 @@ class JsonlEngine(Engine):
              "seed": sampling.seed}
         with self.timed("generate"):
             r = self._request("generate", {"ids": [int(i) for i in ids], "n": int(n), "sampling": s})
-        return [int(i) for i in self._field(r, "ids", "generate")]
+        return self._ids(r, "generate")
 
     def perplexity(self, ids: list[int], ctx: int, convention: str = "llama-perplexity") -> Perplexity:
         with self.timed("perplexity"):
             r = self._request("perplexity", {"ids": [int(i) for i in ids], "ctx": int(ctx), "convention": convention})
         try:
+            nums = [r["ppl"], r["nll"], *r.get("per_chunk", [])]
+            if not all(type(x) in (int, float) for x in nums) or not all(
+                    type(r.get(k, 0)) is int for k in ("n_scored", "ctx")):
+                raise TypeError("ppl, nll and per_chunk must be numbers, n_scored and ctx integers")
             return Perplexity(ppl=float(r["ppl"]), nll=float(r["nll"]), n_scored=int(r["n_scored"]),
                               convention=str(r.get("convention", convention)), ctx=int(r.get("ctx", ctx)),
                               per_chunk=[float(x) for x in r.get("per_chunk", [])])
