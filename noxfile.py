@@ -9,6 +9,8 @@ import nox
 nox.options.sessions = ["tests"]
 nox.options.reuse_existing_virtualenvs = True
 
+FUZZ_TESTS = ["tests/test_fuzz_gguf.py", "tests/test_fuzz_engine.py", "tests/test_fuzz_inputs.py",
+              "tests/test_fuzz_corpus.py"]
 # llama-cpp-python compiles llama.cpp on install (minutes on 2 cores; pip caches the wheel afterwards)
 BUILD_ENV = {"CMAKE_BUILD_PARALLEL_LEVEL": str(os.cpu_count() or 2)}
 
@@ -30,9 +32,14 @@ def tests(session: nox.Session) -> None:
 
 @nox.session
 def fuzz(session: nox.Session) -> None:
-    """The malformed-file property tests with many more examples than the default run."""
+    """Every fuzz property with 1e5 examples in all (BITNET_FUZZ_TOTAL; each property's share is in
+    tests/fuzz_budget.py and the README): malformed GGUF files (reader, validator, formats), mutated files that
+    still validate through the engine (every profile and format, native kernels and numpy), tokenizers, the
+    documents a user writes, JSON-lines engine responses, and the corpus of past crashers."""
     _install(session)
-    session.run("pytest", "-q", "tests/test_fuzz_gguf.py", *session.posargs, env={"BITNET_FUZZ_EXAMPLES": "3000"})
+    total = os.environ.get("BITNET_FUZZ_TOTAL", "100000")
+    session.run("pytest", "-q", "-p", "no:cacheprovider", *FUZZ_TESTS, *session.posargs,
+                env={"BITNET_FUZZ_TOTAL": total})
 
 
 @nox.session
@@ -98,7 +105,9 @@ def neon(session: nox.Session) -> None:
 @nox.session
 def sanitize(session: nox.Session) -> None:
     """The native kernels built with -fsanitize=address,undefined (a separate build in a temp dir) under
-    tests/test_kernels.py and tests/test_layer_kernel.py. The build is loaded through BITNET_KERNELS_PATH (the
+    tests/test_kernels.py, tests/test_layer_kernel.py and the engine-level fuzz property
+    (tests/test_fuzz_engine.py: its worker processes inherit the sanitizer environment; BITNET_FUZZ_TOTAL
+    raises its example count). The build is loaded through BITNET_KERNELS_PATH (the
     test suite fails if it does not load). A Python host needs the ASan runtime first in the process:
     LD_PRELOAD=$(cc -print-file-name=libasan.so) (the compiler that built the extension);
     ASAN_OPTIONS=detect_leaks=0 because the interpreter itself leaks by design; PYTHONMALLOC=malloc so that
@@ -116,7 +125,7 @@ def sanitize(session: nox.Session) -> None:
     cc = (sysconfig.get_config_var("CC") or "cc").split()[0]
     libasan = subprocess.run([cc, "-print-file-name=libasan.so"], capture_output=True, text=True).stdout.strip()
     session.run("pytest", "-q", "-p", "no:cacheprovider", "tests/test_kernels.py", "tests/test_layer_kernel.py",
-                *session.posargs,
+                "tests/test_fuzz_engine.py", *session.posargs,
                 env={"BITNET_KERNELS_PATH": os.path.join(out, "sanitize", built[0]), "LD_PRELOAD": libasan,
                      "ASAN_OPTIONS": "detect_leaks=0:abort_on_error=1", "PYTHONMALLOC": "malloc",
                      "UBSAN_OPTIONS": "print_stacktrace=1:halt_on_error=1", "BITNET_KERNEL_EXAMPLES": "100"})

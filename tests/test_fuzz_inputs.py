@@ -13,7 +13,8 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from hypothesis import assume, given
+from fuzz_budget import examples
+from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from bitnet_ref import vocab as V
@@ -68,6 +69,7 @@ def replace_node(doc, path: list[int], value):
 CASES_TEXT = (ROOT / "cases" / "default.toml").read_text(encoding="utf-8")
 
 
+@settings(max_examples=examples("cases"))
 @given(muts=st.lists(text_mutation, min_size=1, max_size=4))
 def test_mutated_cases_toml_give_case_error(muts, tmp_path_factory):
     d = tmp_path_factory.mktemp("cases")
@@ -83,6 +85,7 @@ def test_mutated_cases_toml_give_case_error(muts, tmp_path_factory):
 BASELINE_FILES = sorted((ROOT / "baselines").glob("*/*.json"))
 
 
+@settings(max_examples=examples("baselines-json"))
 @given(which=st.integers(0, 1 << 10), path=st.lists(st.integers(0, 1 << 10), max_size=5), value=json_value)
 def test_mutated_baselines_give_baseline_error(which, path, value):
     src = BASELINE_FILES[which % len(BASELINE_FILES)]
@@ -93,6 +96,7 @@ def test_mutated_baselines_give_baseline_error(which, path, value):
         assert str(src) in str(e), e
 
 
+@settings(max_examples=examples("baselines-text"))
 @given(muts=st.lists(text_mutation, min_size=1, max_size=3))
 def test_mutated_baseline_text_gives_baseline_error(muts, tmp_path_factory):
     from harness import baselines as B
@@ -100,8 +104,7 @@ def test_mutated_baseline_text_gives_baseline_error(muts, tmp_path_factory):
     src = BASELINE_FILES[0]
     doc = json.loads(src.read_text(encoding="utf-8"))
     d = tmp_path_factory.mktemp("baselines")
-    key = B.BaselineKey(**doc["key"]) if hasattr(B.BaselineKey, "__dataclass_fields__") else None
-    assume(key is not None)
+    key = B.BaselineKey(**doc["key"])
     target = B.path_for(d, doc["platform"], key)
     target.parent.mkdir(parents=True, exist_ok=True)
     target.write_text(mutate_text(src.read_text(encoding="utf-8"), muts), encoding="utf-8")
@@ -123,6 +126,7 @@ size = 1187801280
 """ % ("ab" * 32)
 
 
+@settings(max_examples=examples("lock"))
 @given(muts=st.lists(text_mutation, min_size=1, max_size=4))
 def test_mutated_lock_gives_lock_error(muts, tmp_path_factory):
     p = tmp_path_factory.mktemp("lock") / "models.lock"
@@ -170,6 +174,7 @@ texts = st.one_of(st.text(max_size=64),
 
 
 @pytest.mark.parametrize("kind", ["bpe-tiny", "spm-tiny", "llama3"])
+@settings(max_examples=examples("tokenizer-round-trip"))
 @given(text=texts)
 def test_tokenizer_round_trip(kind, text):
     tok = tokenizer(kind)
@@ -179,6 +184,7 @@ def test_tokenizer_round_trip(kind, text):
 
 
 @pytest.mark.parametrize("kind", ["bpe-tiny", "spm-tiny", "llama3"])
+@settings(max_examples=examples("tokenizer-decode"))
 @given(ids=st.lists(st.integers(-5, 200000), max_size=16), special=st.booleans())
 def test_tokenizer_decode_any_ids(kind, ids, special):
     tok = tokenizer(kind)
@@ -258,6 +264,7 @@ replies = st.one_of(
 )
 
 
+@settings(max_examples=examples("jsonl"))
 @given(op=st.sampled_from(sorted(VALID)), reply=replies)
 def test_jsonl_engine_responses_give_engine_error(op, reply):
     base = {"id": "__ID__", "ok": True, **VALID[op]}
