@@ -34,3 +34,31 @@ def test_gguf_crasher(case, tmp_path):
     except ModelError as e:
         codes = [e.code]
     assert spec["expect_code"] in codes, codes
+
+
+@pytest.mark.parametrize("key,value,code", [
+    ("bitnet-b1.58.embedding_length", 256.0, "metadata-not-integer"),
+    ("bitnet-b1.58.attention.head_count", 0.5, "metadata-not-integer"),  # int(0.5) == 0: the modulo by zero
+    ("bitnet-b1.58.block_count", float("inf"), "metadata-not-finite"),
+    ("bitnet-b1.58.attention.layer_norm_rms_epsilon", float("nan"), "metadata-not-finite"),
+    ("bitnet-b1.58.rope.freq_base", float("inf"), "metadata-not-finite"),
+    ("bitnet-b1.58.vocab_size", 512.0, "metadata-not-integer"),
+    ("tokenizer.ggml.scores", 5, "tokenizer-inconsistent"),  # len() of a scalar was a TypeError
+    ("tokenizer.ggml.token_type", "x", "tokenizer-inconsistent"),
+])
+def test_metadata_of_the_wrong_kind(tmp_path, key, value, code):
+    """Crafted: floats, NaN, infinities and scalars where the metadata needs integers or arrays are findings
+    (validate) and ModelError with the same code (Model.load), never another exception."""
+    from gguf_edit import rewrite, tiny_model
+
+    from bitnet_ref.gguf.validate import validate_file
+    from bitnet_ref.model import Model
+
+    src = tiny_model(tmp_path, fmt="i2_s", arch="bitnet-b1.58")
+    bad = rewrite(src, tmp_path / "bad.gguf", set_keys={key: value})
+    found = [f for f in validate_file(bad) if f.severity == "error"]
+    assert [f.code for f in found] == [code] and found[0].key == key and found[0].hint, found
+    if not key.startswith("tokenizer."):
+        with pytest.raises(ModelError) as e:
+            Model.load(bad, "bitnet-cpp")
+        assert e.value.code == code

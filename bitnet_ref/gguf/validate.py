@@ -236,7 +236,10 @@ def _check_tokenizer(gf: GGUFFile, out: _Findings) -> None:
                     "the vocabulary and the embedding must have one row per token", key="tokenizer.ggml.tokens")
     for key in ("tokenizer.ggml.token_type", "tokenizer.ggml.scores"):
         arr = gf.get(key)
-        if arr is not None and len(arr) != n:
+        if arr is not None and not isinstance(arr, (list, tuple, np.ndarray)):
+            out.add("tokenizer-inconsistent", ERROR, f"{key} is a {type(arr).__name__}, not an array",
+                    "rewrite the tokenizer metadata with one entry per token", key=key)
+        elif arr is not None and len(arr) != n:
             out.add("tokenizer-inconsistent", ERROR, f"{key} has {len(arr)} entries for {n} tokens",
                     "rewrite the tokenizer metadata with one entry per token", key=key)
     if model == "gpt2":
