@@ -76,14 +76,27 @@ class Worker:
     def kill(self) -> None:
         self.proc.kill()
         self.proc.wait()
+        for f in (self.proc.stdin, self.proc.stdout, self.proc.stderr):
+            f.close()
+        self.sel.close()
 
 
 _WORKERS: dict[bool, Worker] = {}
 
 
+@pytest.fixture(autouse=True, scope="module")
+def _stop_workers():
+    yield
+    for w in _WORKERS.values():
+        w.kill()
+    _WORKERS.clear()
+
+
 def worker(kernels: bool) -> Worker:
     w = _WORKERS.get(kernels)
     if w is None or not w.alive():
+        if w is not None:
+            w.kill()
         w = _WORKERS[kernels] = Worker(kernels)
     return w
 

@@ -215,6 +215,13 @@ class _Scripted:
 
 
 _SCRIPTED = _Scripted()
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _stop_scripted():
+    yield
+    if _SCRIPTED.engine is not None:
+        _SCRIPTED.engine.close()
 IDS = [1, 2]
 F32 = base64.b64encode(np.arange(6, dtype="<f4").tobytes()).decode()
 VALID = {
