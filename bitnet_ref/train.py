@@ -557,8 +557,13 @@ def read_model(path: str | os.PathLike) -> tuple[ModelConfig, VocabSpec, Tensors
             if len(shape) == 1:
                 norms[name] = fmt.decode(gf.tensor_bytes(ti), ti.shape).astype(np.float32)
             else:
-                tern = fmt.unpack(gf.tensor_bytes(ti), ti.shape)
-                ternary[name] = (tern.values.astype(np.int8), float(np.asarray(tern.scale).reshape(-1)[0]))
+                if fmt.ternary:
+                    tern = fmt.unpack(gf.tensor_bytes(ti), ti.shape)
+                    ternary[name] = (tern.values.astype(np.int8), float(np.asarray(tern.scale).reshape(-1)[0]))
+                else:  # F32/F16 of a ternary model: every weight is 0 or +-scale
+                    w = fmt.decode(gf.tensor_bytes(ti), ti.shape)
+                    scale = float(np.abs(w).max())
+                    ternary[name] = (np.rint(w / scale if scale else w).astype(np.int8), scale)
         info = {k: meta[f"bitnet_crossval.train.{k}"] for k in TRAIN_KEYS if f"bitnet_crossval.train.{k}" in meta}
 
         def ids(key):

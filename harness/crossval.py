@@ -75,6 +75,21 @@ def unavailable_reason(case: Case, reference: str) -> str | None:
     if case.format == "tl1" and reference.startswith("bitnet_cpp") and _platform.machine() not in ("aarch64", "arm64"):
         return ("TL1 kernels are ARM-only: bitnet.cpp compiles them for aarch64 (GGML_BITNET_ARM_TL1); this "
                 f"machine is {_platform.machine()}")
+    if case.format == "tl2" and reference == "bitnet_cpp_tl2" and "trained" in case.model:
+        import os
+
+        from bitnet_ref.train import ARCH, shipped_path
+        from harness.references import model_shapes, read_manifest
+
+        build = os.environ.get("BITNET_CPP_TL2_DIR")
+        manifest = read_manifest(build) if build else None
+        if manifest is not None:
+            have = {(int(k[0]), int(k[1])) for k in manifest.get("kernels") or []}
+            missing = sorted(set(model_shapes(shipped_path(case.model["trained"].get("arch", ARCH)))) - have)
+            if missing:
+                return (f"the TL2 build in BITNET_CPP_TL2_DIR={build} has no kernels for the trained model's shapes "
+                        f"{missing}: rebuild it with `bitnet-xval reference bitnet.cpp --variant tl2 --model "
+                        f"models/trained-bitnet-b1.58-i2_s.gguf` (as .ci/run does)")
     return None
 
 

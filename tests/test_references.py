@@ -143,6 +143,14 @@ def test_tl2_shapes_union_of_preset_and_models(tmp_path):
         R.tl2_shapes([], preset="huge")
 
 
+def test_trained_model_shapes_have_tl2_tilings():
+    from bitnet_ref.train import SHIPPED
+
+    shapes = R.model_shapes(SHIPPED)
+    assert shapes == [(128, 256), (256, 256), (256, 768), (768, 256)]
+    assert [t[:2] for t in R.tl2_tilings(shapes)] == shapes
+
+
 def test_generated_kernels_equal_the_generators_own_output(tmp_path):
     """Our driver of utils/codegen_tl2.py, given the shapes and tilings setup_env.py gives it for
     bitnet_b1_58-large, writes the very header and config the script's command line writes."""
