@@ -132,8 +132,8 @@ def test_held_out_documents_are_not_trained_on(corpus):
 
 
 @pytest.mark.skipif(not os.environ.get("BITNET_TRAIN_TESTS"),
-                    reason="training tests need JAX (pip install -e .[train]) and BITNET_TRAIN_TESTS=1; "
-                           "nox -s train runs them")
+                    reason="training (about a minute) runs only with BITNET_TRAIN_TESTS=1 and JAX installed "
+                           "(pip install -e .[train])")
 def test_training_is_deterministic_and_its_forward_is_the_engines(tmp_path):
     pytest.importorskip("jax", reason="JAX is missing: pip install -e .[train]")
     import jax.numpy as jnp
