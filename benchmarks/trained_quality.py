@@ -14,7 +14,6 @@ import argparse
 import math
 import tempfile
 import time
-from pathlib import Path
 
 import numpy as np
 
@@ -23,13 +22,7 @@ from bitnet_ref.generate import generate
 from bitnet_ref.model import Model
 from bitnet_ref.tokenizer import Tokenizer
 
-HELD_OUT = Path(__file__).resolve().parent.parent / "cases" / "corpus" / "heldout.txt"
-PROMPTS = [
-    "A dictionary display is a possibly empty series of",
-    "Methods are functions that are called using the attribute notation.",
-    "Insert item x in list a, and keep it sorted",
-    "Generic (shallow and deep) copying operations.",
-]
+HELD_OUT, PROMPTS = T.HELD_OUT_TEXT, T.HELD_OUT_PROMPTS
 PAIRS = [("f32", "exact"), ("i2_s", "bitnet-cpp"), ("tl2", "bitnet-cpp"), ("f32", "bitnet-cpp"),
          ("tq2_0", "llama-cpp"), ("tq1_0", "llama-cpp"), ("f16", "llama-cpp"), ("f32", "llama-cpp")]
 

@@ -68,6 +68,14 @@ def shipped_path(arch: str = ARCH) -> Path:
 
 SHIPPED = shipped_path(ARCH)
 HELD_OUT_EVERY = 20
+# the held-out text the quality checks and the default cases score, and prompts from held-out documents
+HELD_OUT_TEXT = Path(__file__).resolve().parent.parent / "cases" / "corpus" / "heldout.txt"
+HELD_OUT_PROMPTS = [
+    "A dictionary display is a possibly empty series of",
+    "Methods are functions that are called using the attribute notation.",
+    "Insert item x in list a, and keep it sorted",
+    "Generic (shallow and deep) copying operations.",
+]
 # standard-library folders whose docstrings are left out (tests, demos, vendored code)
 SKIP_DIRS = {"test", "tests", "idlelib", "turtledemo", "site-packages", "lib2to3", "ensurepip", "__pycache__",
              "config-3.11-x86_64-linux-gnu", "pydoc_data"}
@@ -435,7 +443,8 @@ def train(cfg: TrainConfig, out_dir: Path, command: str, log=print) -> Path:
             "python": corpus.python, "jax": jax.__version__, "held_out_loss": evals[-1][1],
             "train_loss": float(np.mean(losses[-50:])), "minutes": round(minutes, 1),
             "config": json.dumps(asdict(cfg), sort_keys=True)}
-    path = write_model(out_dir / f"trained-{cfg.arch}-i2_s.gguf", "i2_s", cfg.model_config(), vocab, model_tensors(weights), info)
+    path = write_model(out_dir / f"trained-{cfg.arch}-i2_s.gguf", "i2_s", cfg.model_config(), vocab,
+                       model_tensors(weights), info)
     (out_dir / "train-log.json").write_text(json.dumps(
         {**info, "loss": [round(x, 4) for x in losses], "held_out": evals}, indent=1) + "\n")
     log(f"wrote {path} (held-out loss {evals[-1][1]:.3f}, {minutes:.1f} min)")

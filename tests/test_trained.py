@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import math
 import os
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -20,13 +19,7 @@ from bitnet_ref.generate import generate, perplexity_llama
 from bitnet_ref.model import Model
 from bitnet_ref.tokenizer import Tokenizer
 
-HELD_OUT = Path(__file__).resolve().parent.parent / "cases" / "corpus" / "heldout.txt"
-PROMPTS = [
-    "A dictionary display is a possibly empty series of",
-    "Methods are functions that are called using the attribute notation.",
-    "Insert item x in list a, and keep it sorted",
-    "Generic (shallow and deep) copying operations.",
-]
+HELD_OUT, PROMPTS = T.HELD_OUT_TEXT, T.HELD_OUT_PROMPTS
 
 
 @pytest.fixture(scope="module")
