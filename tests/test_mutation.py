@@ -6,12 +6,12 @@ must FAIL (at first_logits or earlier where it shows there, localized where inte
 every legitimate variant must PASS. The reference is bitnet_ref in the reference's emulation profile
 (bitnet-cpp for I2_S, llama-cpp for TQ2_0) and mainline llama.cpp for TQ2_0 on arch bitnet.
 
-The default run covers every bug (the int8 clamp is slow) and two legitimate variants on two models
-(I2_S bitnet-b1.58 vs bitnet_ref:bitnet-cpp, TQ2_0 bitnet vs llama.cpp: both archs, both formats); `-m slow`
-runs the rest of the matrix. One bug is judged in `bit-exact` mode, as the README's table says: the int8
-clamp at ±126 (inside the reference's own quantization noise: only an engine that claims the reference's
-arithmetic can be held to it). The greedy rung generates after every prompt: the KV position bug flips tokens beyond the reference's tie spread
-after the code prompt on arch bitnet (after the other two, only near-ties).
+The default run covers every bug (the int8 clamp is slow) and two legitimate variants on two models (I2_S
+bitnet-b1.58 vs bitnet_ref:bitnet-cpp, TQ2_0 bitnet vs llama.cpp: both archs, both formats); `-m slow` runs
+the rest of the matrix. One bug is judged in `bit-exact` mode, as the README's table says: the int8 clamp at
+±126 (inside the reference's own quantization noise: only an engine that claims the reference's arithmetic can
+be held to it). The greedy rung generates after every prompt: the KV position bug flips tokens beyond the
+reference's tie spread after the code prompt on arch bitnet (after the other two, only near-ties).
 
     python tests/test_mutation.py      # the whole matrix as the README's markdown table (minutes)
 """
