@@ -29,6 +29,9 @@ COLUMNS = ["run", "time", "case", "sut", "reference", "platform", "status", "run
 # rates where higher is better; every other metric is an error where lower is better
 HIGHER_IS_BETTER = {"top1_agreement", "topk_containment", "match_rate", "match_rate_excl_ties", "cosine",
                     "spearman", "greedy_match_rate"}
+# the series the HTML charts by default (every metric is in the table and in `history --metric`)
+CHARTED = {"status", "max_abs", "nmse", "kl_mean", "top1_agreement", "match_rate", "match_rate_excl_ties",
+           "greedy_match_rate", "ppl_rel_diff"}
 STATUS_ORDER = {"pass": 0, "xfail": 0, "skip": 1, "not_supported": 1, "fail": 2, "error": 3}
 REL_WORSE, ABS_WORSE = 0.10, 1e-7
 
@@ -140,7 +143,7 @@ def trend(df: pd.DataFrame) -> pd.DataFrame:
         return pd.DataFrame()
     order = df.drop_duplicates("run").sort_values(["time", "run"])["run"].tolist()
     keys = ["case", "sut", "reference", "platform", "rung", "metric"]
-    wide = df.pivot_table(index=keys, columns="run", values="value", aggfunc="last", dropna=False)
+    wide = df.pivot_table(index=keys, columns="run", values="value", aggfunc="last")  # only the series that exist
     wide = wide.reindex(columns=[r for r in order if r in wide.columns])
 
     def changes(row) -> str:
@@ -158,14 +161,18 @@ def versions(df: pd.DataFrame) -> pd.DataFrame:
     return df[cols].drop_duplicates().sort_values(["time", "run", "sut", "reference"])
 
 
-def render_html(df: pd.DataFrame, title: str = "bitnet-crossval history") -> str:
-    """A self-contained page: per case × reference, an SVG chart per metric over the runs, with the changed
-    runs listed, and the versions of each run."""
+def render_html(df: pd.DataFrame, title: str = "bitnet-crossval history", charted: set[str] | None = None) -> str:
+    """A self-contained page: per case × reference, an SVG chart per metric (of `charted`, default CHARTED)
+    over the runs, with the changed runs listed, and the versions of each run."""
+    from .report.html import CSS
     from .report.svg import line_plot
+
+    charted = CHARTED if charted is None else charted
 
     wide = trend(df)
     esc = _html.escape
     parts = [f"<!doctype html><html><head><meta charset='utf-8'><title>{esc(title)}</title><style>"
+             + CSS +
              "body{font-family:system-ui,sans-serif;margin:24px;color:#202124}h2{margin-top:28px}"
              ".changed{color:#b3261e;font-weight:600}.plots{display:flex;flex-wrap:wrap;gap:12px}"
              "table{border-collapse:collapse}td,th{border:1px solid #ddd;padding:2px 6px;font-size:12px}"
@@ -184,6 +191,8 @@ def render_html(df: pd.DataFrame, title: str = "bitnet-crossval history") -> str
         plots = []
         for idx, row in group.iterrows():
             values = [float(v) for v in row[runs].tolist()]
+            if idx[5] not in charted or all(v != v for v in values):
+                continue
             name = f"{idx[4]}.{idx[5]}" if idx[4] else idx[5]
             positive = all(v > 0 for v in values if v == v)
             plots.append(line_plot(values, title=f"{name} ({idx[3]})", ylabel=idx[5], xlabel="run",

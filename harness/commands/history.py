@@ -34,7 +34,8 @@ def run(args) -> int:
         return 2
     print(H.render_text(df))
     if args.html:
-        atomic_write_text(args.html, H.render_html(df))
+        charted = {args.metric.rsplit(".", 1)[-1]} if args.metric else None
+        atomic_write_text(args.html, H.render_html(df, charted=charted))
         print(f"history: charts written to {args.html}", file=sys.stderr)
     wide = H.trend(df)
     if wide.empty:
