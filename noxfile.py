@@ -72,8 +72,9 @@ def crossval(session: nox.Session) -> None:
 @nox.session
 def train(session: nox.Session) -> None:
     """Train the shipped BitNet b1.58 model from scratch (bitnet_ref/train.py; JAX on CPU, about 20 minutes
-    on 2 cores) into models/: the I2_S file, loss.png and train-log.json. Same Python, JAX and seed give the
-    same bytes. Extra args go to `python -m bitnet_ref.train` (--steps, --seed, -o DIR, --formats f16,tq2_0)."""
+    on 2 cores) into models/: the I2_S file, trained-<arch>-loss.png and trained-<arch>-log.json (the log
+    has the wall-clock time; the file does not). Same Python, JAX and seed give the same bytes.
+    Extra args go to `python -m bitnet_ref.train` (--steps, --seed, -o DIR, --formats f16,tq2_0)."""
     _install(session, "train")
     session.run("python", "-m", "bitnet_ref.train", *session.posargs)
 

@@ -437,16 +437,17 @@ def train(cfg: TrainConfig, out_dir: Path, command: str, log=print) -> Path:
     bar.done()
     minutes = (time.monotonic() - t0) / 60
     out_dir.mkdir(parents=True, exist_ok=True)
-    write_loss_curve(out_dir / "loss.png", steps, losses, evals)
+    write_loss_curve(out_dir / f"trained-{cfg.arch}-loss.png", steps, losses, evals)
+    # the wall-clock time goes only into the log: in the file it would make every run's bytes differ
     weights = jax.tree_util.tree_map(np.asarray, params)
     info = {"command": command, "steps": cfg.steps, "seed": cfg.seed, "corpus_sha256": corpus.sha256,
             "python": corpus.python, "jax": jax.__version__, "held_out_loss": evals[-1][1],
-            "train_loss": float(np.mean(losses[-50:])), "minutes": round(minutes, 1),
-            "config": json.dumps(asdict(cfg), sort_keys=True)}
+            "train_loss": float(np.mean(losses[-50:])), "config": json.dumps(asdict(cfg), sort_keys=True)}
     path = write_model(out_dir / f"trained-{cfg.arch}-i2_s.gguf", "i2_s", cfg.model_config(), vocab,
                        model_tensors(weights), info)
-    (out_dir / "train-log.json").write_text(json.dumps(
-        {**info, "loss": [round(x, 4) for x in losses], "held_out": evals}, indent=1) + "\n")
+    (out_dir / f"trained-{cfg.arch}-log.json").write_text(json.dumps(
+        {**info, "minutes": round(minutes, 1), "loss": [round(x, 4) for x in losses], "held_out": evals},
+        indent=1) + "\n")
     log(f"wrote {path} (held-out loss {evals[-1][1]:.3f}, {minutes:.1f} min)")
     return path
 
