@@ -614,6 +614,45 @@ def derived_path(fmt_name: str, models_dir: str | os.PathLike, source: str | os.
     return path if path.exists() else derive(fmt_name, path, source)
 
 
+def training_command(cfg: TrainConfig) -> str:
+    """The command that trains `cfg`, recorded in the file: the options that change the model, in a fixed order,
+    where they differ from the defaults (not the output directory, so a run elsewhere writes the same bytes)."""
+    d = TrainConfig()
+    opts = [f"--{k} {getattr(cfg, k)}" for k in ("arch", "steps", "seed", "batch", "layers")
+            if getattr(cfg, k) != getattr(d, k)]
+    return " ".join(["python -m bitnet_ref.train", *opts])
+
+
+def model_differences(a: str | os.PathLike, b: str | os.PathLike) -> list[str]:
+    """What differs between two GGUF files: metadata keys (with both values) and tensors (name, and whether the
+    type, shape or bytes differ); [] when their bytes are the same."""
+    if Path(a).read_bytes() == Path(b).read_bytes():
+        return []
+    out = []
+    with open_gguf(a) as ga, open_gguf(b) as gb:
+        ma = {k: mv.value for k, mv in ga.metadata.items()}
+        mb = {k: mv.value for k, mv in gb.metadata.items()}
+        for k in sorted(set(ma) | set(mb)):
+            va, vb = ma.get(k, "(absent)"), mb.get(k, "(absent)")
+            if repr(va) != repr(vb):  # values may be numpy arrays; their repr shows every element here
+                out.append(f"metadata {k}: {_short(va)} vs {_short(vb)}")
+        ta, tb = {t.name: t for t in ga.tensors}, {t.name: t for t in gb.tensors}
+        for name in sorted(set(ta) | set(tb)):
+            if name not in ta or name not in tb:
+                out.append(f"tensor {name}: only in {a if name in ta else b}")
+            elif (ta[name].type_id, ta[name].shape) != (tb[name].type_id, tb[name].shape):
+                out.append(f"tensor {name}: type/shape {ta[name].type_id}/{ta[name].shape} vs "
+                           f"{tb[name].type_id}/{tb[name].shape}")
+            elif bytes(ga.tensor_bytes(ta[name])) != bytes(gb.tensor_bytes(tb[name])):
+                out.append(f"tensor {name}: different bytes")
+    return out or ["the same metadata and tensors, laid out differently (padding or order)"]
+
+
+def _short(v) -> str:
+    r = repr(v)
+    return r if len(r) <= 80 else r[:77] + "..."
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="python -m bitnet_ref.train", description=__doc__.split("\n\n")[0])
     d = TrainConfig()
@@ -624,12 +663,17 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--arch", default=d.arch, choices=ARCHS, help="bitnet-b1.58 (ReLU^2, default) or bitnet (SiLU)")
     ap.add_argument("-o", "--out", default=str(MODELS_DIR))
     ap.add_argument("--formats", default="", help="also write these formats (comma-separated) beside the I2_S file")
+    ap.add_argument("--check", metavar="FILE", help="after training, compare the new file with FILE (e.g. the "
+                    "shipped model): exit 0 when the bytes are the same, else list what differs and exit 1")
     a = ap.parse_args(argv)
     cfg = TrainConfig(arch=a.arch, steps=a.steps, seed=a.seed, batch=a.batch, layers=a.layers)
-    command = "python -m bitnet_ref.train " + " ".join(argv if argv is not None else sys.argv[1:])
-    path = train(cfg, Path(a.out), command.strip())
+    path = train(cfg, Path(a.out), training_command(cfg))
     for f in filter(None, a.formats.split(",")):
         print(derive(f, Path(a.out), path))
+    if a.check:
+        diffs = model_differences(path, a.check)
+        print(f"{path} and {a.check}: " + ("the same bytes" if not diffs else "differ:\n  " + "\n  ".join(diffs)))
+        return 1 if diffs else 0
     return 0
 
 
