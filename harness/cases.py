@@ -20,6 +20,8 @@
     validation = "independent"                    # or "bit-exact"; default: bit-exact for bitnet_ref with an
                                                   # emulation profile, independent otherwise (harness/validation.py)
     teacher_forced_cap = 32                       # greedy: at most this many teacher-forced restarts
+    quantization_cost = true                      # perplexity: also what each engine costs against bitnet_ref's
+                                                  # exact profile (PPL, KL); default true for trained models
     [case.tolerances]                             # overrides of the defaults, by metric
     max_abs = 1e-4
 
@@ -40,7 +42,7 @@ FORMAT_MARKERS = {"i2_s": "i2s", "tl1": "tl1", "tl2": "tl2", "tq1_0": "tq1", "tq
                   "f32": "f32"}
 CASE_KEYS = {"id", "model", "references", "profile", "prompts", "prompt_ids", "corpus", "ctx", "greedy_tokens",
              "rungs", "markers", "tolerances", "reference_options", "description", "xfail", "validation",
-             "teacher_forced_cap"}
+             "teacher_forced_cap", "quantization_cost"}
 
 
 class CaseError(ValueError):
@@ -70,6 +72,7 @@ class Case:
     model_arch: str | None = None
     validation: str | None = None  # "bit-exact" | "independent"; None: the default (harness/validation.py)
     teacher_forced_cap: int = 32  # greedy, independent mode: teacher-forced restarts at most
+    quantization_cost: bool = False  # perplexity rung: each engine's PPL and KL against the exact profile
 
     @property
     def format(self) -> str | None:
@@ -224,6 +227,7 @@ def _parse_case(path: Path, index: int, c) -> Case:
             raise _fail(path, cid, k, f"must be a positive integer, got {v!r}")
         ints[k] = v
     markers = _expect(c.get("markers", []), list, path, cid, "markers")
+    cost = _expect(c.get("quantization_cost", "trained" in model), bool, path, cid, "quantization_cost")
     return Case(id=cid, file=str(path), model=model, references=list(refs), profile=profile, prompts=prompts,
                 prompt_ids=prompt_ids, corpus=corpus, rungs=rungs, markers=[str(m) for m in markers],
                 tolerances=tol,
@@ -231,7 +235,7 @@ def _parse_case(path: Path, index: int, c) -> Case:
                 description=str(c.get("description", "")),
                 xfail=_expect(c["xfail"], str, path, cid, "xfail") if "xfail" in c else None,
                 model_format=model_format, model_arch=model_arch, validation=validation,
-                **ints)
+                quantization_cost=cost, **ints)
 
 
 def load_cases(paths: list[str | Path] | None = None) -> list[Case]:

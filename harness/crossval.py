@@ -399,10 +399,11 @@ def rung_top1_by_generate(case: Case, sut, ref, prompts: list[list[int]], tie_ga
 
 
 def rung_perplexity(case: Case, sut, ref, tol: Tolerances, ops=frozenset({"perplexity", "logits"}),
-                    ppl_tol: Tolerance | None = None) -> RungResult:
+                    ppl_tol: Tolerance | None = None, exact=None) -> RungResult:
     """Perplexity of the case's corpus (llama-perplexity's convention), from the engine's own perplexity
     operation or, where it has none, from its logits. Where both engines give logits, the per-token NLLs
-    are compared pairwise (harness.stats: bootstrap CI, Wilcoxon signed-rank)."""
+    are compared pairwise (harness.stats: bootstrap CI, Wilcoxon signed-rank). `exact`: bitnet_ref's exact
+    profile on the same file, to report what each engine's arithmetic costs against it (not judged)."""
     text = Path(case.corpus).read_text(encoding="utf-8")
     ids = ref.tokenize(text)
     pb = ref.perplexity(ids, case.ctx)
@@ -431,6 +432,13 @@ def rung_perplexity(case: Case, sut, ref, tol: Tolerances, ops=frozenset({"perpl
         p = stats.paired(nll_a, nll_b)
         metrics.update(p)
         detail += "; per-token NLL " + stats.verdict(p)
+        if exact is not None:
+            cost = stats.quantization_cost(exact.logits, {"sut": sut.logits, "reference": ref.logits}, ids,
+                                           case.ctx, ids[0])
+            metrics.update(cost)
+            detail += (f"; cost against the exact profile (PPL {cost['exact_ppl']:.4f}): " + ", ".join(
+                f"{who} PPL {cost[f'{who}_ppl_vs_exact']:+.2e}, KL mean {cost[f'{who}_kl_vs_exact_mean']:.2e} "
+                f"max {cost[f'{who}_kl_vs_exact_max']:.2e}" for who in ("sut", "reference")))
     return RungResult("perplexity", "pass" if ok else "fail", detail, metrics=metrics, checks=checks)
 
 
@@ -543,7 +551,12 @@ def _engine_rungs(case, sut, ref, tol, record, run, n_layers: int, path, models_
             run(rung_greedy(case, sut, ref, prompts[0], tol))
     if "perplexity" in case.rungs and case.corpus and not unsupported("perplexity"):
         try:
-            run(rung_perplexity(case, sut, ref, tol, ops, NF.ppl_tolerance(floor) if floor else None))
+            if case.quantization_cost and "logits" in ops:
+                with open_engine("bitnet_ref", path, "exact") as exact:
+                    run(rung_perplexity(case, sut, ref, tol, ops, NF.ppl_tolerance(floor) if floor else None,
+                                        exact))
+            else:
+                run(rung_perplexity(case, sut, ref, tol, ops, NF.ppl_tolerance(floor) if floor else None))
         except NotSupported as e:
             record.rungs.append(RungResult("perplexity", "not_supported", f"not supported: {e}"))
     judged = [r for r in record.rungs if r.rung in capabilities.ENGINE_RUNGS and r.status in ("pass", "fail")]

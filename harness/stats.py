@@ -26,20 +26,48 @@ SEED = 0
 BOOTSTRAP_RESAMPLES = 2000
 
 
-def chunk_nll(logits_fn, ids: list[int], ctx: int, bos: int) -> np.ndarray:
-    """Per-token NLL (nats, float64) of the scored tokens, llama-perplexity's convention."""
+def chunk_logprobs(logits_fn, ids: list[int], ctx: int, bos: int):
+    """Per chunk of llama-perplexity's convention: (log-softmax rows of the scored positions, float64; their
+    target tokens)."""
     n_chunks = len(ids) // ctx
     if n_chunks < 1:
         raise ValueError(f"perplexity needs at least ctx={ctx} tokens, the corpus has {len(ids)}")
-    out = []
+    first = ctx // 2
     for c in range(n_chunks):
         toks = list(ids[c * ctx:(c + 1) * ctx])
         toks[0] = bos
         logp = special.log_softmax(np.asarray(logits_fn(toks), dtype=np.float64), axis=1)
-        first = ctx // 2
-        rows = np.arange(first, ctx - 1)
-        out.append(-logp[rows, np.asarray(toks[first + 1:ctx])])
-    return np.concatenate(out)
+        yield logp[first:ctx - 1], np.asarray(toks[first + 1:ctx])
+
+
+def chunk_nll(logits_fn, ids: list[int], ctx: int, bos: int) -> np.ndarray:
+    """Per-token NLL (nats, float64) of the scored tokens, llama-perplexity's convention."""
+    return np.concatenate([-lp[np.arange(len(t)), t] for lp, t in chunk_logprobs(logits_fn, ids, ctx, bos)])
+
+
+def quantization_cost(exact_fn, engines: dict, ids: list[int], ctx: int, bos: int) -> dict:
+    """What each engine's arithmetic costs against the mathematical definition (`exact_fn`: bitnet_ref's exact
+    profile on the same file), on the scored tokens of llama-perplexity's convention: the exact perplexity,
+    and per engine its perplexity's relative excess and the KL divergence KL(exact || engine) per position
+    (mean, max). `engines`: name -> logits function."""
+    nll = {name: [] for name in ("exact", *engines)}
+    kl = {name: [] for name in engines}
+    streams = {name: chunk_logprobs(fn, ids, ctx, bos) for name, fn in engines.items()}
+    for lp_e, t in chunk_logprobs(exact_fn, ids, ctx, bos):
+        rows = np.arange(len(t))
+        nll["exact"].append(-lp_e[rows, t])
+        for name, stream in streams.items():
+            lp, _ = next(stream)
+            nll[name].append(-lp[rows, t])
+            kl[name].append((np.exp(lp_e) * (lp_e - lp)).sum(axis=1))
+    ppl = {name: float(np.exp(np.concatenate(v).mean())) for name, v in nll.items()}
+    out = {"exact_ppl": ppl["exact"]}
+    for name in engines:
+        k = np.concatenate(kl[name])
+        out[f"{name}_ppl_vs_exact"] = ppl[name] / ppl["exact"] - 1.0
+        out[f"{name}_kl_vs_exact_mean"] = float(k.mean())
+        out[f"{name}_kl_vs_exact_max"] = float(k.max())
+    return out
 
 
 def paired(nll_sut: np.ndarray, nll_ref: np.ndarray) -> dict:

@@ -192,6 +192,40 @@ def test_chunk_nll_matches_the_engines_perplexity(models_dir):
         assert float(np.exp(nll.mean())) == pytest.approx(e.perplexity(ids, 128).ppl, rel=1e-7)
 
 
+def test_quantization_cost_is_zero_for_the_same_arithmetic_and_grows_with_noise():
+    rng = np.random.default_rng(0)
+    table = rng.normal(0, 2, (64, 64))  # token -> next-token logits, a vocabulary of 64
+
+    def exact(toks):
+        return table[np.asarray(toks) % 64]
+
+    def noisy(toks):
+        return exact(toks) + np.random.default_rng(len(toks)).normal(0, 0.3, (len(toks), 64))
+
+    ids = list(rng.integers(0, 64, 64))
+    cost = stats.quantization_cost(exact, {"same": exact, "noisy": noisy}, ids, 16, 0)
+    nll = stats.chunk_nll(exact, ids, 16, 0)
+    assert cost["exact_ppl"] == pytest.approx(float(np.exp(nll.mean())))
+    assert cost["same_ppl_vs_exact"] == 0 and cost["same_kl_vs_exact_max"] == pytest.approx(0, abs=1e-12)
+    assert cost["noisy_kl_vs_exact_mean"] > 1e-3 and cost["noisy_kl_vs_exact_max"] >= cost["noisy_kl_vs_exact_mean"]
+    noisy_nll = stats.chunk_nll(noisy, ids, 16, 0)
+    assert cost["noisy_ppl_vs_exact"] == pytest.approx(np.exp(noisy_nll.mean() - nll.mean()) - 1)
+
+
+def test_quantization_cost_is_on_by_default_for_trained_models_only(tmp_path):
+    f = tmp_path / "c.toml"
+    body = 'prompts = ["x"]\n'
+    f.write_text(f'[[case]]\nid = "a"\nmodel = {{ synth = {{ preset = "tiny" }} }}\n{body}'
+                 f'[[case]]\nid = "b"\nmodel = {{ trained = {{ format = "tq2_0", arch = "bitnet" }} }}\n{body}'
+                 f'[[case]]\nid = "c"\nmodel = {{ trained = {{ format = "i2_s" }} }}\n{body}'
+                 'quantization_cost = false\n', encoding="utf-8")
+    assert [c.quantization_cost for c in load_case_file(f)] == [False, True, False]
+    f.write_text(f'[[case]]\nid = "a"\nmodel = {{ synth = {{ preset = "tiny" }} }}\n{body}quantization_cost = 1\n',
+                 encoding="utf-8")
+    with pytest.raises(CaseError, match="field 'quantization_cost'.*must be bool"):
+        load_case_file(f)
+
+
 def test_top1_beyond_ties():
     b = np.array([[0.0, 1.0, 0.95], [0.0, 3.0, 1.0]], np.float32)
     a = np.array([[0.0, 0.9, 1.0], [0.0, 1.0, 3.0]], np.float32)
