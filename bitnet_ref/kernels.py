@@ -12,6 +12,7 @@ computes is integer-exact or bit-defined, so every result here equals the numpy 
 - `f16_matmul`: F16 rows (read in place) x float32 activations in ggml's float32 lane order (the F16 lm_head)
 - `attention_f16`: bitnet-cpp's attention over an f16 KV cache (ggml's non-flash float32 order; no fallback)
 - `layer_plan` / `bitnet_layer`: a whole decoder layer as the bitnet-cpp profile computes it, one call
+- `exact_matmul`: the exact profile's float64 products in `exact_sum.lane_dot`'s order, weights read packed
 - `cos_sin`: the C library's cosf/sinf (ggml's RoPE angles)
 
 Environment: BITNET_KERNELS=0 forces numpy; BITNET_KERNELS_PATH loads the extension from that file (e.g. a
@@ -274,6 +275,53 @@ def tq_dot(type_id: int, q: np.ndarray, dy: np.ndarray, packed, rows: int) -> np
     return out
 
 
+EXACT_TYPES = {0: "f32", 1: "f16", 34: "tq1_0", 35: "tq2_0", 36: "i2_s"}  # ggml type ids bk_exact_matmul reads
+
+
+def exact_matmul(type_id: int, x, w, rows: int, scale=None) -> np.ndarray:
+    """The exact profile's product: float64 (T, rows) = x (T, K) float64 times the rows of w, bit for bit
+    `exact_sum.lane_dot` (which computes it when the native kernels are unavailable). w: the tensor's stored
+    bytes (uint8, read in place: TQ1_0/TQ2_0/I2_S x86 packed, or F32/F16 rows); scale float32 (rows or 1, nb)
+    for the ternary formats (nb = K/256 for TQ, 1 for I2_S)."""
+    if type_id not in EXACT_TYPES:
+        raise ValueError(f"exact_matmul: type {type_id} is not one of {EXACT_TYPES}")
+    a = np.ascontiguousarray(x, dtype=np.float64)
+    if a.ndim != 2:
+        raise ValueError(f"exact_matmul: x must be (T, K), got shape {a.shape}")
+    t, k = a.shape
+    ternary = type_id not in (0, 1)
+    if ternary:
+        if scale is None:
+            raise ValueError("exact_matmul: ternary weights need their scale")
+        sc = np.ascontiguousarray(scale, dtype=np.float32)
+        if sc.ndim != 2 or sc.shape[0] not in (1, rows):
+            raise ValueError(f"exact_matmul: scale must be (1 or {rows}, nb), got shape {sc.shape}")
+    else:
+        sc = np.zeros((1, 1), np.float32)
+    from .formats import get_format
+
+    fmt = get_format(type_id) if type_id != 36 else None
+    nbytes = rows * k // 4 if type_id == 36 else fmt.nbytes((rows, k))
+    wb = _packed_u8(np.asarray(w).reshape(-1).view(np.uint8), nbytes, "exact_matmul")
+    mod = _load()
+    if mod is None:
+        from .exact_sum import lane_dot
+        from .formats.i2s import I2S_X86
+
+        if ternary:
+            f = I2S_X86 if type_id == 36 else fmt
+            if type_id == 36:
+                wb = np.concatenate([wb, np.zeros(32, np.uint8)])  # the unpacker wants the scale tail
+            return lane_dot(a, f.unpack(wb, (rows, k)).values, sc)
+        return lane_dot(a, fmt.decode(wb, (rows, k)).astype(np.float32))
+    out = np.empty((t, rows), np.float64)
+    rc = mod.lib.bk_exact_matmul(type_id, _ptr(mod, "double[]", a), t, k, _ptr(mod, "uint8_t[]", wb), rows,
+                                 _ptr(mod, "float[]", sc), sc.shape[0], sc.shape[1], _ptr(mod, "double[]", out),
+                                 threads())
+    _check(rc, "exact_matmul", k, QK_I2_S if type_id == 36 else QK_K)
+    return out
+
+
 F16_VEC_DOT, F16_GEMM = 0, 1
 F16_MODES = {"vec_dot": F16_VEC_DOT, "gemm": F16_GEMM}
 
@@ -424,5 +472,5 @@ def bitnet_layer(plan: LayerPlan, x: np.ndarray, s_len: int, kc: np.ndarray, vc:
     _check(rc, "bitnet_layer", int(st.hidden), QK_I2_S)
 
 
-__all__ = ["active", "attention_f16", "available", "bitnet_layer", "cos_sin", "f16_matmul", "i2s_raw", "layer_plan",
+__all__ = ["active", "attention_f16", "available", "bitnet_layer", "cos_sin", "exact_matmul", "f16_matmul", "i2s_raw", "layer_plan",
            "reload", "quantize_i8_s", "quantize_q8_k_blocks", "set_isa", "tq_dot", "tq_lanes", "unavailable_reason"]

@@ -68,6 +68,14 @@ int bk_f16_matmul(int mode, const float *x, int64_t t, int64_t k, const uint8_t 
 int bk_attention_f16(const float *q, int64_t t, int64_t heads, int64_t kv_heads, int64_t d, const uint16_t *kc,
                      const uint16_t *vc, int64_t s_len, int64_t n_ctx, float *out, int nthreads);
 
+/* The exact profile's product (bk_exact.c): out (t, r) float64 = x (t, k) float64 times the rows of w in
+ * bitnet_ref.exact_sum.lane_dot's order (8 lanes per scale block, a fixed lane tree, out += s * scale).
+ * type: ggml's id, 34 TQ1_0 / 35 TQ2_0 / 36 I2_S (x86) packed bytes, with scale (scale_rows x nb) float32
+ * (scale_rows 1 or r; nb = k/256 for TQ, 1 for I2_S), or 0 F32 / 1 F16 row bytes (scale ignored).
+ * BK_EBADK when k is not a multiple of the format's block, BK_EBADARG, BK_ENOMEM. */
+int bk_exact_matmul(int type, const double *x, int64_t t, int64_t k, const uint8_t *w, int64_t r,
+                    const float *scale, int64_t scale_rows, int64_t nb, double *out, int nthreads);
+
 /* cosf and sinf of n float32 angles, from the C math library this module links (ggml's RoPE calls them) */
 int bk_cos_sin(const float *theta, int64_t n, float *c, float *s);
 

@@ -22,7 +22,8 @@ from cffi import FFI
 HERE = Path(__file__).resolve().parent
 HEADER = HERE / "bitnet_kernels.h"
 MODULE = "bitnet_ref._bitnet_kernels"
-SOURCES = ("bitnet_kernels.c", "bk_pool.c", "bk_neon.c", "bk_layer.c", "bk_i2s_gemm.c", "bk_attention.c")
+SOURCES = ("bitnet_kernels.c", "bk_pool.c", "bk_neon.c", "bk_layer.c", "bk_i2s_gemm.c", "bk_attention.c",
+           "bk_exact.c")
 
 
 def _cdef() -> str:
