@@ -472,5 +472,6 @@ def bitnet_layer(plan: LayerPlan, x: np.ndarray, s_len: int, kc: np.ndarray, vc:
     _check(rc, "bitnet_layer", int(st.hidden), QK_I2_S)
 
 
-__all__ = ["active", "attention_f16", "available", "bitnet_layer", "cos_sin", "exact_matmul", "f16_matmul", "i2s_raw", "layer_plan",
-           "reload", "quantize_i8_s", "quantize_q8_k_blocks", "set_isa", "tq_dot", "tq_lanes", "unavailable_reason"]
+__all__ = ["active", "attention_f16", "available", "bitnet_layer", "cos_sin", "exact_matmul", "f16_matmul", "i2s_raw",
+           "layer_plan", "reload", "quantize_i8_s", "quantize_q8_k_blocks", "set_isa", "tq_dot", "tq_lanes",
+           "unavailable_reason"]

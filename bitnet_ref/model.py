@@ -27,6 +27,7 @@ from . import device as _device
 from . import kernels
 from .config import LAYER_TENSORS, PROJECTIONS, ModelConfig
 from .errors import FormatError, model_error
+from .exact_sum import lane_dot
 from .formats import format_for
 from .formats.activations import QK_K, quantize_i8_s, quantize_q8_k_blocks
 from .formats.i2s import I2S_X86, QK_I2_S
@@ -157,6 +158,21 @@ def _native_as_i2s(prof: Profile, fmt_name: str, shape) -> bool:
             and kernels.available())
 
 
+EXACT_PACKED = ("tq1_0", "tq2_0", "i2_s")  # formats bk_exact_matmul reads packed
+EXACT_REPACKED = ("tl1", "tl2", "i2_s_arm")  # per-tensor-scale formats repacked to I2_S (x86) bytes at load
+
+
+def _exact_native(prof: Profile, fmt_name: str, shape) -> bool:
+    """Whether this profile's products on this ternary format run in the native exact kernel (float64 math,
+    unquantized activations), the weights kept packed: TQ1_0, TQ2_0, I2_S x86 read as stored, TL1/TL2/ARM I2_S
+    repacked to I2_S x86 (2 bits a weight) when the row length is a multiple of 128."""
+    if prof.ggml_cpu or prof.math != "float64" or prof.quantizes(fmt_name) or len(shape) != 2:
+        return False
+    if fmt_name not in EXACT_PACKED and not (fmt_name in EXACT_REPACKED and shape[1] % QK_I2_S == 0):
+        return False
+    return kernels.available()
+
+
 def _repack_i2s(lin: Linear, tern, shape) -> None:
     scale = np.asarray(tern.scale, dtype=np.float32)
     if scale.size != 1:
@@ -264,6 +280,13 @@ class Model:
                             resident.append((lin, t, fmt))
                         elif fmt.ternary and _native_as_i2s(prof, fmt.name, t.shape):
                             _repack_i2s(lin, fmt.unpack(data, t.shape), tuple(t.shape))
+                        elif fmt.ternary and _exact_native(prof, fmt.name, t.shape) and fmt.name in EXACT_PACKED:
+                            lin.scale = _packed_scale(fmt, data, tuple(t.shape))
+                            lin.packed, lin.type_id, lin.shape = data, fmt.type_id, tuple(t.shape)
+                            resident.append((lin, t, fmt))
+                        elif (fmt.ternary and _exact_native(prof, fmt.name, t.shape)
+                              and np.asarray(fmt.unpack(data, t.shape).scale).size == 1):
+                            _repack_i2s(lin, fmt.unpack(data, t.shape), tuple(t.shape))
                         elif fmt.ternary:
                             tern = fmt.unpack(data, t.shape)
                             lin.values = np.ascontiguousarray(tern.values, dtype=np.int8)
@@ -343,6 +366,8 @@ class Model:
         dt = self.dtype
         if self.profile.ggml_cpu:
             return self._mm_ggml(x, lin)
+        if dt == np.float64:  # the products' defined order (exact_sum), in C where the kernels are loaded
+            return self._mm_exact(x, lin)
         if lin.ternary:
             values = lin.ternary_values()
             rows, k = values.shape
@@ -358,6 +383,30 @@ class Model:
             if lin.fmt == "f16" and self.profile.f16_acts_for_f16_weights:
                 a = x.astype(np.float16).astype(dt)
             out = a @ lin.weight.T.astype(dt)
+        if lin.out_scale is not None:
+            out = out * dt.type(lin.out_scale)
+        return out
+
+    def _mm_exact(self, x: np.ndarray, lin: Linear) -> np.ndarray:
+        """float64 products in exact_sum.lane_dot's order: bk_exact_matmul on the packed (or float) weights when
+        the kernels are loaded, else lane_dot on the unpacked values; the same bits either way."""
+        dt = np.dtype(np.float64)
+        if lin.ternary:
+            quant = self.profile.quantizes(lin.fmt)
+            if lin.packed is not None and lin.values is None and not quant and kernels.available():
+                out = kernels.exact_matmul(lin.type_id, x, lin.packed, lin.shape[0], lin.scale)
+            else:
+                values = lin.ternary_values()
+                a = self._quantized(x, values.shape[1]) if quant else x
+                out = lane_dot(a, values, lin.scale)
+        else:
+            a = x
+            if lin.fmt == "f16" and self.profile.f16_acts_for_f16_weights:
+                a = x.astype(np.float16).astype(dt)
+            if kernels.available():
+                out = kernels.exact_matmul(0, a, lin.weight, lin.weight.shape[0])
+            else:
+                out = lane_dot(a, lin.weight)
         if lin.out_scale is not None:
             out = out * dt.type(lin.out_scale)
         return out
@@ -421,6 +470,8 @@ class Model:
         native = self._lm_head_native(h)
         if native is not None:
             return native
+        if not p.ggml_cpu and dt == np.float64:
+            return self._lm_head_exact(h)
         out = np.empty((h.shape[0], self.cfg.vocab), dtype=np.float32)
         for start in range(0, self.cfg.vocab, LM_HEAD_CHUNK_ROWS):
             stop = min(start + LM_HEAD_CHUNK_ROWS, self.cfg.vocab)
@@ -436,6 +487,19 @@ class Model:
                 out[:, start:stop] = h.astype(np.float64) @ self._embedding_rows(start, stop).T.astype(np.float64)
             else:
                 out[:, start:stop] = h @ self._embedding_rows(start, stop).T.astype(dt)
+        return out
+
+    def _lm_head_exact(self, h: np.ndarray) -> np.ndarray:
+        """float64 logits in exact_sum.lane_dot's order, rounded to float32: bk_exact_matmul reads F32/F16
+        rows in place; lane_dot on decoded chunks of rows otherwise (no kernels, BF16)."""
+        fmt = self._embd_fmt.name
+        if fmt in ("f32", "f16") and self._row_bytes is not None and kernels.available():
+            data = self._embd_bytes if self._embd_bytes is not None else self._gf.tensor_bytes(self._embd)
+            return kernels.exact_matmul(1 if fmt == "f16" else 0, h, data, self.cfg.vocab).astype(np.float32)
+        out = np.empty((h.shape[0], self.cfg.vocab), dtype=np.float32)
+        for start in range(0, self.cfg.vocab, LM_HEAD_CHUNK_ROWS):
+            stop = min(start + LM_HEAD_CHUNK_ROWS, self.cfg.vocab)
+            out[:, start:stop] = lane_dot(h, self._embedding_rows(start, stop).astype(np.float32))
         return out
 
     def _native_lm_head_applies(self) -> bool:

@@ -1,0 +1,149 @@
+"""The exact profile's products in C (kernels.exact_matmul, native/bk_exact.c) against their numpy definition
+(exact_sum.lane_dot): the same float64 bits for every format and ISA variant, and the whole exact-profile
+forward the same bits with and without the kernels, the ternary weights never unpacked by the native path."""
+
+from __future__ import annotations
+
+import math
+import tracemalloc
+
+import numpy as np
+import pytest
+
+from bitnet_ref import kernels
+from bitnet_ref.exact_sum import lane_dot
+from bitnet_ref.formats import get_format
+from bitnet_ref.formats.i2s import I2S_X86
+from bitnet_ref.model import Model
+from bitnet_ref.synth import SynthSpec, synthesize
+
+needs_native = pytest.mark.skipif(not kernels.available(),
+                                  reason="native kernels not built (python native/build_kernels.py)")
+
+ISAS = [isa for isa in ("portable", "avx2", "avx512-vnni", "neon") if kernels.available() and kernels.set_isa(isa)]
+kernels.set_isa("auto") if kernels.available() else None
+TYPES = {"tq1_0": 34, "tq2_0": 35, "i2_s": 36, "f32": 0, "f16": 1}
+
+
+def same_bits(a, b) -> bool:
+    a, b = np.asarray(a), np.asarray(b)
+    return a.shape == b.shape and a.dtype == b.dtype and np.array_equal(a.view(np.uint8), b.view(np.uint8))
+
+
+def _case(fmt: str, t: int, r: int, k: int, rng):
+    """activations spanning many binades (so that the order of the sums shows), weights in `fmt`: (x, stored
+    bytes, what lane_dot takes: values/weights and scale)"""
+    x = rng.standard_normal((t, k)) * np.exp2(rng.integers(-30, 30, (t, k)))
+    if fmt in ("f32", "f16"):
+        w = rng.standard_normal((r, k)).astype(np.float16 if fmt == "f16" else np.float32)
+        return x, w.reshape(-1).view(np.uint8), w.astype(np.float32), None
+    vals = rng.integers(-1, 2, (r, k)).astype(np.int8)
+    if fmt == "i2_s":
+        return x, I2S_X86.pack(vals, 0.37), vals, np.full((1, 1), 0.37, np.float32)
+    f = get_format(fmt)
+    scales = rng.uniform(0.05, 3, (r, k // 256)).astype(np.float32)
+    data = f.encode(vals.astype(np.float32) * np.repeat(scales, 256, axis=1))
+    tern = f.unpack(data, (r, k))
+    assert np.array_equal(tern.values, vals)
+    return x, data, vals, np.asarray(tern.scale, np.float32)
+
+
+@needs_native
+@pytest.mark.parametrize("isa", ISAS)
+@pytest.mark.parametrize("fmt", list(TYPES))
+def test_exact_matmul_equals_lane_dot(fmt, isa):
+    rng = np.random.default_rng(TYPES[fmt])
+    # tokens: 1 (decode), a tile's tail (3), more than a 32-token tile; rows not a multiple of 4 or 16; float
+    # rows with a k tail that is not a multiple of 8
+    shapes = [(1, 37, 512), (3, 21, 768), (35, 18, 256)]
+    if fmt in ("f32", "f16"):
+        shapes += [(5, 9, 300), (2, 5, 7)]
+    assert kernels.set_isa(isa)
+    try:
+        for t, r, k in shapes:
+            x, data, w, scale = _case(fmt, t, r, k, rng)
+            got = kernels.exact_matmul(TYPES[fmt], x, data, r, scale)
+            want = lane_dot(x, w, scale)
+            assert same_bits(got, want), (fmt, isa, t, r, k, np.max(np.abs(got - want)))
+    finally:
+        kernels.set_isa("auto")
+
+
+def test_lane_dot_is_the_defined_order():
+    """lane_dot is the order its docstring states (checked with plain Python floats), and stays within the
+    float64 error bound of the exactly rounded sum (math.fsum), as any summation order does."""
+    rng = np.random.default_rng(7)
+    k, nb = 512, 2
+    x = rng.standard_normal((2, k)) * np.exp2(rng.integers(-20, 20, (2, k)))
+    vals = rng.integers(-1, 2, (3, k)).astype(np.int8)
+    scale = rng.uniform(0.5, 2, (3, nb)).astype(np.float32)
+    got = lane_dot(x, vals, scale)
+    g = k // nb
+    for i in range(2):
+        for r in range(3):
+            out = 0.0
+            for b in range(nb):
+                lanes = [0.0] * 8
+                for p in range(g):
+                    lanes[p % 8] += float(vals[r, b * g + p]) * float(x[i, b * g + p])
+                s = ((lanes[0] + lanes[1]) + (lanes[2] + lanes[3])) + ((lanes[4] + lanes[5]) + (lanes[6] + lanes[7]))
+                out += s * float(scale[r, b])
+            assert got[i, r] == out
+            terms = [float(vals[r, j]) * float(x[i, j]) * float(scale[r, j // g]) for j in range(k)]
+            bound = (g // 8 + 4) * 2.0**-53 * math.fsum(abs(v) for v in terms) * 1.0001
+            assert abs(got[i, r] - math.fsum(terms)) <= bound
+
+
+def _run(path, ids):
+    """exact-profile logits of every row, of the last row, and of three decode steps after a 4-token prompt"""
+    with Model.load(path, "exact") as m:
+        every = m.logits(ids)
+        last = m.forward(ids, m.new_state(), last_only=True)
+        st = m.new_state()
+        m.forward(ids[:4], st)
+        steps = [m.forward([i], st) for i in ids[4:7]]
+        unpacked = [lin.name for layer in m.layers for lin in layer.proj.values() if lin.values is not None]
+    return every, last, steps, unpacked
+
+
+@needs_native
+@pytest.mark.parametrize("isa", ISAS)
+@pytest.mark.parametrize("fmt", ["tq1_0", "tq2_0", "i2_s", "f16", "f32"])
+def test_exact_forward_native_equals_numpy(fmt, isa, tmp_path, monkeypatch):
+    path = synthesize(SynthSpec(arch="bitnet", format=fmt, zero_tokens=(5,)), tmp_path)
+    ids = [5, 1, 2, 3, 200, 7, 9, 44, 300, 12] * 4
+    assert kernels.set_isa(isa)
+    try:
+        every, last, steps, unpacked = _run(path, ids)
+    finally:
+        kernels.set_isa("auto")
+    assert unpacked == []  # the native path read every ternary projection packed
+    monkeypatch.setenv("BITNET_KERNELS", "0")
+    kernels._reset_for_tests()
+    try:
+        ref_every, ref_last, ref_steps, ref_unpacked = _run(path, ids)
+    finally:
+        monkeypatch.undo()
+        kernels._reset_for_tests()
+    assert fmt in ("f16", "f32") or ref_unpacked  # numpy computed from unpacked values
+    assert same_bits(every, ref_every) and same_bits(last, ref_last)
+    assert all(same_bits(a, b) for a, b in zip(steps, ref_steps))
+
+
+@needs_native
+def test_exact_keeps_weights_packed(tmp_path):
+    """Loading a TQ2_0 model in the exact profile and running it allocates less than an int8 copy of its
+    ternary weights would take (tracemalloc sees numpy's allocations): only the packed bytes are held."""
+    path = synthesize(SynthSpec(preset="large-shapes", arch="bitnet", format="tq2_0", layers=1), tmp_path)
+    tracemalloc.start()
+    try:
+        with Model.load(path, "exact") as m:
+            m.forward([1, 2, 3], m.new_state())
+            n_weights = sum(int(np.prod(lin.shape)) for layer in m.layers for lin in layer.proj.values())
+            packed = sum(lin.packed.nbytes for layer in m.layers for lin in layer.proj.values())
+            assert all(lin.values is None and lin.weight is None for layer in m.layers for lin in layer.proj.values())
+        _, peak = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+    assert packed < n_weights / 3  # TQ2_0: 66 bytes a 256 weights
+    assert peak < n_weights * 0.6, (peak, n_weights)
