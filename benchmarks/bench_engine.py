@@ -11,6 +11,10 @@ a prefill of --i2s-prefill tokens and --i2s-decode decoded tokens, both asking f
 llama-bench does, against bitnet.cpp's llama-bench (pp N, tg M) when BITNET_CPP_DIR names a build, and against
 mainline llama.cpp on the TQ2_0 file of the same shapes (--tq2 FILE, or `synth` to write it next to the I2_S
 file once). Peak RSS is the process's, after the I2_S runs.
+
+--exact FILE times the exact profile (the mathematical definition, native kernels) on FILE (e.g. the 2b-4t TQ2_0
+file): a prefill of --exact-prefill tokens (last logits only) and --exact-decode decoded tokens, --repeat rounds,
+medians, each round in a fresh subprocess whose peak RSS (VmHWM) is reported against the file's size.
 """
 
 from __future__ import annotations
@@ -19,6 +23,7 @@ import argparse
 import json
 import os
 import subprocess
+import sys
 import tempfile
 import time
 from pathlib import Path
@@ -80,6 +85,36 @@ def bench_i2s(m, n_prefill, n_decode):
     for i in range(n_decode):
         m.forward([2 + i], st)
     return pp, n_decode / (time.perf_counter() - t)
+
+
+def exact_child(path, n_prefill, n_decode) -> None:
+    """One exact-profile round in this (fresh) process: prints JSON {pp, tg, load_s, peak_rss_mib}."""
+    t = time.perf_counter()
+    with Model.load(path, "exact") as m:
+        load_s = time.perf_counter() - t
+        pp, tg = bench_i2s(m, n_prefill, n_decode)
+    print(json.dumps({"pp": pp, "tg": tg, "load_s": load_s, "peak_rss_mib": _peak_rss_mib(),
+                      "isa": kernels.active()}))
+
+
+def bench_exact(path, n_prefill, n_decode, repeat) -> None:
+    """The exact profile on `path`: `repeat` rounds, each in a subprocess (so that its peak RSS is its own)."""
+    size = os.path.getsize(path) / 2**20
+    print(f"\nexact profile on {Path(path).name} ({size:.0f} MiB), pp {n_prefill}, tg {n_decode}, "
+          f"{kernels.threads()} threads; {repeat} rounds, each in a fresh process, medians")
+    rows = []
+    for i in range(repeat):
+        r = subprocess.run([sys.executable, "-m", "benchmarks.bench_engine", "--exact-child", str(path),
+                            "--exact-prefill", str(n_prefill), "--exact-decode", str(n_decode)],
+                           capture_output=True, text=True, check=True)
+        rows.append(json.loads(r.stdout.strip().splitlines()[-1]))
+        row = rows[-1]
+        print(f"  round {i + 1}: prefill {row['pp']:.2f} tok/s, decode {row['tg']:.2f} tok/s, load "
+              f"{row['load_s']:.1f} s, peak RSS {row['peak_rss_mib']:.0f} MiB")
+    pp, tg, peak = (float(np.median([r[key] for r in rows])) for key in ("pp", "tg", "peak_rss_mib"))
+    print(f"{'engine':<34}{'prefill tok/s':>15}{'decode tok/s':>15}")
+    print(f"{'bitnet_ref exact (' + rows[0]['isa'] + ')':<34}{pp:>15.2f}{tg:>15.2f}   peak RSS {peak:.0f} MiB "
+          f"({peak / size:.2f}x file)")
 
 
 def bench_llama_cpp(path, n_prefill, n_decode, threads):
@@ -145,7 +180,14 @@ def main() -> None:
     ap.add_argument("--i2s-prefill", type=int, default=512)
     ap.add_argument("--tq2", help="the TQ2_0 file of the same shapes for mainline llama.cpp, or `synth`")
     ap.add_argument("--repeat", type=int, default=3, help="alternating rounds of bitnet_ref and bitnet.cpp (--i2s)")
+    ap.add_argument("--exact", help="a GGUF (e.g. the 2b-4t TQ2_0 file): time the exact profile on it")
+    ap.add_argument("--exact-prefill", type=int, default=128)
+    ap.add_argument("--exact-decode", type=int, default=16)
+    ap.add_argument("--exact-child", help=argparse.SUPPRESS)
     args = ap.parse_args()
+    if args.exact_child:
+        exact_child(args.exact_child, args.exact_prefill, args.exact_decode)
+        return
     threads = kernels.threads()
     native = f"bitnet_ref ({kernels.active()})"
     print(f"threads {threads}; native kernels: {kernels.active()}")
@@ -196,6 +238,8 @@ def main() -> None:
             lp, lt = bench_llama_cpp(tq2, args.i2s_prefill, args.i2s_decode, threads)
             print(f"{'llama.cpp (TQ2_0, ' + tq2.name[:14] + '..)':<34}{lp:>15.2f}{lt:>15.2f}")
             print(f"{'ratio ours/llama.cpp':<34}{pp / lp:>15.3f}{tg / lt:>15.3f}")
+    if args.exact:
+        bench_exact(args.exact, args.exact_prefill, args.exact_decode, args.repeat)
 
 if __name__ == "__main__":
     main()
