@@ -91,6 +91,7 @@ typedef struct {
     int nth;
     int isa;
     int fail;
+    int direct; /* 1: one token on AVX-512, through direct512 */
 } exact_ctx;
 
 /* values [k0, k0 + n) of row `row` as float32 into dst; n <= KB, k0 a multiple of KB */
@@ -245,6 +246,106 @@ __attribute__((target(BK_AVX2_TARGET))) static void micro256(const float *w, con
 }
 #endif
 
+#ifdef BK_X86
+/* ---------------------------------------------------------------- one token on AVX-512, no panel
+ * Ternary: the 2-bit codes of 4 rows' block are decoded to bytes, and each 8 of them to 8 doubles by a table
+ * lookup (vpermpd), then FMA'd into the row's 8 lanes (the product is exact: the same bits as acc + w * x).
+ * Float rows: converted to double, multiplied, added. */
+
+/* the codes of block `k0` (QK_K values for TQ, QK_I2S for I2_S) of `row`; returns the block's length */
+static inline __attribute__((always_inline)) int block_codes(const exact_ctx *c, int64_t row, int64_t k0,
+                                                              uint8_t *dst) {
+    int64_t k = c->k;
+    if (c->type == BK_TQ2_0) {
+        const uint8_t *qs = c->w + (row * (k / QK_K) + k0 / QK_K) * 66;
+        for (int h = 0; h < 2; h++)
+            for (int n = 0; n < 4; n++)
+                for (int m = 0; m < 32; m++) dst[128 * h + 32 * n + m] = (qs[32 * h + m] >> (2 * n)) & 3;
+        return QK_K;
+    }
+    if (c->type == BK_TQ1_0) {
+        const uint8_t *b = c->w + (row * (k / QK_K) + k0 / QK_K) * 54;
+        for (int n = 0; n < 5; n++) {
+            for (int m = 0; m < 32; m++) dst[32 * n + m] = (uint8_t)tq1_trit(b[m], n);
+            for (int m = 0; m < 16; m++) dst[160 + 16 * n + m] = (uint8_t)tq1_trit(b[32 + m], n);
+        }
+        for (int n = 0; n < 4; n++)
+            for (int m = 0; m < 4; m++) dst[240 + 4 * n + m] = (uint8_t)tq1_trit(b[48 + m], n);
+        return QK_K;
+    }
+    const uint8_t *b = c->w + (row * k + k0) / 4; /* I2_S: code 3 is 0, neither mask below */
+    for (int n = 0; n < 4; n++)
+        for (int m = 0; m < 32; m++) dst[32 * n + m] = (b[m] >> (6 - 2 * n)) & 3;
+    return QK_I2S;
+}
+
+__attribute__((target(BK_VNNI_TARGET ",f16c"))) static void direct512(exact_ctx *c, int64_t r0, int64_t r1) {
+    const int64_t k = c->k, g = k / c->nb;
+    const double *x = c->x;
+    /* code -> value: TQ 0, 1, 2, 3 -> -1, 0, 1, 2 (3 only in a malformed TQ2_0 block), I2_S 3 -> 0; the product
+     * value * x is exact, so the FMA rounds once, as the defined acc + w * x does */
+    const __m512d lut = c->type == BK_I2_S ? _mm512_setr_pd(-1, 0, 1, 0, 0, 0, 0, 0)
+                                            : _mm512_setr_pd(-1, 0, 1, 2, 0, 0, 0, 0);
+    const int ternary = c->type != T_F32 && c->type != T_F16;
+    uint8_t codes[4][QK_K] __attribute__((aligned(64)));
+    for (int64_t row = r0; row < r1; row += 4) {
+        int nr = r1 - row < 4 ? (int)(r1 - row) : 4;
+        int64_t rr[4]; /* the 4 rows computed; past the end, the last one again (its results are dropped) */
+        for (int i = 0; i < 4; i++) rr[i] = row + (i < nr ? i : nr - 1);
+        __m512d acc[4];
+        double out[4] = {0.0, 0.0, 0.0, 0.0};
+        if (!ternary) {
+            for (int i = 0; i < 4; i++) acc[i] = _mm512_setzero_pd();
+            for (int64_t p = 0; p < k; p += 8) {
+                __mmask8 m = k - p >= 8 ? 0xff : (__mmask8)((1u << (k - p)) - 1);
+                __m512d xv = _mm512_maskz_loadu_pd(m, x + p);
+                for (int i = 0; i < 4; i++) {
+                    __m512d wv;
+                    if (c->type == T_F16)
+                        wv = _mm512_cvtps_pd(_mm256_cvtph_ps(
+                            _mm_maskz_loadu_epi16(m, (const uint16_t *)(const void *)c->w + rr[i] * k + p)));
+                    else
+                        wv = _mm512_cvtps_pd(_mm256_maskz_loadu_ps(m, (const float *)(const void *)c->w + rr[i] * k + p));
+                    acc[i] = _mm512_add_pd(acc[i], _mm512_mul_pd(wv, xv));
+                }
+            }
+            for (int i = 0; i < nr; i++) {
+                double a[8];
+                _mm512_storeu_pd(a, acc[i]);
+                c->out[row + i] = ((a[0] + a[1]) + (a[2] + a[3])) + ((a[4] + a[5]) + (a[6] + a[7]));
+            }
+            continue;
+        }
+        for (int64_t k0 = 0; k0 < k;) {
+            int n = 0;
+            for (int i = 0; i < 4; i++) n = block_codes(c, rr[i], k0, codes[i]);
+            if (k0 % g == 0)
+                for (int i = 0; i < 4; i++) acc[i] = _mm512_setzero_pd();
+            for (int p = 0; p < n; p += 8) {
+                __m512d xv = _mm512_loadu_pd(x + k0 + p);
+                for (int i = 0; i < 4; i++) {
+                    __m512i cv = _mm512_cvtepu8_epi64(_mm_loadl_epi64((const __m128i *)(codes[i] + p)));
+                    acc[i] = _mm512_fmadd_pd(_mm512_permutexvar_pd(cv, lut), xv, acc[i]);
+                }
+            }
+            k0 += n;
+            if (k0 % g == 0) { /* the end of a scale block */
+                int64_t b = k0 / g - 1;
+                for (int i = 0; i < nr; i++) {
+                    double a[8];
+                    _mm512_storeu_pd(a, acc[i]);
+                    double s = ((a[0] + a[1]) + (a[2] + a[3])) + ((a[4] + a[5]) + (a[6] + a[7]));
+                    int64_t srow = c->scale_rows == 1 ? 0 : row + i;
+                    double prod = s * (double)c->scale[srow * c->nb + b];
+                    out[i] = out[i] + prod;
+                }
+            }
+        }
+        for (int i = 0; i < nr; i++) c->out[row + i] = out[i];
+    }
+}
+#endif
+
 /* ---------------------------------------------------------------- the driver */
 
 /* the whole task, inlined into one wrapper per ISA so that decoding is vectorized for it */
@@ -316,6 +417,13 @@ __attribute__((target(BK_AVX2_TARGET))) static void exact_task_avx2(void *arg, i
     exact_body(arg, ith, nth);
 }
 __attribute__((target(BK_VNNI_TARGET))) static void exact_task_512(void *arg, int ith, int nth) {
+    exact_ctx *c = arg;
+    if (c->direct) {
+        int64_t quads = (c->r + 3) / 4, r0 = quads * ith / nth * 4, r1 = quads * (ith + 1) / nth * 4;
+        if (r1 > c->r) r1 = c->r;
+        if (r0 < r1) direct512(c, r0, r1);
+        return;
+    }
     exact_body(arg, ith, nth);
 }
 #endif
@@ -334,7 +442,8 @@ int bk_exact_matmul(int type, const double *x, int64_t t, int64_t k, const uint8
         nb = 1;
     }
     if (t == 0 || r == 0) return 0;
-    exact_ctx c = {type, x, t, k, w, r, scale, scale_rows, nb, out, 0, bk_current_isa(), 0};
+    exact_ctx c = {type, x, t, k, w, r, scale, scale_rows, nb, out, 0, bk_current_isa(), 0, 0};
+    c.direct = t == 1 && c.isa == ISA_VNNI;
 #ifdef BK_X86
     if (c.isa == ISA_AVX2 && !(__builtin_cpu_supports("fma") && __builtin_cpu_supports("f16c"))) c.isa = ISA_PORTABLE;
 #endif
