@@ -48,11 +48,12 @@ def bench(session: nox.Session) -> None:
     into .nox/bench-models; open + validate), the engine against the references in the same run (tiny and
     large-shapes TQ2_0 against llama.cpp; the 2b-4t I2_S file, pp 512 and tg 128 with 2 threads, against
     bitnet.cpp's llama-bench when BITNET_CPP_DIR is set and against llama.cpp on the TQ2_0 file of the same
-    shapes), then the logits comparison at [512, 128256]. Extra args replace bench_engine's."""
+    shapes; the exact profile on that TQ2_0 file, peak RSS from a fresh process), then the logits comparison at
+    [512, 128256]. Extra args replace bench_engine's."""
     _install(session)
     session.run("python", "-m", "benchmarks.bench_gguf")
     i2s = os.path.join(".nox", "bench-models", "synth-2b-4t-bitnet-b1.58-i2_s-llama3-L30-s0.gguf")
-    engine_args = session.posargs or ["--i2s", i2s, "--tq2", "synth"]
+    engine_args = session.posargs or ["--i2s", i2s, "--tq2", "synth", "--exact", "synth"]
     session.run("python", "-m", "benchmarks.bench_engine", *engine_args, env={"BITNET_CPU_THREADS": "2"})
     session.run("python", "-m", "benchmarks.bench_metrics")
 

@@ -180,7 +180,8 @@ def main() -> None:
     ap.add_argument("--i2s-prefill", type=int, default=512)
     ap.add_argument("--tq2", help="the TQ2_0 file of the same shapes for mainline llama.cpp, or `synth`")
     ap.add_argument("--repeat", type=int, default=3, help="alternating rounds of bitnet_ref and bitnet.cpp (--i2s)")
-    ap.add_argument("--exact", help="a GGUF (e.g. the 2b-4t TQ2_0 file): time the exact profile on it")
+    ap.add_argument("--exact", help="a GGUF (e.g. the 2b-4t TQ2_0 file), or `synth` (--i2s's TQ2_0 equivalent): "
+                    "time the exact profile on it")
     ap.add_argument("--exact-prefill", type=int, default=128)
     ap.add_argument("--exact-decode", type=int, default=16)
     ap.add_argument("--exact-child", help=argparse.SUPPRESS)
@@ -239,7 +240,10 @@ def main() -> None:
             print(f"{'llama.cpp (TQ2_0, ' + tq2.name[:14] + '..)':<34}{lp:>15.2f}{lt:>15.2f}")
             print(f"{'ratio ours/llama.cpp':<34}{pp / lp:>15.3f}{tg / lt:>15.3f}")
     if args.exact:
-        bench_exact(args.exact, args.exact_prefill, args.exact_decode, args.repeat)
+        if args.exact == "synth" and not args.i2s:
+            ap.error("--exact synth needs --i2s (the TQ2_0 file is written next to it)")
+        exact = tq2_equivalent(args.i2s) if args.exact == "synth" else Path(args.exact)
+        bench_exact(exact, args.exact_prefill, args.exact_decode, args.repeat)
 
 if __name__ == "__main__":
     main()
