@@ -13,6 +13,8 @@ computes is integer-exact or bit-defined, so every result here equals the numpy 
 - `attention_f16`: bitnet-cpp's attention over an f16 KV cache (ggml's non-flash float32 order; no fallback)
 - `layer_plan` / `bitnet_layer`: a whole decoder layer as the bitnet-cpp profile computes it, one call
 - `exact_matmul`: the exact profile's float64 products in `exact_sum.lane_dot`'s order, weights read packed
+- `llama_layer_plan` / `llama_cpp_layer`: the same for the llama-cpp profile (TQ1_0/TQ2_0 x Q8_K as a GEMM, F16/F32
+  weights, the F32-KV attention `attention_f32`); `f64_matmul`: its F16/F32 products (and lm_head)
 - `cos_sin`: the C library's cosf/sinf (ggml's RoPE angles)
 
 Environment: BITNET_KERNELS=0 forces numpy; BITNET_KERNELS_PATH loads the extension from that file (e.g. a
@@ -411,8 +413,8 @@ class LayerPlan:
     """One decoder layer prepared for `bitnet_layer`: the C struct and the arrays it points into (kept alive
     here). Made by `layer_plan`; tied to the extension that was loaded when it was made."""
 
-    def __init__(self, mod, struct, keep):
-        self.mod, self.struct, self._keep = mod, struct, keep
+    def __init__(self, mod, struct, keep, kv_dtype=np.float16):
+        self.mod, self.struct, self._keep, self.kv_dtype = mod, struct, keep, kv_dtype
 
 
 LAYER_PROJECTIONS = ("attn_q", "attn_k", "attn_v", "attn_output", "ffn_gate", "ffn_up", "ffn_down")
@@ -446,32 +448,145 @@ def layer_plan(dims: dict, norms: dict, packed: dict, w_scale: dict, out_scale: 
         st.out_scale[i] = float(np.float32(out_scale[name]))
     return LayerPlan(mod, st, keep)
 
+def _check_layer_args(what, plan, x, s_len, kc, vc, cos, sin, kv_dtype) -> None:
+    st = plan.struct
+    t = x.shape[0]
+    for name, a, dt in (("x", x, np.float32), ("kc", kc, kv_dtype), ("vc", vc, kv_dtype),
+                        ("cos", cos, np.float32), ("sin", sin, np.float32)):
+        if a.dtype != dt or not a.flags.c_contiguous:
+            raise ValueError(f"{what}: {name} must be C-contiguous {np.dtype(dt).name}")
+    cache = (int(st.kv_heads), int(st.head_dim))
+    if x.ndim != 2 or x.shape[1] != st.hidden or kc.shape[1:] != cache or vc.shape[1:] != cache:
+        raise ValueError(f"{what}: x {x.shape}, caches {kc.shape} / {vc.shape} do not fit the layer "
+                         f"(hidden {st.hidden}, (positions, {cache[0]}, {cache[1]}) caches)")
+    if kc.shape[0] < s_len or vc.shape[0] < s_len:
+        raise ValueError(f"{what}: caches of {min(kc.shape[0], vc.shape[0])} positions for s_len={s_len}")
+    if cos.shape != (t, cache[1] // 2) or sin.shape != cos.shape:
+        raise ValueError(f"{what}: angles {cos.shape} / {sin.shape}, the layer needs ({t}, {cache[1] // 2})")
+
 
 def bitnet_layer(plan: LayerPlan, x: np.ndarray, s_len: int, kc: np.ndarray, vc: np.ndarray, cos: np.ndarray,
                  sin: np.ndarray, last_only: bool) -> None:
     """Run one decoder layer in place on x (t, hidden) float32 C-contiguous (see `layer_plan`): bitnet-cpp
     profile numerics, bit-identical to bitnet_ref.model's numpy forward. kc, vc: the layer's float16 caches
     (positions, kv_heads, head_dim) with at least s_len positions; cos, sin float32 (t, head_dim/2)."""
+    _check_layer_args("bitnet_layer", plan, x, s_len, kc, vc, cos, sin, np.float16)
     mod, st = plan.mod, plan.struct
     t = x.shape[0]
-    for name, a, dt in (("x", x, np.float32), ("kc", kc, np.float16), ("vc", vc, np.float16),
-                        ("cos", cos, np.float32), ("sin", sin, np.float32)):
-        if a.dtype != dt or not a.flags.c_contiguous:
-            raise ValueError(f"bitnet_layer: {name} must be C-contiguous {np.dtype(dt).name}")
-    cache = (int(st.kv_heads), int(st.head_dim))
-    if x.ndim != 2 or x.shape[1] != st.hidden or kc.shape[1:] != cache or vc.shape[1:] != cache:
-        raise ValueError(f"bitnet_layer: x {x.shape}, caches {kc.shape} / {vc.shape} do not fit the layer "
-                         f"(hidden {st.hidden}, (positions, {cache[0]}, {cache[1]}) caches)")
-    if kc.shape[0] < s_len or vc.shape[0] < s_len:
-        raise ValueError(f"bitnet_layer: caches of {min(kc.shape[0], vc.shape[0])} positions for s_len={s_len}")
-    if cos.shape != (t, cache[1] // 2) or sin.shape != cos.shape:
-        raise ValueError(f"bitnet_layer: angles {cos.shape} / {sin.shape}, the layer needs ({t}, {cache[1] // 2})")
     rc = mod.lib.bk_bitnet_layer(st, _ptr(mod, "float[]", x), t, s_len, _ptr(mod, "uint16_t[]", kc.view(np.uint16)),
                                  _ptr(mod, "uint16_t[]", vc.view(np.uint16)), _ptr(mod, "float[]", cos),
                                  _ptr(mod, "float[]", sin), int(last_only), threads())
     _check(rc, "bitnet_layer", int(st.hidden), QK_I2_S)
 
 
-__all__ = ["active", "attention_f16", "available", "bitnet_layer", "cos_sin", "exact_matmul", "f16_matmul", "i2s_raw",
-           "layer_plan", "reload", "quantize_i8_s", "quantize_q8_k_blocks", "set_isa", "tq_dot", "tq_lanes",
-           "unavailable_reason"]
+def attention_f32(q, kc, vc, s_len: int) -> np.ndarray:
+    """The llama-cpp profile's attention over an F32 KV cache (ggml's non-flash order): float32 (T, heads*d).
+
+    q (T, heads, d) float32, d a multiple of 64; kc, vc: float32 caches (>= s_len positions, kv_heads, d), the
+    first s_len positions read in place; the T queries are positions s_len-T .. s_len-1. Bit-identical to
+    `model.Model._attention_ggml` with an f32 KV cache (no fallback here: RuntimeError without the kernels)."""
+    mod = _load()
+    if mod is None:
+        raise RuntimeError(f"attention_f32: native kernels unavailable: {unavailable_reason()}")
+    a = np.ascontiguousarray(q, dtype=np.float32)
+    if a.ndim != 3 or a.shape[0] < 1 or a.shape[2] % 64:
+        raise ValueError(f"attention_f32: q must be (T, heads, d) with T >= 1 and d % 64 == 0, got {a.shape}")
+    t, heads, d = a.shape
+    caches = []
+    for name, c in (("kc", kc), ("vc", vc)):
+        c = np.asarray(c)
+        if c.dtype != np.float32 or c.ndim != 3 or c.shape[0] < s_len or c.shape[2] != d or heads % c.shape[1]:
+            raise ValueError(f"attention_f32: {name} must be a float32 (>= {s_len}, kv_heads, {d}) array dividing "
+                             f"{heads} heads, got {c.dtype} {c.shape}")
+        caches.append(np.ascontiguousarray(c[:s_len]))
+    if caches[0].shape[1] != caches[1].shape[1] or not t <= s_len:
+        raise ValueError(f"attention_f32: K {caches[0].shape}, V {caches[1].shape}, T={t}, s_len={s_len}")
+    out = np.empty((t, heads * d), np.float32)
+    rc = mod.lib.bk_attention_f32(_ptr(mod, "float[]", a), t, heads, caches[0].shape[1], d,
+                                  _ptr(mod, "float[]", caches[0]), _ptr(mod, "float[]", caches[1]), s_len,
+                                  _ptr(mod, "float[]", out), threads())
+    _check(rc, "attention_f32", d, 64)
+    return out
+
+
+F64_WEIGHTS = {"f32": 0, "f16": 1}  # ggml type ids
+
+
+def f64_matmul(x, w, rows: int, fmt: str) -> np.ndarray:
+    """Float weights times float32 activations as the llama-cpp profile defines them: float32 (T, rows), the exact
+    products summed in double and rounded once (the definition: `(x.astype(f64) @ w.T.astype(f64)).astype(f32)`,
+    which computes it without the kernels). x (T, K) float32 (round it to f16 first for F16 weights, as the profile
+    does); w: the tensor's stored bytes (uint8, read in place) or a float32 / float16 array of (rows, K)."""
+    if fmt not in F64_WEIGHTS:
+        raise ValueError(f"f64_matmul: weight format {fmt!r} is not one of {sorted(F64_WEIGHTS)}")
+    a = _rows_f32(x)
+    t, k = a.shape
+    wa = np.asarray(w)
+    if wa.dtype in (np.float16, np.float32):
+        wa = np.ascontiguousarray(wa).reshape(-1).view(np.uint8)
+    wb = _packed_u8(wa, rows * k * (2 if fmt == "f16" else 4), "f64_matmul")
+    mod = _load()
+    if mod is None:
+        rows_w = wb.view(np.float16 if fmt == "f16" else np.float32).reshape(rows, k)
+        return (a.astype(np.float64) @ rows_w.T.astype(np.float64)).astype(np.float32)
+    out = np.empty((t, rows), np.float32)
+    rc = mod.lib.bk_f64_matmul(F64_WEIGHTS[fmt], _ptr(mod, "float[]", a), t, k, _ptr(mod, "uint8_t[]", wb), rows,
+                               _ptr(mod, "float[]", out), threads())
+    _check(rc, "f64_matmul", k, 1)
+    return out
+
+
+LLAMA_WEIGHT_TYPES = {"tq1_0": TQ1_0.type_id, "tq2_0": TQ2_0.type_id, "f16": 1, "f32": 0}
+
+
+def llama_layer_plan(dims: dict, norms: dict, weights: dict, out_scale: dict) -> LayerPlan | None:
+    """The struct `bk_llama_cpp_layer` reads (native/bitnet_kernels.h), or None without the native kernels.
+
+    dims and norms as `layer_plan`; weights: by projection name, (kind, array): kind "tq1_0" / "tq2_0" with the
+    packed block bytes, "f16" with float32 values of an F16 tensor (the profile rounds its activations to f16) or
+    "f32" with float32 values; out_scale: the `.scale` factors (1.0 if absent)."""
+    mod = _load()
+    if mod is None:
+        return None
+    st = mod.ffi.new("bk_llama_layer *")
+    for name in ("hidden", "heads", "kv_heads", "head_dim", "ffn", "n_ctx", "eps", "silu"):
+        setattr(st, name, dims[name])
+    keep = []
+    for name in ("attn_norm", "attn_sub_norm", "ffn_norm", "ffn_sub_norm"):
+        a = np.ascontiguousarray(norms[name], dtype=np.float32)
+        buf = _ptr(mod, "float[]", a)
+        keep += [a, buf]
+        setattr(st, name, buf)
+    for i, name in enumerate(LAYER_PROJECTIONS):
+        kind, arr = weights[name]
+        if kind not in LLAMA_WEIGHT_TYPES:
+            raise ValueError(f"llama_layer_plan: {name}: weight kind {kind!r} not in {sorted(LLAMA_WEIGHT_TYPES)}")
+        if kind in ("f16", "f32"):
+            w = np.ascontiguousarray(arr, dtype=np.float32)
+            buf = _ptr(mod, "float[]", w)
+        else:
+            w = np.ascontiguousarray(arr, dtype=np.uint8).reshape(-1)
+            buf = _ptr(mod, "uint8_t[]", w)
+        keep += [w, buf]
+        st.w[i] = buf
+        st.type[i] = LLAMA_WEIGHT_TYPES[kind]
+        st.out_scale[i] = float(np.float32(out_scale[name]))
+    return LayerPlan(mod, st, keep, kv_dtype=np.float32)
+
+
+def llama_cpp_layer(plan: LayerPlan, x: np.ndarray, s_len: int, kc: np.ndarray, vc: np.ndarray, cos: np.ndarray,
+                    sin: np.ndarray, last_only: bool) -> None:
+    """Run one decoder layer in place on x (t, hidden) float32 C-contiguous (see `llama_layer_plan`): llama-cpp
+    profile numerics, bit-identical to bitnet_ref.model's numpy forward. kc, vc: the layer's float32 caches
+    (positions, kv_heads, head_dim) with at least s_len positions; cos, sin float32 (t, head_dim/2)."""
+    _check_layer_args("llama_cpp_layer", plan, x, s_len, kc, vc, cos, sin, np.float32)
+    mod, st = plan.mod, plan.struct
+    rc = mod.lib.bk_llama_cpp_layer(st, _ptr(mod, "float[]", x), x.shape[0], s_len, _ptr(mod, "float[]", kc),
+                                    _ptr(mod, "float[]", vc), _ptr(mod, "float[]", cos), _ptr(mod, "float[]", sin),
+                                    int(last_only), threads())
+    _check(rc, "llama_cpp_layer", int(st.hidden), QK_K)
+
+
+__all__ = ["active", "attention_f16", "attention_f32", "available", "bitnet_layer", "cos_sin", "exact_matmul",
+           "f16_matmul", "f64_matmul", "i2s_raw", "layer_plan", "llama_cpp_layer", "llama_layer_plan", "reload",
+           "quantize_i8_s", "quantize_q8_k_blocks", "set_isa", "tq_dot", "tq_lanes", "unavailable_reason"]

@@ -504,6 +504,8 @@ class Model:
 
     def _native_lm_head_applies(self) -> bool:
         p = self.profile
+        if p.ggml_cpu and p.activations == "q8_k":  # llama-cpp: F16/F32 rows in double sums (kernels.f64_matmul)
+            return bool(self._embd_fmt.name in ("f16", "f32") and self._row_bytes is not None and kernels.available())
         return bool(p.ggml_cpu and p.activations == "i8_s" and self._embd_fmt.name == "f16"
                     and self.cfg.hidden % 16 == 0 and self._row_bytes is not None and kernels.available())
 
@@ -514,6 +516,8 @@ class Model:
         if not self._native_lm_head_applies():
             return None
         data = self._embd_bytes if self._embd_bytes is not None else self._gf.tensor_bytes(self._embd)
+        if self.profile.activations == "q8_k":  # the numpy branch's float64 product, rounded once
+            return kernels.f64_matmul(h.astype(np.float32), data, self.cfg.vocab, self._embd_fmt.name)
         if h.shape[0] == 1:
             return kernels.f16_matmul(h.astype(np.float16).astype(np.float32), data, self.cfg.vocab, "vec_dot")
         return kernels.f16_matmul(h.astype(np.float32), data, self.cfg.vocab, "gemm")
@@ -740,6 +744,9 @@ class Model:
         if not self._plans_checked:
             self._plans_checked = True
             p, cfg = self.profile, self.cfg
+            if p.ggml_cpu and p.activations == "q8_k":
+                self._plans = self._llama_plans()
+                return self._plans
             ok = (p.ggml_cpu and p.activations == "i8_s" and p.kv_cache == "f16" and not p.i2s_int16_wrap
                   and cfg.activation in ("relu2", "silu") and self._gpu is None and kernels.available()
                   and cfg.hidden % QK_I2_S == 0 and cfg.ffn % QK_I2_S == 0
@@ -756,6 +763,32 @@ class Model:
                     for layer in self.layers]
         return self._plans
 
+    def _llama_plans(self) -> list | None:
+        """The layers prepared for kernels.llama_cpp_layer (the llama-cpp profile), or None where it does not
+        apply: an F32 KV cache, head_dim a multiple of 64 (the definition's float32 KQ path), ReLU^2 or SiLU
+        gating, and every projection a packed TQ1_0/TQ2_0 tensor the profile quantizes for, or F16/F32 weights."""
+        p, cfg = self.profile, self.cfg
+        if not (p.kv_cache == "f32" and cfg.activation in ("relu2", "silu") and cfg.head_dim % 64 == 0
+                and kernels.available()):
+            return None
+        weights = []
+        for layer in self.layers:
+            w = {}
+            for n, lin in layer.proj.items():
+                if (lin.packed is not None and lin.values is None and lin.fmt in ("tq1_0", "tq2_0")
+                        and p.quantizes(lin.fmt) and cfg.hidden % QK_K == 0 and cfg.ffn % QK_K == 0):
+                    w[n] = (lin.fmt, lin.packed)
+                elif lin.weight is not None and lin.fmt in ("f16", "f32"):
+                    w[n] = ("f16" if lin.fmt == "f16" and p.f16_acts_for_f16_weights else "f32", lin.weight)
+                else:
+                    return None
+            weights.append(w)
+        dims = {"hidden": cfg.hidden, "heads": cfg.heads, "kv_heads": cfg.kv_heads, "head_dim": cfg.head_dim,
+                "ffn": cfg.ffn, "n_ctx": cfg.context, "eps": cfg.rms_eps, "silu": int(cfg.activation == "silu")}
+        return [kernels.llama_layer_plan(
+            dims, layer.norms, w, {n: 1.0 if lin.out_scale is None else lin.out_scale for n, lin in layer.proj.items()})
+            for layer, w in zip(self.layers, weights)]
+
     def _forward_native(self, plans, x, state: State, cos, sin, last_only: bool) -> np.ndarray:
         """`forward` with each layer one native call (the same bits as the numpy layers)."""
         t = x.shape[0]
@@ -764,8 +797,8 @@ class Model:
         cos, sin = np.ascontiguousarray(cos, np.float32), np.ascontiguousarray(sin, np.float32)
         for i, plan in enumerate(plans):
             self._grow_cache(state, i, end)
-            kernels.bitnet_layer(plan, x, end, state.k[i], state.v[i], cos, sin,
-                                 last_only and i == len(plans) - 1)
+            run = kernels.llama_cpp_layer if plan.kv_dtype == np.float32 else kernels.bitnet_layer
+            run(plan, x, end, state.k[i], state.v[i], cos, sin, last_only and i == len(plans) - 1)
         state.pos = end
         if last_only:
             x = x[:1]

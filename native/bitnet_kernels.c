@@ -253,6 +253,8 @@ static void tq_codes(int type, const uint8_t *blk, uint8_t *c) {
         for (int m = 0; m < 4; m++) c[240 + 4 * n + m] = (uint8_t)(((uint16_t)(uint8_t)(blk[48 + m] * POW3[n]) * 3) >> 8);
 }
 
+void bk_tq_codes(int type, const uint8_t *blk, uint8_t *c) { tq_codes(type, blk, c); }
+
 /* one (token, row) block: 8 lanes of sum code*q over v%32 in [4l, 4l+4) (bsums subtracted by the caller) */
 #define BK_TQ_LANES_BODY                                                                                     \
     for (int l = 0; l < 8; l++) {                                                                            \

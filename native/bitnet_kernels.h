@@ -19,6 +19,8 @@
 #define BK_TQ2_0 35
 #define BK_F16_VEC_DOT 0
 #define BK_F16_GEMM 1
+#define BK_F32 0 /* ggml type ids of float weights */
+#define BK_F16 1
 
 /* the instruction set the products use: "avx512-vnni", "avx2", "neon" (AArch64) or "portable" */
 const char *bk_isa(void);
@@ -101,5 +103,35 @@ typedef struct {
 } bk_layer;
 int bk_bitnet_layer(const bk_layer *L, float *x, int64_t t, int64_t s_len, uint16_t *kc, uint16_t *vc,
                     const float *cos, const float *sin, int last_only, int nthreads);
+
+/* ggml's attention (non-flash, AVX-512 order) over an F32 KV cache, as the llama-cpp profile computes it:
+ * q (t, heads, d) float32; kc/vc (s_len, kv_heads, d) float32; the t queries at positions s_len-t .. s_len-1
+ * (causal); out (t, heads*d). Bit for bit Model._attention_ggml with kv_cache "f32" (bk_attention_f32.c).
+ * BK_EBADARG unless d is a multiple of 64 (the definition's float32 KQ path) and t <= s_len; BK_ENOMEM. */
+int bk_attention_f32(const float *q, int64_t t, int64_t heads, int64_t kv_heads, int64_t d, const float *kc,
+                     const float *vc, int64_t s_len, float *out, int nthreads);
+
+/* float weights times float32 activations as the llama-cpp profile defines them: out (t, r) float32, each the
+ * exact products summed in double (8 lanes, bk_ggml_layer.c) and rounded once; w: BK_F32 float rows or BK_F16
+ * little-endian f16 bytes (read in place). The caller rounds x to f16 where the profile does. */
+int bk_f64_matmul(int wtype, const float *x, int64_t t, int64_t k, const void *w, int64_t r, float *out,
+                  int nthreads);
+
+/* One decoder layer as the llama-cpp profile computes it (mainline's arithmetic: Q8_K activations for TQ1_0 /
+ * TQ2_0, f16-rounded activations for F16 weights, double sums for F16 / F32, ggml's F32-KV attention), in
+ * place on x as bk_bitnet_layer: kc, vc are float32 caches (n_ctx or more positions, kv_heads, head_dim);
+ * head_dim must be a multiple of 64. BK_EBADARG, BK_EBADK (TQ with hidden or ffn not a multiple of 256),
+ * BK_ENOMEM. */
+typedef struct {
+    int64_t hidden, heads, kv_heads, head_dim, ffn, n_ctx;
+    float eps;
+    int silu; /* 0: relu(gate)^2 * up; 1: silu(gate) * up */
+    const float *attn_norm, *attn_sub_norm, *ffn_norm, *ffn_sub_norm; /* gains */
+    const void *w[7]; /* attn_q .. ffn_down: TQ1_0 / TQ2_0 block bytes, or float32 (rows, K) values */
+    int type[7];      /* BK_TQ1_0, BK_TQ2_0, BK_F16 (float32 values, f16-rounded activations) or BK_F32 */
+    float out_scale[7]; /* the optional `.scale` tensors; 1 where absent */
+} bk_llama_layer;
+int bk_llama_cpp_layer(const bk_llama_layer *L, float *x, int64_t t, int64_t s_len, float *kc, float *vc,
+                       const float *cos, const float *sin, int last_only, int nthreads);
 
 #endif

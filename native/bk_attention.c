@@ -513,3 +513,6 @@ void bk_silu_mul(float *gate, const float *up, int64_t n) {
 #endif
     for (; j < n; j++) gate[j] = (gate[j] / (1.0f + expf_ggml(-gate[j]))) * up[j];
 }
+
+/* ggml's soft_max over one row (see softmax_portable), for the F32-KV attention (bk_attention_f32.c) */
+void bk_softmax_ggml(float *w, int64_t nvis, int64_t ns) { att_fn().softmax(w, nvis, ns); }

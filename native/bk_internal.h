@@ -67,4 +67,15 @@ uint16_t bk_f32_to_f16_bits(float f);
 /* f16 bits -> float32, exact; a NaN keeps its payload, as vcvtph2ps does (bitnet_kernels.c) */
 float bk_f16_bits_to_f32(uint16_t h);
 
+/* shared with the llama-cpp profile's layer (bk_ggml_layer.c, bk_attention_f32.c): */
+/* bk_layer.c: ggml's rms_norm times the gain, NeoX RoPE (fma form), relu(gate)^2 * up, row-parallel work */
+void bk_rms_norm(const float *x, int64_t t, int64_t n, const float *gain, float eps, float *y, int nthreads);
+void bk_rope(float *x, int64_t t, int64_t heads, int64_t d, const float *cs, const float *sn, int nthreads);
+void bk_relu2_mul(float *gate, const float *up, int64_t n);
+void bk_for_rows(void (*fn)(void *ctx, int64_t i0, int64_t i1), void *ctx, int64_t t, int nthreads);
+/* bk_attention.c: ggml's soft_max of one score row w[0, ns) in place, keys nvis.. masked (ns a multiple of 16) */
+void bk_softmax_ggml(float *w, int64_t nvis, int64_t ns);
+/* bitnet_kernels.c: the 256 codes (value + 1) of one TQ1_0 / TQ2_0 block, in value order */
+void bk_tq_codes(int type, const uint8_t *blk, uint8_t *c);
+
 #endif

@@ -357,3 +357,15 @@ int bk_bitnet_layer(const bk_layer *L, float *x, int64_t t, int64_t s_len, uint1
 done:
     return rc;
 }
+
+/* the pieces above for the llama-cpp profile's layer (bk_ggml_layer.c): the same operations, the same bits */
+void bk_rms_norm(const float *x, int64_t t, int64_t n, const float *gain, float eps, float *y, int nthreads) {
+    rms_norm(x, t, n, gain, eps, y, nthreads);
+}
+void bk_rope(float *x, int64_t t, int64_t heads, int64_t d, const float *cs, const float *sn, int nthreads) {
+    rope(x, t, heads, d, cs, sn, nthreads);
+}
+void bk_relu2_mul(float *gate, const float *up, int64_t n) { relu2_mul(gate, up, n); }
+void bk_for_rows(void (*fn)(void *ctx, int64_t i0, int64_t i1), void *ctx, int64_t t, int nthreads) {
+    for_rows(fn, ctx, t, nthreads);
+}

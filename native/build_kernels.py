@@ -23,7 +23,7 @@ HERE = Path(__file__).resolve().parent
 HEADER = HERE / "bitnet_kernels.h"
 MODULE = "bitnet_ref._bitnet_kernels"
 SOURCES = ("bitnet_kernels.c", "bk_pool.c", "bk_neon.c", "bk_layer.c", "bk_i2s_gemm.c", "bk_attention.c",
-           "bk_exact.c")
+           "bk_exact.c", "bk_ggml_layer.c", "bk_attention_f32.c")
 
 
 def _cdef() -> str:
@@ -32,7 +32,8 @@ def _cdef() -> str:
     text = re.sub(r"/\*.*?\*/", "", text, flags=re.S)
     keep = [ln for ln in text.splitlines() if not ln.lstrip().startswith("#")]
     defines = "\n".join(f"#define {name} ..." for name in ("BK_EBADK", "BK_EBADARG", "BK_ENOMEM", "BK_TQ1_0",
-                                                                 "BK_TQ2_0", "BK_F16_VEC_DOT", "BK_F16_GEMM"))
+                                                                 "BK_TQ2_0", "BK_F16_VEC_DOT", "BK_F16_GEMM",
+                                                                 "BK_F32", "BK_F16"))
     return defines + "\n" + "\n".join(keep)
 
 
