@@ -38,14 +38,14 @@ static double dot64_portable(const double *x, const float *w, int64_t k) {
 }
 
 #ifdef BK_X86
-__attribute__((target("avx512f"))) static double hsum8_pd(__m512d v) {
+__attribute__((target("avx512f,f16c"))) static double hsum8_pd(__m512d v) {
     double a[8];
     _mm512_storeu_pd(a, v);
     return ((a[0] + a[4]) + (a[2] + a[6])) + ((a[1] + a[5]) + (a[3] + a[7]));
 }
 
 /* dot64_portable for 4 tokens (x rows xs apart) sharing each weight load */
-__attribute__((target("avx512f"))) static void dot64x4_avx512(const double *x, int64_t xs, const float *w, int64_t k,
+__attribute__((target("avx512f,f16c"))) static void dot64x4_avx512(const double *x, int64_t xs, const float *w, int64_t k,
                                                              double *out) {
     __m512d a0 = _mm512_setzero_pd(), a1 = a0, a2 = a0, a3 = a0;
     int64_t body = k & ~(int64_t)7;
@@ -64,7 +64,62 @@ __attribute__((target("avx512f"))) static void dot64x4_avx512(const double *x, i
     }
 }
 
-__attribute__((target("avx512f"))) static double dot64_avx512(const double *x, const float *w, int64_t k) {
+/* the same two on F16 rows read in place (vcvtph2ps widens exactly, as bk_f16_bits_to_f32) */
+__attribute__((target("avx512f,f16c"))) static inline __m512d f16x8_pd(const uint8_t *w, int64_t j) {
+    return _mm512_cvtps_pd(_mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)(w + 2 * j))));
+}
+
+__attribute__((target("avx512f,f16c"))) static double f16_tail(const double *x, const uint8_t *w, int64_t j0, int64_t k,
+                                                         double s) {
+    for (int64_t j = j0; j < k; j++) {
+        uint16_t h;
+        memcpy(&h, w + 2 * j, 2);
+        s = s + x[j] * (double)bk_f16_bits_to_f32(h);
+    }
+    return s;
+}
+
+__attribute__((target("avx512f,f16c"))) static void dot64x4_f16_avx512(const double *x, int64_t xs, const uint8_t *w,
+                                                                 int64_t k, double *out) {
+    __m512d a0 = _mm512_setzero_pd(), a1 = a0, a2 = a0, a3 = a0;
+    int64_t body = k & ~(int64_t)7;
+    for (int64_t j = 0; j < body; j += 8) {
+        __m512d wv = f16x8_pd(w, j);
+        a0 = _mm512_fmadd_pd(_mm512_loadu_pd(x + j), wv, a0);
+        a1 = _mm512_fmadd_pd(_mm512_loadu_pd(x + xs + j), wv, a1);
+        a2 = _mm512_fmadd_pd(_mm512_loadu_pd(x + 2 * xs + j), wv, a2);
+        a3 = _mm512_fmadd_pd(_mm512_loadu_pd(x + 3 * xs + j), wv, a3);
+    }
+    __m512d acc[4] = {a0, a1, a2, a3};
+    for (int u = 0; u < 4; u++) out[u] = f16_tail(x + u * xs, w, body, k, hsum8_pd(acc[u]));
+}
+
+/* dot64_f16_avx512 for one token and 4 rows (w rows ws bytes apart): four independent chains */
+__attribute__((target("avx512f,f16c"))) static void dot64_f16_rows4_avx512(const double *x, const uint8_t *w,
+                                                                          int64_t ws, int64_t k, double *out) {
+    __m512d a0 = _mm512_setzero_pd(), a1 = a0, a2 = a0, a3 = a0;
+    int64_t body = k & ~(int64_t)7;
+    for (int64_t j = 0; j < body; j += 8) {
+        __m512d xv = _mm512_loadu_pd(x + j);
+        a0 = _mm512_fmadd_pd(xv, f16x8_pd(w, j), a0);
+        a1 = _mm512_fmadd_pd(xv, f16x8_pd(w + ws, j), a1);
+        a2 = _mm512_fmadd_pd(xv, f16x8_pd(w + 2 * ws, j), a2);
+        a3 = _mm512_fmadd_pd(xv, f16x8_pd(w + 3 * ws, j), a3);
+    }
+    __m512d acc[4] = {a0, a1, a2, a3};
+    for (int u = 0; u < 4; u++) out[u] = f16_tail(x, w + u * ws, body, k, hsum8_pd(acc[u]));
+}
+
+/* one token: two accumulator chains over alternate 8-blocks would change the lanes' order, so one chain (the
+ * loop is bound by reading the row) */
+__attribute__((target("avx512f,f16c"))) static double dot64_f16_avx512(const double *x, const uint8_t *w, int64_t k) {
+    __m512d a = _mm512_setzero_pd();
+    int64_t body = k & ~(int64_t)7;
+    for (int64_t j = 0; j < body; j += 8) a = _mm512_fmadd_pd(_mm512_loadu_pd(x + j), f16x8_pd(w, j), a);
+    return f16_tail(x, w, body, k, hsum8_pd(a));
+}
+
+__attribute__((target("avx512f,f16c"))) static double dot64_avx512(const double *x, const float *w, int64_t k) {
     __m512d a = _mm512_setzero_pd();
     int64_t body = k & ~(int64_t)7;
     for (int64_t j = 0; j < body; j += 8)
@@ -104,6 +159,29 @@ static void f64mm_task(void *ctx, int ith, int nth) {
         int64_t r1 = r0 + m->chunk < m->r ? r0 + m->chunk : m->r;
         for (int64_t r = r0; r < r1; r++) {
             const float *w;
+#ifdef BK_X86
+            if (avx512 && m->wtype == BK_F16 && m->t < 4 && r + 4 <= r1) { /* few tokens: 4 rows at a time */
+                const uint8_t *w16 = (const uint8_t *)m->w + 2 * r * m->k;
+                for (int64_t i = 0; i < m->t; i++) {
+                    double o[4];
+                    dot64_f16_rows4_avx512(m->x + i * m->k, w16, 2 * m->k, m->k, o);
+                    for (int u = 0; u < 4; u++) m->out[i * m->r + r + u] = (float)o[u];
+                }
+                r += 3;
+                continue;
+            }
+            if (avx512 && m->wtype == BK_F16) {
+                const uint8_t *w16 = (const uint8_t *)m->w + 2 * r * m->k;
+                int64_t i = 0;
+                double o[4];
+                for (; i + 4 <= m->t; i += 4) {
+                    dot64x4_f16_avx512(m->x + i * m->k, m->k, w16, m->k, o);
+                    for (int u = 0; u < 4; u++) m->out[(i + u) * m->r + r] = (float)o[u];
+                }
+                for (; i < m->t; i++) m->out[i * m->r + r] = (float)dot64_f16_avx512(m->x + i * m->k, w16, m->k);
+                continue;
+            }
+#endif
             if (m->wtype == BK_F16) {
                 const uint8_t *src = (const uint8_t *)m->w + 2 * r * m->k;
                 for (int64_t j = 0; j < m->k; j++) {
@@ -160,6 +238,8 @@ int bk_f64_matmul(int wtype, const float *x, int64_t t, int64_t k, const void *w
 /* ---------------------------------------------------------------- TQ x Q8_K as a GEMM (AVX-512 VNNI) */
 
 #define TQ_MR 4 /* weight rows per pass over the tokens: their codes stay in 16 zmm registers */
+#define TQ_TARGET BK_VNNI_TARGET ",f16c"
+#define TQ_CHUNK (8 * TQ_MR) /* rows a thread takes at a time */
 
 /* Q8_K activations regrouped for the GEMM: block b of token i at qp + (b * t + i) * 256 in "TQ2 order" (the 64
  * bytes of group n hold values 32n .. 32n+31 then 128+32n .. 128+32n+31: the bytes a TQ2_0 block's qs shifted by
@@ -221,7 +301,7 @@ tq_epilogue2(__m512i s0, __m512i s1, __m512i bsv, __m512 dyv, __m512 dw01, float
     _mm512_storeu_ps(acc, _mm512_fmadd_ps(f, _mm512_mul_ps(dyv, dw01), _mm512_loadu_ps(acc)));
 }
 
-__attribute__((target(BK_VNNI_TARGET))) static void tq_gemm_task(void *ctx, int ith, int nth) {
+__attribute__((target(TQ_TARGET))) static void tq_gemm_task(void *ctx, int ith, int nth) {
     (void)ith, (void)nth;
     tqg_t *g = (tqg_t *)ctx;
     const int64_t t = g->t, k = g->k, nb = k / QK_K, bb = g->type == BK_TQ2_0 ? 66 : 54;
@@ -233,58 +313,67 @@ __attribute__((target(BK_VNNI_TARGET))) static void tq_gemm_task(void *ctx, int 
     }
     float *acc = (float *)mem; /* (t, TQ_MR, 8) */
     uint8_t *dec = (uint8_t *)mem + acc_bytes;
+    const int64_t rb = nb * bb, tile = TQ_MR * rb, pf_lines = (tile / 64 + nb - 1) / nb;
     for (;;) {
-        int64_t r0 = atomic_fetch_add_explicit(&g->next, TQ_MR, memory_order_relaxed);
-        if (r0 >= g->r) break;
-        const uint8_t *rows[TQ_MR];
-        for (int u = 0; u < TQ_MR; u++) /* past the last row: compute the last one again, store nothing */
-            rows[u] = g->w + (r0 + u < g->r ? r0 + u : g->r - 1) * nb * bb;
-        if (g->type != BK_TQ2_0)
-            for (int u = 0; u < TQ_MR; u++)
-                for (int64_t b = 0; b < nb; b++) {
-                    uint8_t nat[QK_K];
-                    bk_tq_codes(g->type, rows[u] + b * bb, nat);
-                    uint8_t *o = dec + u * k + b * QK_K;
-                    for (int n = 0; n < 4; n++)
-                        for (int h = 0; h < 2; h++) memcpy(o + 64 * n + 32 * h, nat + 128 * h + 32 * n, 32);
+        int64_t ch0 = atomic_fetch_add_explicit(&g->next, TQ_CHUNK, memory_order_relaxed);
+        if (ch0 >= g->r) break;
+        int64_t ch1 = ch0 + TQ_CHUNK < g->r ? ch0 + TQ_CHUNK : g->r;
+        for (int64_t r0 = ch0; r0 < ch1; r0 += TQ_MR) {
+            /* the next tile's bytes, a few lines per block (4 interleaved row streams defeat the prefetcher) */
+            const char *pf = r0 + 2 * TQ_MR <= g->r ? (const char *)g->w + (r0 + TQ_MR) * rb : NULL;
+            const uint8_t *rows[TQ_MR];
+            for (int u = 0; u < TQ_MR; u++) /* past the last row: compute the last one again, store nothing */
+                rows[u] = g->w + (r0 + u < g->r ? r0 + u : g->r - 1) * nb * bb;
+            if (g->type != BK_TQ2_0)
+                for (int u = 0; u < TQ_MR; u++)
+                    for (int64_t b = 0; b < nb; b++) {
+                        uint8_t nat[QK_K];
+                        bk_tq_codes(g->type, rows[u] + b * bb, nat);
+                        uint8_t *o = dec + u * k + b * QK_K;
+                        for (int n = 0; n < 4; n++)
+                            for (int h = 0; h < 2; h++) memcpy(o + 64 * n + 32 * h, nat + 128 * h + 32 * n, 32);
+                    }
+            memset(acc, 0, acc_bytes);
+            for (int64_t b = 0; b < nb; b++) {
+                __m512i c0[4], c1[4], c2[4], c3[4];
+                tq_block_codes(g->type, rows[0] + b * bb, dec + 0 * k + b * QK_K, c0);
+                tq_block_codes(g->type, rows[1] + b * bb, dec + 1 * k + b * QK_K, c1);
+                tq_block_codes(g->type, rows[2] + b * bb, dec + 2 * k + b * QK_K, c2);
+                tq_block_codes(g->type, rows[3] + b * bb, dec + 3 * k + b * QK_K, c3);
+                float dw[TQ_MR];
+                for (int u = 0; u < TQ_MR; u++) {
+                    uint16_t h;
+                    memcpy(&h, rows[u] + b * bb + bb - 2, 2); /* the block's f16 scale, last (vcvtph2ps: exact) */
+                    dw[u] = _cvtsh_ss(h);
                 }
-        memset(acc, 0, acc_bytes);
-        for (int64_t b = 0; b < nb; b++) {
-            __m512i c0[4], c1[4], c2[4], c3[4];
-            tq_block_codes(g->type, rows[0] + b * bb, dec + 0 * k + b * QK_K, c0);
-            tq_block_codes(g->type, rows[1] + b * bb, dec + 1 * k + b * QK_K, c1);
-            tq_block_codes(g->type, rows[2] + b * bb, dec + 2 * k + b * QK_K, c2);
-            tq_block_codes(g->type, rows[3] + b * bb, dec + 3 * k + b * QK_K, c3);
-            float dw[TQ_MR];
-            for (int u = 0; u < TQ_MR; u++) {
-                uint16_t h;
-                memcpy(&h, rows[u] + b * bb + bb - 2, 2); /* the block's f16 scale, last */
-                dw[u] = bk_f16_bits_to_f32(h);
-            }
-            const __m512 dw01 = halves(dw[0], dw[1]), dw23 = halves(dw[2], dw[3]);
-            const int8_t *qb = g->qp + b * t * QK_K;
-            const int32_t *bsb = g->bs + b * t * 8;
-            const float *dyb = g->dy + b * t;
-            for (int64_t i = 0; i < t; i++) {
-                const int8_t *q = qb + i * QK_K;
-                __m512i s0 = _mm512_setzero_si512(), s1 = s0, s2 = s0, s3 = s0;
-                for (int n = 0; n < 4; n++) {
-                    s0 = tq_dpbusd(s0, c0[n], q + 64 * n);
-                    s1 = tq_dpbusd(s1, c1[n], q + 64 * n);
-                    s2 = tq_dpbusd(s2, c2[n], q + 64 * n);
-                    s3 = tq_dpbusd(s3, c3[n], q + 64 * n);
+                const __m512 dw01 = halves(dw[0], dw[1]), dw23 = halves(dw[2], dw[3]);
+                if (pf)
+                    for (int64_t l = b * pf_lines; l < (b + 1) * pf_lines && 64 * l < tile; l++)
+                        _mm_prefetch(pf + 64 * l, _MM_HINT_T0);
+                const int8_t *qb = g->qp + b * t * QK_K;
+                const int32_t *bsb = g->bs + b * t * 8;
+                const float *dyb = g->dy + b * t;
+                for (int64_t i = 0; i < t; i++) {
+                    const int8_t *q = qb + i * QK_K;
+                    __m512i s0 = _mm512_setzero_si512(), s1 = s0, s2 = s0, s3 = s0;
+                    for (int n = 0; n < 4; n++) {
+                        s0 = tq_dpbusd(s0, c0[n], q + 64 * n);
+                        s1 = tq_dpbusd(s1, c1[n], q + 64 * n);
+                        s2 = tq_dpbusd(s2, c2[n], q + 64 * n);
+                        s3 = tq_dpbusd(s3, c3[n], q + 64 * n);
+                    }
+                    __m512i bsv = _mm512_broadcast_i64x4(_mm256_loadu_si256((const __m256i *)(bsb + 8 * i)));
+                    __m512 dyv = _mm512_set1_ps(dyb[i]);
+                    tq_epilogue2(s0, s1, bsv, dyv, dw01, acc + i * TQ_MR * 8);
+                    tq_epilogue2(s2, s3, bsv, dyv, dw23, acc + i * TQ_MR * 8 + 16);
                 }
-                __m512i bsv = _mm512_broadcast_i64x4(_mm256_loadu_si256((const __m256i *)(bsb + 8 * i)));
-                __m512 dyv = _mm512_set1_ps(dyb[i]);
-                tq_epilogue2(s0, s1, bsv, dyv, dw01, acc + i * TQ_MR * 8);
-                tq_epilogue2(s2, s3, bsv, dyv, dw23, acc + i * TQ_MR * 8 + 16);
             }
+            for (int64_t i = 0; i < t; i++)
+                for (int u = 0; u < TQ_MR && r0 + u < g->r; u++) {
+                    const float *a = acc + (i * TQ_MR + u) * 8;
+                    g->out[i * g->r + r0 + u] = ((a[4] + a[0]) + (a[6] + a[2])) + ((a[5] + a[1]) + (a[7] + a[3]));
+                }
         }
-        for (int64_t i = 0; i < t; i++)
-            for (int u = 0; u < TQ_MR && r0 + u < g->r; u++) {
-                const float *a = acc + (i * TQ_MR + u) * 8;
-                g->out[i * g->r + r0 + u] = ((a[4] + a[0]) + (a[6] + a[2])) + ((a[5] + a[1]) + (a[7] + a[3]));
-            }
     }
 }
 #endif
