@@ -8,9 +8,14 @@ synthesized file, in the same run, printed with their ratio. Measured, never ass
 
 --i2s times bitnet_ref (bitnet-cpp profile, native kernels) on a bitnet.cpp I2_S file (e.g. the 2b-4t preset):
 a prefill of --i2s-prefill tokens and --i2s-decode decoded tokens, both asking for the last logits only as
-llama-bench does, against bitnet.cpp's llama-bench (pp N, tg M) when BITNET_CPP_DIR names a build, and against
-mainline llama.cpp on the TQ2_0 file of the same shapes (--tq2 FILE, or `synth` to write it next to the I2_S
-file once). Peak RSS is the process's, after the I2_S runs.
+llama-bench does, against bitnet.cpp's llama-bench (pp N, tg M) when BITNET_CPP_DIR names a build. Peak RSS is
+the process's, after the I2_S runs.
+
+--tq2 FILE (or `synth`: the 2b-4t TQ2_0 file written next to the --i2s file once) times bitnet_ref's llama-cpp
+profile against mainline llama.cpp on that TQ2_0 file, the same pp/tg sizes, --repeat alternating rounds with
+each engine in its own process (peak RSS per engine): mainline through llama-cpp-python with an F32 KV cache and
+flash attention off (the profile's setting), and llama-bench from LLAMA_CPP_DIR (-fa 0; its -ctk has no f32)
+beside it.
 
 --exact FILE times the exact profile (the mathematical definition, native kernels) on FILE (e.g. the 2b-4t TQ2_0
 file): a prefill of --exact-prefill tokens (last logits only) and --exact-decode decoded tokens, --repeat rounds,
@@ -117,13 +122,15 @@ def bench_exact(path, n_prefill, n_decode, repeat) -> None:
           f"({peak / size:.2f}x file)")
 
 
-def bench_llama_cpp(path, n_prefill, n_decode, threads):
+def bench_llama_cpp(path, n_prefill, n_decode, threads, kv_f32=False):
     """mainline llama.cpp (llama-cpp-python) as llama-bench measures: pp of n_prefill tokens in one batch and tg
-    of n_decode tokens, last logits only."""
+    of n_decode tokens, last logits only. kv_f32: an F32 KV cache and flash attention off (the llama-cpp
+    profile's setting; llama-bench's -ctk takes no f32)."""
     import llama_cpp
 
+    kv = {"type_k": 0, "type_v": 0, "flash_attn": False} if kv_f32 else {}  # 0: GGML_TYPE_F32
     llm = llama_cpp.Llama(model_path=str(path), n_ctx=n_prefill + n_decode + 8, n_threads=threads,
-                          n_threads_batch=threads, n_batch=n_prefill, logits_all=False, verbose=False)
+                          n_threads_batch=threads, n_batch=n_prefill, logits_all=False, verbose=False, **kv)
     try:
         ids = [int(x) for x in np.random.default_rng(0).integers(0, 500, n_prefill)]
         llm.eval(ids[:1])
@@ -159,6 +166,71 @@ def bench_bitnet_cpp(path, n_prompt, n_gen, threads):
     return out
 
 
+def bench_llama_bench(exe, path, n_prompt, n_gen, threads, extra=()):
+    """llama-bench tokens/s {"pp": .., "tg": ..} (pp n_prompt, tg n_gen, one repetition) and its peak RSS (MiB)."""
+    proc = subprocess.Popen([str(exe), "-m", str(path), "-p", str(n_prompt), "-n", str(n_gen), "-t", str(threads),
+                             "-r", "1", "-o", "json", *extra], stdout=subprocess.PIPE, stderr=subprocess.DEVNULL,
+                            text=True)
+    out_text = proc.stdout.read()
+    _, status, usage = os.wait4(proc.pid, 0)
+    proc.returncode = os.waitstatus_to_exitcode(status)
+    if proc.returncode:
+        raise RuntimeError(f"{exe} failed (exit {proc.returncode})")
+    out = {}
+    for row in json.loads(out_text):
+        out["pp" if row["n_prompt"] > 0 else "tg"] = float(row["avg_ts"])
+    return out, usage.ru_maxrss / 1024
+
+
+def _worker(engine: str, path: str, n_prefill: int, n_decode: int) -> None:
+    """One measurement in this (child) process, printed as JSON: pp, tg, peak RSS in MiB."""
+    if engine == "bitnet_ref":
+        with Model.load(path, "llama-cpp") as m:
+            pp, tg = bench_i2s(m, n_prefill, n_decode)
+    else:
+        pp, tg = bench_llama_cpp(path, n_prefill, n_decode, kernels.threads(), kv_f32=True)
+    print(json.dumps({"pp": pp, "tg": tg, "rss": _peak_rss_mib()}))
+
+
+def _in_child(engine: str, path, n_prefill: int, n_decode: int) -> dict:
+    r = subprocess.run([sys.executable, "-m", "benchmarks.bench_engine", "--worker", engine, str(path),
+                        str(n_prefill), str(n_decode)], capture_output=True, text=True, check=True)
+    return json.loads(r.stdout.strip().splitlines()[-1])
+
+
+def bench_tq2(path, n_prefill, n_decode, repeat, threads) -> None:
+    """bitnet_ref's llama-cpp profile (native kernels) against mainline llama.cpp on one TQ2_0 file: alternating
+    rounds, each engine in its own process (peak RSS per engine), medians and ratios. Mainline runs through
+    llama-cpp-python with an F32 KV cache and flash attention off (the profile's setting); llama-bench (from
+    LLAMA_CPP_DIR, -fa 0, its default f16 KV cache) is shown beside it when built."""
+    size = os.path.getsize(path) / 2**20
+    exe = None
+    if os.environ.get("LLAMA_CPP_DIR"):
+        exe = next((p for p in (Path(os.environ["LLAMA_CPP_DIR"]) / "bin" / "llama-bench",
+                                Path(os.environ["LLAMA_CPP_DIR"]) / "llama-bench") if p.exists()), None)
+    print(f"\nTQ2_0 {Path(path).name} ({size:.0f} MiB), pp {n_prefill}, tg {n_decode}, {threads} threads; "
+          f"{repeat} rounds alternating, medians")
+    rows = {"bitnet_ref llama-cpp (native)": [], "llama.cpp (py, f32 KV, no FA)": [], "llama-bench (f16 KV, -fa 0)": []}
+    names = list(rows)
+    for r in range(repeat):
+        rows[names[0]].append(_in_child("bitnet_ref", path, n_prefill, n_decode))
+        rows[names[1]].append(_in_child("llama_cpp", path, n_prefill, n_decode))
+        if exe is not None:
+            res, rss = bench_llama_bench(exe, path, n_prefill, n_decode, threads, ("-fa", "0"))
+            rows[names[2]].append({"pp": res["pp"], "tg": res["tg"], "rss": rss})
+        print(f"  round {r + 1}: " + ", ".join(f"{n.split(' (')[0]} {v[-1]['pp']:.2f} / {v[-1]['tg']:.2f}"
+                                               for n, v in rows.items() if v))
+    med = {n: {k: float(np.median([x[k] for x in v])) for k in ("pp", "tg", "rss")} for n, v in rows.items() if v}
+    print(f"{'engine':<34}{'prefill tok/s':>15}{'decode tok/s':>15}{'peak RSS MiB':>15}")
+    for n, m in med.items():
+        print(f"{n:<34}{m['pp']:>15.2f}{m['tg']:>15.2f}{m['rss']:>15.0f}")
+    ours = med[names[0]]
+    for n in names[1:]:
+        if n in med:
+            print(f"{'ratio ours/' + n.split(' (')[0] + ' (' + n.split(' (')[1]:<34}"
+                  f"{ours['pp'] / med[n]['pp']:>15.3f}{ours['tg'] / med[n]['tg']:>15.3f}")
+
+
 def tq2_equivalent(i2s_path) -> Path:
     """The TQ2_0 file of the 2b-4t preset's shapes (mainline arch `bitnet`), written next to the I2_S file once."""
     spec = SynthSpec(preset="2b-4t", arch="bitnet", format="tq2_0", tokenizer="llama3")
@@ -185,9 +257,14 @@ def main() -> None:
     ap.add_argument("--exact-prefill", type=int, default=128)
     ap.add_argument("--exact-decode", type=int, default=16)
     ap.add_argument("--exact-child", help=argparse.SUPPRESS)
+    ap.add_argument("--worker", nargs=4, metavar=("ENGINE", "FILE", "PREFILL", "DECODE"), help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.exact_child:
         exact_child(args.exact_child, args.exact_prefill, args.exact_decode)
+        return
+    if args.worker:
+        engine, path, n_prefill, n_decode = args.worker
+        _worker(engine, path, int(n_prefill), int(n_decode))
         return
     threads = kernels.threads()
     native = f"bitnet_ref ({kernels.active()})"
@@ -234,11 +311,11 @@ def main() -> None:
             print(f"{'ratio ours/bitnet.cpp':<34}{pp / bpp:>15.3f}{tg / btg:>15.3f}")
         else:
             print("bitnet.cpp: not measured (set BITNET_CPP_DIR to a build with bin/llama-bench)")
-        if args.tq2:
-            tq2 = tq2_equivalent(args.i2s) if args.tq2 == "synth" else Path(args.tq2)
-            lp, lt = bench_llama_cpp(tq2, args.i2s_prefill, args.i2s_decode, threads)
-            print(f"{'llama.cpp (TQ2_0, ' + tq2.name[:14] + '..)':<34}{lp:>15.2f}{lt:>15.2f}")
-            print(f"{'ratio ours/llama.cpp':<34}{pp / lp:>15.3f}{tg / lt:>15.3f}")
+    if args.tq2:
+        if args.tq2 == "synth" and not args.i2s:
+            ap.error("--tq2 synth writes the file next to the --i2s file: give --i2s, or --tq2 FILE")
+        tq2 = tq2_equivalent(args.i2s) if args.tq2 == "synth" else Path(args.tq2)
+        bench_tq2(tq2, args.i2s_prefill, args.i2s_decode, args.repeat, threads)
     if args.exact:
         if args.exact == "synth" and not args.i2s:
             ap.error("--exact synth needs --i2s (the TQ2_0 file is written next to it)")

@@ -141,6 +141,58 @@ typedef struct {
     atomic_int err;
 } f64mm_t;
 
+/* rows [r0, r1) x tokens [i0, i1) of the product, the weight rows widened into `row` where needed */
+static void f64mm_block(const f64mm_t *m, int avx512, float *row, int64_t r0, int64_t r1, int64_t i0, int64_t i1) {
+    const int64_t k = m->k;
+    for (int64_t r = r0; r < r1; r++) {
+        int64_t i = i0;
+#ifdef BK_X86
+        if (avx512 && m->wtype == BK_F16) {
+            const uint8_t *w16 = (const uint8_t *)m->w + 2 * r * k;
+            if (i1 - i0 < 4 && r + 4 <= r1) { /* few tokens: 4 rows at a time, independent chains */
+                for (; i < i1; i++) {
+                    double o[4];
+                    dot64_f16_rows4_avx512(m->x + i * k, w16, 2 * k, k, o);
+                    for (int u = 0; u < 4; u++) m->out[i * m->r + r + u] = (float)o[u];
+                }
+                r += 3;
+                continue;
+            }
+            double o[4];
+            for (; i + 4 <= i1; i += 4) {
+                dot64x4_f16_avx512(m->x + i * k, k, w16, k, o);
+                for (int u = 0; u < 4; u++) m->out[(i + u) * m->r + r] = (float)o[u];
+            }
+            for (; i < i1; i++) m->out[i * m->r + r] = (float)dot64_f16_avx512(m->x + i * k, w16, k);
+            continue;
+        }
+#endif
+        const float *w = (const float *)m->w + r * k;
+        if (m->wtype == BK_F16) {
+            const uint8_t *src = (const uint8_t *)m->w + 2 * r * k;
+            for (int64_t j = 0; j < k; j++) {
+                uint16_t h;
+                memcpy(&h, src + 2 * j, 2);
+                row[j] = bk_f16_bits_to_f32(h);
+            }
+            w = row;
+        }
+#ifdef BK_X86
+        if (avx512) {
+            double o[4];
+            for (; i + 4 <= i1; i += 4) {
+                dot64x4_avx512(m->x + i * k, k, w, k, o);
+                for (int u = 0; u < 4; u++) m->out[(i + u) * m->r + r] = (float)o[u];
+            }
+            for (; i < i1; i++) m->out[i * m->r + r] = (float)dot64_avx512(m->x + i * k, w, k);
+        }
+#endif
+        for (; i < i1; i++) m->out[i * m->r + r] = (float)dot64_portable(m->x + i * k, w, k);
+    }
+}
+
+#define F64MM_TOKENS 16 /* tokens per pass over a chunk of rows: their activations stay in L2 */
+
 static void f64mm_task(void *ctx, int ith, int nth) {
     (void)ith, (void)nth;
     f64mm_t *m = (f64mm_t *)ctx;
@@ -157,58 +209,10 @@ static void f64mm_task(void *ctx, int ith, int nth) {
         int64_t r0 = atomic_fetch_add_explicit(&m->next, m->chunk, memory_order_relaxed);
         if (r0 >= m->r) break;
         int64_t r1 = r0 + m->chunk < m->r ? r0 + m->chunk : m->r;
-        for (int64_t r = r0; r < r1; r++) {
-            const float *w;
-#ifdef BK_X86
-            if (avx512 && m->wtype == BK_F16 && m->t < 4 && r + 4 <= r1) { /* few tokens: 4 rows at a time */
-                const uint8_t *w16 = (const uint8_t *)m->w + 2 * r * m->k;
-                for (int64_t i = 0; i < m->t; i++) {
-                    double o[4];
-                    dot64_f16_rows4_avx512(m->x + i * m->k, w16, 2 * m->k, m->k, o);
-                    for (int u = 0; u < 4; u++) m->out[i * m->r + r + u] = (float)o[u];
-                }
-                r += 3;
-                continue;
-            }
-            if (avx512 && m->wtype == BK_F16) {
-                const uint8_t *w16 = (const uint8_t *)m->w + 2 * r * m->k;
-                int64_t i = 0;
-                double o[4];
-                for (; i + 4 <= m->t; i += 4) {
-                    dot64x4_f16_avx512(m->x + i * m->k, m->k, w16, m->k, o);
-                    for (int u = 0; u < 4; u++) m->out[(i + u) * m->r + r] = (float)o[u];
-                }
-                for (; i < m->t; i++) m->out[i * m->r + r] = (float)dot64_f16_avx512(m->x + i * m->k, w16, m->k);
-                continue;
-            }
-#endif
-            if (m->wtype == BK_F16) {
-                const uint8_t *src = (const uint8_t *)m->w + 2 * r * m->k;
-                for (int64_t j = 0; j < m->k; j++) {
-                    uint16_t h;
-                    memcpy(&h, src + 2 * j, 2);
-                    row[j] = bk_f16_bits_to_f32(h);
-                }
-                w = row;
-            } else {
-                w = (const float *)m->w + r * m->k;
-            }
-            int64_t i = 0;
-#ifdef BK_X86
-            if (avx512) {
-                double o[4];
-                for (; i + 4 <= m->t; i += 4) {
-                    dot64x4_avx512(m->x + i * m->k, m->k, w, m->k, o);
-                    for (int u = 0; u < 4; u++) m->out[(i + u) * m->r + r] = (float)o[u];
-                }
-                for (; i < m->t; i++) m->out[i * m->r + r] = (float)dot64_avx512(m->x + i * m->k, w, m->k);
-            }
-#endif
-            for (; i < m->t; i++) m->out[i * m->r + r] = (float)dot64_portable(m->x + i * m->k, w, m->k);
-        }
+        for (int64_t i0 = 0; i0 < m->t; i0 += F64MM_TOKENS) /* the chunk's rows stay in L2 across the passes */
+            f64mm_block(m, avx512, row, r0, r1, i0, i0 + F64MM_TOKENS < m->t ? i0 + F64MM_TOKENS : m->t);
     }
 }
-
 /* out (t, r) from activations already widened to double */
 static int f64_matmul_d(const double *xd, int64_t t, int64_t k, const void *w, int wtype, int64_t r, float *out,
                         int nthreads) {
@@ -218,6 +222,7 @@ static int f64_matmul_d(const double *xd, int64_t t, int64_t k, const void *w, i
     if (n > BK_MAX_THREADS) n = BK_MAX_THREADS;
     if (n > r) n = r > 0 ? (int)r : 1;
     m.chunk = r / (16 * n) > 16 ? r / (16 * n) : 16;
+    if (t > F64MM_TOKENS && m.chunk > 64) m.chunk = 64; /* the token passes re-read a chunk: keep it in L2 */
     atomic_init(&m.next, 0);
     atomic_init(&m.err, 0);
     bk_parallel(f64mm_task, &m, n);
