@@ -31,7 +31,7 @@ def crossval_records(tmp: Path, select: str) -> Path:
 @pytest.fixture(scope="module")
 def two_runs(tmp_path_factory) -> tuple[Path, Path]:
     tmp = tmp_path_factory.mktemp("runs")
-    return crossval_records(tmp, "tq1_0"), crossval_records(tmp, "f32-bitnet")
+    return crossval_records(tmp, "tq1_0-bitnet-tiny"), crossval_records(tmp, "f32-bitnet")
 
 
 def _records(d: Path) -> list[dict]:

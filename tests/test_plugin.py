@@ -37,7 +37,7 @@ def test_bad_tolerance_is_a_usage_error():
 def test_tolerance_applies_and_is_recorded(tmp_path):
     pytest.importorskip("llama_cpp", reason="llama-cpp-python (mainline llama.cpp) is not installed")
     records = tmp_path / "records"
-    r = pytest_run("-q", "-k", "tq1_0", "--tolerance=5e-5", f"--records={records}")
+    r = pytest_run("-q", "-k", "tq1_0-bitnet-tiny", "--tolerance=5e-5", f"--records={records}")
     assert r.returncode == 0, r.stdout[-2000:]
     docs = [json.loads(p.read_text()) for p in records.glob("*.json")]
     assert len(docs) == 1 and docs[0]["status"] == "pass"
@@ -116,7 +116,7 @@ def test_min_comparisons_fails_a_run_that_compared_nothing():
                    env=_env_without_bitnet_cpp())
     assert r.returncode == 1 and "nothing ran is not a pass" in r.stdout, r.stdout[-1500:]
     pytest.importorskip("llama_cpp", reason="llama-cpp-python (mainline llama.cpp) is not installed")
-    r = pytest_run("-q", "-k", "tq1_0", "--min-comparisons=1", env=_env_without_bitnet_cpp())
+    r = pytest_run("-q", "-k", "tq1_0-bitnet-tiny", "--min-comparisons=1", env=_env_without_bitnet_cpp())
     assert r.returncode == 0, r.stdout[-1500:]
 
 
