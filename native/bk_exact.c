@@ -358,13 +358,15 @@ static inline __attribute__((always_inline)) void exact_body(exact_ctx *c, int i
     int64_t r0 = q0 * 4, r1 = q1 * 4 < r ? q1 * 4 : r;
     if (r0 >= r1) return;
     size_t wbytes = (size_t)PR * KB * sizeof(float), sbytes = (size_t)PR * TT * 8 * sizeof(double);
-    char *buf = bk_scratch(BK_SCRATCH_GEMM, wbytes + sbytes);
+    size_t obytes = (size_t)PR * TT * sizeof(double);
+    char *buf = bk_scratch(BK_SCRATCH_GEMM, wbytes + sbytes + obytes);
     if (!buf) {
         c->fail = 1;
         return;
     }
     float *wb = (float *)(void *)buf;
     double *st = (double *)(void *)(buf + wbytes);
+    double *ob = (double *)(void *)(buf + wbytes + sbytes); /* the panel's outputs, (row, token), till its end */
     for (int64_t t0 = 0; t0 < c->t; t0 += TT) {
         int nt = c->t - t0 < TT ? (int)(c->t - t0) : TT;
         for (int64_t p0 = r0; p0 < r1; p0 += PR) {
@@ -396,7 +398,7 @@ static inline __attribute__((always_inline)) void exact_body(exact_ctx *c, int i
                         for (int j = 0; j < nt; j++) {
                             const double *a = st + (i * TT + j) * 8;
                             double s = ((a[0] + a[1]) + (a[2] + a[3])) + ((a[4] + a[5]) + (a[6] + a[7]));
-                            double *o = c->out + (t0 + j) * r + p0 + i;
+                            double *o = ob + i * TT + j;
                             if (ternary) {
                                 int64_t srow = c->scale_rows == 1 ? 0 : p0 + i;
                                 double prod = s * (double)c->scale[srow * c->nb + b];
@@ -407,6 +409,8 @@ static inline __attribute__((always_inline)) void exact_body(exact_ctx *c, int i
                         }
                 }
             }
+            for (int j = 0; j < nt; j++)
+                for (int i = 0; i < np; i++) c->out[(t0 + j) * r + p0 + i] = ob[i * TT + j];
         }
     }
 }
