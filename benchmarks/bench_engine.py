@@ -102,13 +102,17 @@ def exact_child(path, n_prefill, n_decode) -> None:
                       "isa": kernels.active()}))
 
 
-def bench_exact(path, n_prefill, n_decode, repeat) -> None:
-    """The exact profile on `path`: `repeat` rounds, each in a subprocess (so that its peak RSS is its own)."""
+def bench_exact(path, n_prefill, n_decode, repeat, with_llama: bool) -> None:
+    """The exact profile on `path`: `repeat` rounds, each in a subprocess (so that its peak RSS is its own),
+    alternating with mainline llama.cpp on the same file (with_llama; a yardstick for the machine's load)."""
     size = os.path.getsize(path) / 2**20
     print(f"\nexact profile on {Path(path).name} ({size:.0f} MiB), pp {n_prefill}, tg {n_decode}, "
           f"{kernels.threads()} threads; {repeat} rounds, each in a fresh process, medians")
-    rows = []
+    rows, ref = [], []
     for i in range(repeat):
+        if with_llama:
+            ref.append(bench_llama_cpp(path, n_prefill, n_decode, kernels.threads()))
+            print(f"  round {i + 1}: llama.cpp prefill {ref[-1][0]:.2f} tok/s, decode {ref[-1][1]:.2f} tok/s")
         r = subprocess.run([sys.executable, "-m", "benchmarks.bench_engine", "--exact-child", str(path),
                             "--exact-prefill", str(n_prefill), "--exact-decode", str(n_decode)],
                            capture_output=True, text=True, check=True)
@@ -120,6 +124,10 @@ def bench_exact(path, n_prefill, n_decode, repeat) -> None:
     print(f"{'engine':<34}{'prefill tok/s':>15}{'decode tok/s':>15}")
     print(f"{'bitnet_ref exact (' + rows[0]['isa'] + ')':<34}{pp:>15.2f}{tg:>15.2f}   peak RSS {peak:.0f} MiB "
           f"({peak / size:.2f}x file)")
+    if ref:
+        lp, lt = (float(np.median([r[i] for r in ref])) for i in (0, 1))
+        print(f"{'llama.cpp (its own profile)':<34}{lp:>15.2f}{lt:>15.2f}")
+        print(f"{'ratio exact/llama.cpp':<34}{pp / lp:>15.3f}{tg / lt:>15.3f}")
 
 
 def bench_llama_cpp(path, n_prefill, n_decode, threads, kv_f32=False):
@@ -320,7 +328,12 @@ def main() -> None:
         if args.exact == "synth" and not args.i2s:
             ap.error("--exact synth needs --i2s (the TQ2_0 file is written next to it)")
         exact = tq2_equivalent(args.i2s) if args.exact == "synth" else Path(args.exact)
-        bench_exact(exact, args.exact_prefill, args.exact_decode, args.repeat)
+        try:
+            import llama_cpp  # noqa: F401
+            with_llama = True
+        except ImportError:
+            with_llama = False
+        bench_exact(exact, args.exact_prefill, args.exact_decode, args.repeat, with_llama)
 
 if __name__ == "__main__":
     main()
