@@ -147,3 +147,25 @@ def test_exact_keeps_weights_packed(tmp_path):
         tracemalloc.stop()
     assert packed < n_weights / 3  # TQ2_0: 66 bytes a 256 weights
     assert peak < n_weights * 0.6, (peak, n_weights)
+
+
+@needs_native
+@pytest.mark.parametrize("fmt", ["tl1", "tl2"])
+def test_exact_tl_formats_run_repacked(fmt, tmp_path, monkeypatch):
+    """TL1/TL2 projections (one scale per tensor) are repacked to I2_S bytes at load for the native exact kernel:
+    2 bits a weight, no int8 copy, and the numpy definition's bits."""
+    path = synthesize(SynthSpec(preset="large-shapes", arch="bitnet", format=fmt, layers=1), tmp_path)
+    ids = [1, 2, 3, 200, 7]
+    with Model.load(path, "exact") as m:
+        lins = [lin for layer in m.layers for lin in layer.proj.values()]
+        assert all(lin.values is None and lin.type_id == I2S_X86.type_id for lin in lins)
+        got = m.logits(ids)
+    monkeypatch.setenv("BITNET_KERNELS", "0")
+    kernels._reset_for_tests()
+    try:
+        with Model.load(path, "exact") as m:
+            want = m.logits(ids)
+    finally:
+        monkeypatch.undo()
+        kernels._reset_for_tests()
+    assert same_bits(got, want)
