@@ -13,7 +13,7 @@
  * it. The AVX-512, AVX2 and portable variants compute these very operations, so they agree bit for bit.
  *
  * Work split: the threads take contiguous row ranges; each walks token tiles (TT tokens), row panels (PR
- * rows) and k slices (KB values): the slice of the panel is decoded to float32 (exact for all these weights)
+ * rows) and k slices (KB values): the slice of the panel is decoded to double (exact for all these weights)
  * into a per-thread buffer, and a register-blocked micro-kernel adds it into the (row, token) lanes, which
  * live in a per-thread state buffer between slices. The weights are never unpacked beyond one slice. */
 #include <stdlib.h>
@@ -33,48 +33,52 @@
 
 enum { T_F32 = 0, T_F16 = 1, BK_I2_S = 36 }; /* ggml type ids (I2_S: bitnet.cpp's) */
 
-/* ---------------------------------------------------------------- decoding one slice of one row to float */
+/* ---------------------------------------------------------------- decoding one slice of one row to double */
 
 static const uint8_t POW3[5] = {1, 3, 9, 27, 81};
 
-static inline __attribute__((always_inline)) void tq2_block(const uint8_t *qs, float *dst) {
+static inline __attribute__((always_inline)) void tq2_block(const uint8_t *qs, double *dst) {
     for (int h = 0; h < 2; h++)
         for (int n = 0; n < 4; n++)
-            for (int m = 0; m < 32; m++) dst[128 * h + 32 * n + m] = (float)(((qs[32 * h + m] >> (2 * n)) & 3) - 1);
+            for (int m = 0; m < 32; m++) dst[128 * h + 32 * n + m] = (double)(((qs[32 * h + m] >> (2 * n)) & 3) - 1);
 }
 
 /* TQ1_0: qs[0..32) 5 trits each (values 32n+m), qs[32..48) (160+16n+m), qh[4] 4 trits (240+4n+m) */
 static inline __attribute__((always_inline)) int tq1_trit(uint8_t q, int n) {
     return (int)(((uint16_t)(uint8_t)(q * POW3[n]) * 3) >> 8);
 }
-static inline __attribute__((always_inline)) void tq1_block(const uint8_t *b, float *dst) {
+static inline __attribute__((always_inline)) void tq1_block(const uint8_t *b, double *dst) {
     for (int n = 0; n < 5; n++) {
-        for (int m = 0; m < 32; m++) dst[32 * n + m] = (float)(tq1_trit(b[m], n) - 1);
-        for (int m = 0; m < 16; m++) dst[160 + 16 * n + m] = (float)(tq1_trit(b[32 + m], n) - 1);
+        for (int m = 0; m < 32; m++) dst[32 * n + m] = (double)(tq1_trit(b[m], n) - 1);
+        for (int m = 0; m < 16; m++) dst[160 + 16 * n + m] = (double)(tq1_trit(b[32 + m], n) - 1);
     }
     for (int n = 0; n < 4; n++)
-        for (int m = 0; m < 4; m++) dst[240 + 4 * n + m] = (float)(tq1_trit(b[48 + m], n) - 1);
+        for (int m = 0; m < 4; m++) dst[240 + 4 * n + m] = (double)(tq1_trit(b[48 + m], n) - 1);
 }
 
 /* I2_S x86: 32 bytes per 128 values, value m + 32n at bits 6-2n of byte m; codes 0, 1, 2, 3 -> -1, 0, 1, 0 */
-static inline __attribute__((always_inline)) void i2s_block(const uint8_t *b, float *dst) {
+static inline __attribute__((always_inline)) void i2s_block(const uint8_t *b, double *dst) {
     for (int n = 0; n < 4; n++)
         for (int m = 0; m < 32; m++) {
             int c = (b[m] >> (6 - 2 * n)) & 3;
-            dst[32 * n + m] = (float)((c == 2) - (c == 0));
+            dst[32 * n + m] = (double)((c == 2) - (c == 0));
         }
 }
 
 #ifdef BK_X86
-/* f16 -> float32 (exact) for the leading multiple of 16 / 8 values; returns how many were converted */
-__attribute__((target(BK_VNNI_TARGET))) static int f16_run_512(const uint16_t *h, int n, float *dst) {
+/* f16 -> double (exact) for the leading multiple of 8 values; returns how many were converted */
+__attribute__((target(BK_VNNI_TARGET ",f16c"))) static int f16_run_512(const uint16_t *h, int n, double *dst) {
     int j = 0;
-    for (; j + 16 <= n; j += 16) _mm512_storeu_ps(dst + j, _mm512_cvtph_ps(_mm256_loadu_si256((const void *)(h + j))));
+    for (; j + 8 <= n; j += 8) _mm512_storeu_pd(dst + j, _mm512_cvtps_pd(_mm256_cvtph_ps(_mm_loadu_si128((const void *)(h + j)))));
     return j;
 }
-__attribute__((target(BK_AVX2_TARGET))) static int f16_run_f16c(const uint16_t *h, int n, float *dst) {
+__attribute__((target(BK_AVX2_TARGET))) static int f16_run_f16c(const uint16_t *h, int n, double *dst) {
     int j = 0;
-    for (; j + 8 <= n; j += 8) _mm256_storeu_ps(dst + j, _mm256_cvtph_ps(_mm_loadu_si128((const void *)(h + j))));
+    for (; j + 8 <= n; j += 8) {
+        __m256 f = _mm256_cvtph_ps(_mm_loadu_si128((const void *)(h + j)));
+        _mm256_storeu_pd(dst + j, _mm256_cvtps_pd(_mm256_castps256_ps128(f)));
+        _mm256_storeu_pd(dst + j + 4, _mm256_cvtps_pd(_mm256_extractf128_ps(f, 1)));
+    }
     return j;
 }
 #endif
@@ -94,9 +98,9 @@ typedef struct {
     int direct; /* 1: one token on AVX-512, through direct512 */
 } exact_ctx;
 
-/* values [k0, k0 + n) of row `row` as float32 into dst; n <= KB, k0 a multiple of KB */
+/* values [k0, k0 + n) of row `row` as double into dst; n <= KB, k0 a multiple of KB */
 static inline __attribute__((always_inline)) void decode_slice(const exact_ctx *c, int64_t row, int64_t k0, int n,
-                                                               float *dst, int isa) {
+                                                               double *dst, int isa) {
     int64_t k = c->k;
     switch (c->type) {
     case BK_TQ2_0: tq2_block(c->w + (row * (k / QK_K) + k0 / QK_K) * 66, dst); break;
@@ -106,7 +110,11 @@ static inline __attribute__((always_inline)) void decode_slice(const exact_ctx *
         for (int j = 0; j < n; j += QK_I2S) i2s_block(p + j / 4, dst + j);
         break;
     }
-    case T_F32: memcpy(dst, c->w + 4 * (row * k + k0), (size_t)n * 4); break;
+    case T_F32: {
+        const float *f = (const float *)(const void *)(c->w + 4 * (row * k + k0));
+        for (int j = 0; j < n; j++) dst[j] = (double)f[j];
+        break;
+    }
     default: { /* T_F16 */
         const uint16_t *h = (const uint16_t *)(const void *)(c->w + 2 * (row * k + k0));
         int j = 0;
@@ -115,7 +123,7 @@ static inline __attribute__((always_inline)) void decode_slice(const exact_ctx *
         if (isa == ISA_AVX2) j = f16_run_f16c(h, n, dst);
 #endif
         (void)isa;
-        for (; j < n; j++) dst[j] = bk_f16_bits_to_f32(h[j]);
+        for (; j < n; j++) dst[j] = (double)bk_f16_bits_to_f32(h[j]);
     }
     }
 }
@@ -124,14 +132,14 @@ static inline __attribute__((always_inline)) void decode_slice(const exact_ctx *
  * st: the lanes of (row i, token j) at st[(i * TT + j) * 8 + l]; w: nr rows of the decoded slice (stride KB);
  * x: nt tokens (stride k) at the slice's start; n values. */
 
-static void micro_portable(const float *w, int nr, const double *x, int64_t xs, int nt, int n, double *st) {
+static void micro_portable(const double *w, int nr, const double *x, int64_t xs, int nt, int n, double *st) {
     for (int i = 0; i < nr; i++)
         for (int j = 0; j < nt; j++) {
             double *a = st + (i * TT + j) * 8;
-            const float *wr = w + i * KB;
+            const double *wr = w + i * KB;
             const double *xr = x + j * xs;
             for (int p = 0; p < n; p++) {
-                double prod = (double)wr[p] * xr[p];
+                double prod = wr[p] * xr[p];
                 a[p % 8] += prod;
             }
         }
@@ -140,14 +148,14 @@ static void micro_portable(const float *w, int nr, const double *x, int64_t xs, 
 #ifdef BK_X86
 /* 4 rows x NT tokens of 8-lane zmm accumulators */
 static inline __attribute__((always_inline, target(BK_VNNI_TARGET))) void micro512_n(
-    const float *w, const double *x, int64_t xs, int n, double *st, int fused, const int NT) {
+    const double *w, const double *x, int64_t xs, int n, double *st, int fused, const int NT) {
     __m512d acc[4][4];
     for (int i = 0; i < 4; i++)
         for (int j = 0; j < NT; j++) acc[i][j] = _mm512_loadu_pd(st + (i * TT + j) * 8);
     for (int p = 0; p < n; p += 8) {
         __mmask8 m = n - p >= 8 ? 0xff : (__mmask8)((1u << (n - p)) - 1);
         __m512d wv[4], xv[4];
-        for (int i = 0; i < 4; i++) wv[i] = _mm512_cvtps_pd(_mm256_maskz_loadu_ps(m, w + i * KB + p));
+        for (int i = 0; i < 4; i++) wv[i] = _mm512_maskz_loadu_pd(m, w + i * KB + p);
         for (int j = 0; j < NT; j++) xv[j] = _mm512_maskz_loadu_pd(m, x + j * xs + p);
         for (int i = 0; i < 4; i++)
             for (int j = 0; j < NT; j++)
@@ -158,7 +166,7 @@ static inline __attribute__((always_inline, target(BK_VNNI_TARGET))) void micro5
         for (int j = 0; j < NT; j++) _mm512_storeu_pd(st + (i * TT + j) * 8, acc[i][j]);
 }
 
-__attribute__((target(BK_VNNI_TARGET))) static void micro512(const float *w, const double *x, int64_t xs, int nt,
+__attribute__((target(BK_VNNI_TARGET))) static void micro512(const double *w, const double *x, int64_t xs, int nt,
                                                              int n, double *st, int fused) {
     for (int j = 0; j < nt; j += 4) {
         int m = nt - j < 4 ? nt - j : 4;
@@ -184,14 +192,14 @@ __attribute__((target(BK_VNNI_TARGET))) static void micro512(const float *w, con
 
 /* AVX2: 1 row x NT tokens, each 8 lanes as two ymm (lanes 0-3, 4-7); n a multiple of 8 (the tail goes portable) */
 static inline __attribute__((always_inline, target(BK_AVX2_TARGET))) void micro256_n(
-    const float *w, const double *x, int64_t xs, int n, double *st, int fused, const int NT) {
+    const double *w, const double *x, int64_t xs, int n, double *st, int fused, const int NT) {
     __m256d lo[4], hi[4];
     for (int j = 0; j < NT; j++) {
         lo[j] = _mm256_loadu_pd(st + j * 8);
         hi[j] = _mm256_loadu_pd(st + j * 8 + 4);
     }
     for (int p = 0; p < n; p += 8) {
-        __m256d wl = _mm256_cvtps_pd(_mm_loadu_ps(w + p)), wh = _mm256_cvtps_pd(_mm_loadu_ps(w + p + 4));
+        __m256d wl = _mm256_loadu_pd(w + p), wh = _mm256_loadu_pd(w + p + 4);
         for (int j = 0; j < NT; j++) {
             __m256d xl = _mm256_loadu_pd(x + j * xs + p), xh = _mm256_loadu_pd(x + j * xs + p + 4);
             if (fused) {
@@ -209,13 +217,13 @@ static inline __attribute__((always_inline, target(BK_AVX2_TARGET))) void micro2
     }
 }
 
-__attribute__((target(BK_AVX2_TARGET))) static void micro256(const float *w, const double *x, int64_t xs, int nt,
+__attribute__((target(BK_AVX2_TARGET))) static void micro256(const double *w, const double *x, int64_t xs, int nt,
                                                              int n, double *st, int fused) {
     int n8 = n & ~7;
     for (int i = 0; i < 4; i++)
         for (int j = 0; j < nt; j += 4) {
             int m = nt - j < 4 ? nt - j : 4;
-            const float *wi = w + i * KB;
+            const double *wi = w + i * KB;
             const double *xj = x + j * xs;
             double *s = st + (i * TT + j) * 8;
             if (fused) {
@@ -239,7 +247,7 @@ __attribute__((target(BK_AVX2_TARGET))) static void micro256(const float *w, con
             for (int j = 0; j < nt; j++) {
                 double *a = st + (i * TT + j) * 8;
                 for (int p = n8; p < n; p++) {
-                    double prod = (double)w[i * KB + p] * x[j * xs + p];
+                    double prod = w[i * KB + p] * x[j * xs + p];
                     a[p - n8] += prod;
                 }
             }
@@ -357,14 +365,14 @@ static inline __attribute__((always_inline)) void exact_body(exact_ctx *c, int i
     int64_t quads = (r + 3) / 4, q0 = quads * ith / nth, q1 = quads * (ith + 1) / nth;
     int64_t r0 = q0 * 4, r1 = q1 * 4 < r ? q1 * 4 : r;
     if (r0 >= r1) return;
-    size_t wbytes = (size_t)PR * KB * sizeof(float), sbytes = (size_t)PR * TT * 8 * sizeof(double);
+    size_t wbytes = (size_t)PR * KB * sizeof(double), sbytes = (size_t)PR * TT * 8 * sizeof(double);
     size_t obytes = (size_t)PR * TT * sizeof(double);
     char *buf = bk_scratch(BK_SCRATCH_GEMM, wbytes + sbytes + obytes);
     if (!buf) {
         c->fail = 1;
         return;
     }
-    float *wb = (float *)(void *)buf;
+    double *wb = (double *)(void *)buf;
     double *st = (double *)(void *)(buf + wbytes);
     double *ob = (double *)(void *)(buf + wbytes + sbytes); /* the panel's outputs, (row, token), till its end */
     for (int64_t t0 = 0; t0 < c->t; t0 += TT) {
@@ -377,7 +385,7 @@ static inline __attribute__((always_inline)) void exact_body(exact_ctx *c, int i
                 if (k0 % g == 0)
                     for (int i = 0; i < npad; i++) memset(st + i * TT * 8, 0, (size_t)nt * 8 * sizeof(double));
                 for (int i = 0; i < np; i++) decode_slice(c, p0 + i, k0, n, wb + i * KB, isa);
-                for (int i = np; i < npad; i++) memset(wb + i * KB, 0, (size_t)n * sizeof(float)); /* unused rows */
+                for (int i = np; i < npad; i++) memset(wb + i * KB, 0, (size_t)n * sizeof(double)); /* unused rows */
                 const double *x = c->x + t0 * k + k0;
                 for (int i = 0; i < npad; i += 4) {
 #ifdef BK_X86
