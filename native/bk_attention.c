@@ -122,6 +122,40 @@ static void vp_lanes_portable(const float *pf, const uint16_t *v, int64_t vs, in
     }
 }
 
+/* decode scores: w[u * ws + s] = dot(q row u, key s) * scale for ng query rows (qs apart) against n keys (ks
+ * apart), each dot as ggml_vec_dot_f16 */
+static void scores_portable(const float *q, int64_t qs, int ng, const uint16_t *k, int64_t ks, int64_t n, int64_t d,
+                            float scale, float *w, int64_t ws) {
+    for (int u = 0; u < ng; u++)
+        for (int64_t s = 0; s < n; s++) w[u * ws + s] = dot_f16_portable(q + u * qs, k + s * ks, d) * scale;
+}
+
+/* decode KQV lanes: for ng probability rows (ps apart), out[u * os + dd] = the 64 float32 lanes of
+ * ggml_vec_dot_f16(p row u, V column dd) over the first nb cells, combined as ggml does; acc: 64 * d floats */
+static void pv_lanes_portable(const float *p, int64_t ps, int ng, const uint16_t *v, int64_t vs, int64_t nb,
+                              int64_t d, float *acc, float *out, int64_t os) {
+    for (int u = 0; u < ng; u++) {
+        memset(acc, 0, sizeof(float) * 64 * (size_t)d);
+        vp_lanes_portable(p + u * ps, v, vs, nb, d, acc);
+        for (int64_t dd = 0; dd < d; dd++) {
+            float s16[16];
+            for (int l = 0; l < 16; l++)
+                s16[l] = (acc[l * d + dd] + acc[(32 + l) * d + dd]) + (acc[(16 + l) * d + dd] + acc[(48 + l) * d + dd]);
+            out[u * os + dd] = reduce16(s16);
+        }
+    }
+}
+
+/* decode KQV tail: the lane sums r (d floats) plus the cells c0 .. c1 - 1 added in double, in order */
+static void pv_tail_portable(const float *r, const float *p, const uint16_t *v, int64_t vs, int64_t c0, int64_t c1,
+                             int64_t d, float *out) {
+    for (int64_t dd = 0; dd < d; dd++) {
+        double sd = (double)r[dd];
+        for (int64_t c = c0; c < c1; c++) sd = sd + (double)p[c] * (double)bk_f16_bits_to_f32(v[c * vs + dd]);
+        out[dd] = (float)sd;
+    }
+}
+
 static void f16_row_portable(const uint16_t *src, float *dst, int64_t n) {
     for (int64_t i = 0; i < n; i++) dst[i] = bk_f16_bits_to_f32(src[i]);
 }
@@ -259,23 +293,149 @@ BK_AVX512 static void kqv4_avx512(const float *p, int64_t ps, const float *vt, i
     KQV4_OUT(3);
 }
 
-BK_AVX512 static void vp_lanes_avx512(const float *pf, const uint16_t *v, int64_t vs, int64_t nb, int64_t d,
-                                      float *acc) {
-    int64_t d16 = d & ~(int64_t)15;
-    for (int64_t s = 0; s < nb; s++) {
-        float *a = acc + (s & 63) * d;
-        const uint16_t *vr = v + s * vs;
-        __m512 ps = _mm512_set1_ps(pf[s]);
-        for (int64_t dd = 0; dd < d16; dd += 16) /* exact products: each FMA is the lane's add */
-            _mm512_storeu_ps(a + dd, _mm512_fmadd_ps(ps, load_f16x16(vr + dd), _mm512_loadu_ps(a + dd)));
-        for (int64_t dd = d16; dd < d; dd++) a[dd] = a[dd] + pf[s] * bk_f16_bits_to_f32(vr[dd]);
-    }
-}
-
 BK_AVX512 static void f16_row_avx512(const uint16_t *src, float *dst, int64_t n) {
     int64_t i = 0;
     for (; i + 16 <= n; i += 16) _mm512_storeu_ps(dst + i, load_f16x16(src + i));
     f16_row_portable(src + i, dst + i, n - i);
+}
+
+/* scores_portable for NG (<= 4) query rows: each key row is converted once and serves all NG dots. The
+ * accumulators are named variables (GCC keeps arrays of vectors on the stack); NG is a constant once inlined, so
+ * the rows past it compile away. */
+#define SC_FMA(u)                                                                                                  \
+    if (NG > (u)) {                                                                                                \
+        const float *qu = q + (u) * qs + c;                                                                        \
+        a##u##0 = _mm512_fmadd_ps(_mm512_loadu_ps(qu), k0, a##u##0);                                               \
+        a##u##1 = _mm512_fmadd_ps(_mm512_loadu_ps(qu + 16), k1, a##u##1);                                          \
+        a##u##2 = _mm512_fmadd_ps(_mm512_loadu_ps(qu + 32), k2, a##u##2);                                          \
+        a##u##3 = _mm512_fmadd_ps(_mm512_loadu_ps(qu + 48), k3, a##u##3);                                          \
+    }
+#define SC_OUT(u)                                                                                                  \
+    if (NG > (u)) {                                                                                                \
+        double sd = (double)reduce16_avx512(_mm512_add_ps(_mm512_add_ps(a##u##0, a##u##2),                          \
+                                                          _mm512_add_ps(a##u##1, a##u##3)));                        \
+        for (int64_t i = body; i < d; i++) sd = sd + (double)q[(u) * qs + i] * (double)bk_f16_bits_to_f32(kr[i]);  \
+        w[(u) * ws + s] = (float)sd * scale;                                                                       \
+    }
+BK_AVX512 static inline __attribute__((always_inline)) void scores_avx512_n(const float *q, int64_t qs, const int NG,
+                                                                           const uint16_t *k, int64_t ks, int64_t n,
+                                                                           int64_t d, float scale, float *w,
+                                                                           int64_t ws) {
+    int64_t body = d & ~(int64_t)63;
+    for (int64_t s = 0; s < n; s++) {
+        const uint16_t *kr = k + s * ks;
+        __m512 a00 = _mm512_setzero_ps(), a01 = a00, a02 = a00, a03 = a00, a10 = a00, a11 = a00, a12 = a00, a13 = a00;
+        __m512 a20 = a00, a21 = a00, a22 = a00, a23 = a00, a30 = a00, a31 = a00, a32 = a00, a33 = a00;
+        for (int64_t c = 0; c < body; c += 64) { /* exact products: each FMA is the lane's add */
+            __m512 k0 = load_f16x16(kr + c), k1 = load_f16x16(kr + c + 16);
+            __m512 k2 = load_f16x16(kr + c + 32), k3 = load_f16x16(kr + c + 48);
+            SC_FMA(0) SC_FMA(1) SC_FMA(2) SC_FMA(3)
+        }
+        SC_OUT(0) SC_OUT(1) SC_OUT(2) SC_OUT(3)
+    }
+}
+#undef SC_FMA
+#undef SC_OUT
+
+BK_AVX512 static void scores_avx512(const float *q, int64_t qs, int ng, const uint16_t *k, int64_t ks, int64_t n,
+                                    int64_t d, float scale, float *w, int64_t ws) {
+    for (; ng >= 4; ng -= 4, q += 4 * qs, w += 4 * ws) scores_avx512_n(q, qs, 4, k, ks, n, d, scale, w, ws);
+    if (ng == 3) scores_avx512_n(q, qs, 3, k, ks, n, d, scale, w, ws);
+    if (ng == 2) scores_avx512_n(q, qs, 2, k, ks, n, d, scale, w, ws);
+    if (ng == 1) scores_avx512_n(q, qs, 1, k, ks, n, d, scale, w, ws);
+}
+
+/* pv_lanes_portable for NG (<= 4) rows and the 16 columns at v (rows vs apart): lane l + 16j (j = 0..3) of the
+ * 64 is one register chain (a<j><u>) over the cells l + 16j + 64m in order, each V load serving all NG rows; the
+ * lanes are then combined as ggml_vec_dot_f16 does, (l, l+32) + (l+16, l+48) and the 16-way tree, now across
+ * registers. buf: NG * 256 floats. */
+#define PV_FMA(j, u)                                                                                               \
+    if (NG > (u)) a##j##u = _mm512_fmadd_ps(_mm512_set1_ps(p[(u) * ps + s]), vv, a##j##u);
+#define PV_ROW(j)                                                                                                  \
+    {                                                                                                              \
+        __m512 vv = load_f16x16(v + s * vs);                                                                       \
+        PV_FMA(j, 0) PV_FMA(j, 1) PV_FMA(j, 2) PV_FMA(j, 3)                                                        \
+    }
+#define PV_STORE(u)                                                                                                \
+    if (NG > (u))                                                                                                  \
+        _mm512_storeu_ps(buf + ((u) * 16 + l) * 16,                                                                \
+                         _mm512_add_ps(_mm512_add_ps(a0##u, a2##u), _mm512_add_ps(a1##u, a3##u)));
+BK_AVX512 static inline __attribute__((always_inline)) void pv16_avx512_n(const float *p, int64_t ps, const int NG,
+                                                                         const uint16_t *v, int64_t vs, int64_t nb,
+                                                                         float *buf, float *out, int64_t os) {
+    int64_t full = nb & ~(int64_t)63;
+    for (int l = 0; l < 16; l++) {
+        __m512 a00 = _mm512_setzero_ps(), a01 = a00, a02 = a00, a03 = a00, a10 = a00, a11 = a00, a12 = a00, a13 = a00;
+        __m512 a20 = a00, a21 = a00, a22 = a00, a23 = a00, a30 = a00, a31 = a00, a32 = a00, a33 = a00;
+        for (int64_t s0 = l; s0 < full; s0 += 64) { /* exact products: each FMA is the lane's add */
+            int64_t s = s0;
+            PV_ROW(0)
+            s += 16;
+            PV_ROW(1)
+            s += 16;
+            PV_ROW(2)
+            s += 16;
+            PV_ROW(3)
+        }
+        int64_t s = full + l; /* the last, partial group of 64 cells */
+        if (s < nb) PV_ROW(0)
+        s += 16;
+        if (s < nb) PV_ROW(1)
+        s += 16;
+        if (s < nb) PV_ROW(2)
+        s += 16;
+        if (s < nb) PV_ROW(3)
+        PV_STORE(0) PV_STORE(1) PV_STORE(2) PV_STORE(3)
+    }
+    for (int u = 0; u < NG; u++) {
+        const float *b = buf + u * 256;
+        __m512 h[8], qd[4];
+        for (int l = 0; l < 8; l++) h[l] = _mm512_add_ps(_mm512_loadu_ps(b + (8 + l) * 16), _mm512_loadu_ps(b + l * 16));
+        for (int l = 0; l < 4; l++) qd[l] = _mm512_add_ps(h[4 + l], h[l]);
+        _mm512_storeu_ps(out + u * os, _mm512_add_ps(_mm512_add_ps(qd[0], qd[2]), _mm512_add_ps(qd[1], qd[3])));
+    }
+}
+#undef PV_FMA
+#undef PV_ROW
+#undef PV_STORE
+
+BK_AVX512 static void pv_lanes_avx512(const float *p, int64_t ps, int ng, const uint16_t *v, int64_t vs, int64_t nb,
+                                      int64_t d, float *acc, float *out, int64_t os) {
+    int64_t d16 = d & ~(int64_t)15;
+    for (int64_t c = 0; c < d16; c += 16) {
+        const float *pu = p;
+        float *ou = out + c;
+        int n = ng;
+        for (; n >= 4; n -= 4, pu += 4 * ps, ou += 4 * os) pv16_avx512_n(pu, ps, 4, v + c, vs, nb, acc, ou, os);
+        if (n == 3) pv16_avx512_n(pu, ps, 3, v + c, vs, nb, acc, ou, os);
+        if (n == 2) pv16_avx512_n(pu, ps, 2, v + c, vs, nb, acc, ou, os);
+        if (n == 1) pv16_avx512_n(pu, ps, 1, v + c, vs, nb, acc, ou, os);
+    }
+    for (int64_t dd = d16; dd < d; dd++) /* the last columns one by one, as the portable lanes */
+        for (int u = 0; u < ng; u++) {
+            float lane[64] = {0};
+            for (int64_t s = 0; s < nb; s++)
+                lane[s & 63] = lane[s & 63] + p[u * ps + s] * bk_f16_bits_to_f32(v[s * vs + dd]);
+            float s16[16];
+            for (int l = 0; l < 16; l++) s16[l] = (lane[l] + lane[32 + l]) + (lane[16 + l] + lane[48 + l]);
+            out[u * os + dd] = reduce16(s16);
+        }
+}
+
+/* pv_tail_portable on 8 columns at a time in double */
+BK_AVX512 static void pv_tail_avx512(const float *r, const float *p, const uint16_t *v, int64_t vs, int64_t c0,
+                                     int64_t c1, int64_t d, float *out) {
+    int64_t d8 = d & ~(int64_t)7;
+    for (int64_t dd = 0; dd < d8; dd += 8) {
+        __m512d sd = _mm512_cvtps_pd(_mm256_loadu_ps(r + dd));
+        for (int64_t c = c0; c < c1; c++) {
+            __m256i h8 = _mm256_zextsi128_si256(_mm_loadu_si128((const __m128i *)(v + c * vs + dd)));
+            __m512d vv = _mm512_cvtps_pd(_mm512_castps512_ps256(_mm512_cvtph_ps(h8)));
+            sd = _mm512_add_pd(sd, _mm512_mul_pd(_mm512_set1_pd((double)p[c]), vv));
+        }
+        _mm256_storeu_ps(out + dd, _mm512_cvtpd_ps(sd));
+    }
+    if (d8 < d) pv_tail_portable(r + d8, p, v + d8, vs, c0, c1, d - d8, out + d8);
 }
 
 /* x rounded to f16 values (vcvtps2ph, round to nearest even) */
@@ -298,18 +458,25 @@ typedef struct {
     void (*kqv4)(const float *p, int64_t ps, const float *vt, int64_t ld, int64_t nc, float *out, int64_t os);
     /* dot against a key already widened to float32 (prefill), or NULL */
     float (*dotf)(const float *q, const float *k, int64_t d);
-    void (*vp_lanes)(const float *pf, const uint16_t *v, int64_t vs, int64_t nb, int64_t d, float *acc);
+    /* decode (t == 1): a KV head's scores, KQV lanes and double tail for several query heads at once */
+    void (*scores)(const float *q, int64_t qs, int ng, const uint16_t *k, int64_t ks, int64_t n, int64_t d,
+                   float scale, float *w, int64_t ws);
+    void (*pv_lanes)(const float *p, int64_t ps, int ng, const uint16_t *v, int64_t vs, int64_t nb, int64_t d,
+                     float *acc, float *out, int64_t os);
+    void (*pv_tail)(const float *r, const float *p, const uint16_t *v, int64_t vs, int64_t c0, int64_t c1, int64_t d,
+                    float *out);
     void (*f16_row)(const uint16_t *src, float *dst, int64_t n);
     void (*round_f16)(float *x, int64_t n);
 } att_fns;
 
 static att_fns att_fn(void) {
-    att_fns f = {dot_f16_portable,  softmax_portable, kqv_portable,      NULL, NULL,
-                 vp_lanes_portable, f16_row_portable, round_f16_portable};
+    att_fns f = {dot_f16_portable,  softmax_portable, kqv_portable,     NULL,
+                 NULL,              scores_portable,  pv_lanes_portable, pv_tail_portable,
+                 f16_row_portable,  round_f16_portable};
 #ifdef BK_X86
     if (bk_current_isa() == ISA_VNNI) /* implies AVX-512F, all these need */
-        f = (att_fns){dot_f16_avx512,  softmax_avx512, kqv_avx512,      kqv4_avx512, dotf_avx512,
-                      vp_lanes_avx512, f16_row_avx512, round_f16_avx512};
+        f = (att_fns){dot_f16_avx512, softmax_avx512, kqv_avx512,      kqv4_avx512,    dotf_avx512, scores_avx512,
+                      pv_lanes_avx512, pv_tail_avx512, f16_row_avx512, round_f16_avx512};
 #endif
     return f;
 }
@@ -320,7 +487,7 @@ typedef struct {
     const uint16_t *kc, *vc;
     float *out;
     int64_t t, heads, kvh, g, d, s_len, sp, n_kv;
-    int hg; /* query heads per work item: HG in prefill when the grouped kernel applies, else 1 */
+    int hg; /* query heads per work item (one KV head's): see bk_attention_f16 */
     float scale;
     float *vt;            /* t > 1: (kvh, d, sp) V transposed, zero past s_len */
     float *kf;            /* t > 1 with fn.dotf: (kvh, s_len, d) K widened to float32 */
@@ -331,22 +498,21 @@ typedef struct {
     atomic_llong next;
 } att_t;
 
-/* per task scratch: pd (d doubles: the decode sums), w (HG * sp floats), q16 (HG * d floats), acc (64 * d floats
- * when t == 1); HG: the query heads an item takes */
-static void task_scratch(const att_t *a, int ith, float **w, double **pd, float **q16, float **acc) {
-    char *base = a->scratch + (size_t)ith * a->scratch_stride;
-    *pd = (double *)base;
-    *w = (float *)(*pd + a->d);
-    *q16 = *w + HG * a->sp;
-    *acc = *q16 + HG * a->d;
+/* per task scratch, for the hm = max(HG, hg) query heads an item takes at most: w (hm * sp floats), q16 (hm * d
+ * floats), and when t == 1 r (hm * d floats: the KQV lane sums) and acc (max(64 * d, 1024) floats) */
+static void task_scratch(const att_t *a, int ith, float **w, float **q16, float **r, float **acc) {
+    int64_t hm = a->hg > HG ? a->hg : HG;
+    *w = (float *)(a->scratch + (size_t)ith * a->scratch_stride);
+    *q16 = *w + hm * a->sp;
+    *r = *q16 + hm * a->d;
+    *acc = *r + hm * a->d;
 }
 
 /* t > 1: V^T (float32) for the sgemm lanes, one KV head per step */
 static void transpose_v_task(void *ctx, int ith, int nth) {
     att_t *a = (att_t *)ctx;
-    float *w, *q16, *acc;
-    double *pd;
-    task_scratch(a, ith, &w, &pd, &q16, &acc);
+    float *w, *q16, *r, *acc;
+    task_scratch(a, ith, &w, &q16, &r, &acc);
     for (int64_t h = ith; h < a->kvh; h += nth) {
         float *vt = a->vt + h * a->d * a->sp;
         unsigned char bad = 0;
@@ -367,34 +533,43 @@ static void transpose_v_task(void *ctx, int ith, int nth) {
     }
 }
 
-/* decode: the lanes (acc, filled by vp_lanes; NULL when n_kv < 64 left them zero) combined as ggml_vec_dot_f16
- * does, then the cells past n_kv & ~63 added in double, in order; sd (d doubles) and vr (d floats): scratch */
-static void vp_finish(const att_t *a, const float *acc, const float *pf, const uint16_t *v, int64_t vs, double *sd,
-                      float *vr, float *out) {
-    int64_t d = a->d, body = a->n_kv & ~(int64_t)63;
-    for (int64_t dd = 0; dd < d; dd++) {
-        float s16[16];
-        for (int l = 0; l < 16; l++)
-            s16[l] = acc ? (acc[l * d + dd] + acc[(32 + l) * d + dd]) + (acc[(16 + l) * d + dd] + acc[(48 + l) * d + dd])
-                         : 0.0f;
-        sd[dd] = (double)reduce16(s16);
+/* t == 1, one work item: query heads hq0 .. hq0 + hg - 1 of one KV head, whose K and V rows are read once for
+ * all of them (the row sees every key: no masked cell). Per head, the scores, the soft_max, the probabilities
+ * rounded to f16, ggml_vec_dot_f16's 64 float32 lanes over the first nb = min(n_kv & ~63, s_len) cells, and the
+ * cells from n_kv & ~63 to s_len added in double (cells past s_len hold zeros on both sides, as do the lanes'
+ * cells from s_len to n_kv & ~63: products that change no sum) */
+static void decode_task(void *ctx, int ith, int nth) {
+    (void)nth;
+    att_t *a = (att_t *)ctx;
+    float *w, *q16, *r, *acc;
+    task_scratch(a, ith, &w, &q16, &r, &acc);
+    const int64_t d = a->d, kvd = a->kvh * d, hg = a->hg, s_len = a->s_len, sp = a->sp, ns = (s_len + 15) & ~15;
+    const int64_t body = a->n_kv & ~(int64_t)63, nb = body < s_len ? body : s_len;
+    for (;;) {
+        int64_t i = atomic_fetch_add_explicit(&a->next, 1, memory_order_relaxed);
+        if (i >= a->items) break;
+        int64_t hq0 = i * hg, h = hq0 / a->g;
+        const uint16_t *kh = a->kc + h * d, *vh = a->vc + h * d;
+        memcpy(q16, a->q + hq0 * d, sizeof(float) * (size_t)(hg * d));
+        a->fn.round_f16(q16, hg * d);
+        a->fn.scores(q16, d, (int)hg, kh, kvd, s_len, d, a->scale, w, sp);
+        for (int64_t u = 0; u < hg; u++) {
+            a->fn.softmax(w + u * sp, s_len, ns);
+            a->fn.round_f16(w + u * sp, s_len);
+        }
+        a->fn.pv_lanes(w, sp, (int)hg, vh, kvd, nb, d, acc, r, d);
+        for (int64_t u = 0; u < hg; u++) a->fn.pv_tail(r + u * d, w + u * sp, vh, kvd, body, s_len, d, a->out + (hq0 + u) * d);
     }
-    for (int64_t c = body; c < a->s_len; c++) { /* cells s_len .. n_kv - 1 hold zeros on both sides */
-        a->fn.f16_row(v + c * vs, vr, d);
-        double p = (double)pf[c];
-        for (int64_t dd = 0; dd < d; dd++) sd[dd] = sd[dd] + p * (double)vr[dd];
-    }
-    for (int64_t dd = 0; dd < d; dd++) out[dd] = (float)sd[dd];
 }
 
-/* one work item: query heads hq0 .. hq0 + hg - 1 (one KV head) of query row ti; the most expensive (latest) rows
- * are handed out first */
+/* t > 1, one work item: query heads hq0 .. hq0 + hg - 1 (one KV head) of query row ti; the most expensive (latest)
+ * rows are handed out first */
 static void attention_task(void *ctx, int ith, int nth) {
     (void)nth;
     att_t *a = (att_t *)ctx;
-    float *w, *q16, *acc;
-    double *pd;
-    task_scratch(a, ith, &w, &pd, &q16, &acc);
+    float *w, *q16, *r, *acc;
+    task_scratch(a, ith, &w, &q16, &r, &acc);
+    (void)r, (void)acc;
     const int64_t d = a->d, kvd = a->kvh * a->d, hg = a->hg, groups = a->heads / hg;
     for (;;) {
         int64_t i = atomic_fetch_add_explicit(&a->next, 1, memory_order_relaxed);
@@ -415,16 +590,6 @@ static void attention_task(void *ctx, int ith, int nth) {
         }
         for (int64_t u = 0; u < hg; u++) a->fn.softmax(w + u * a->sp, nvis, ns);
         float *o = a->out + (ti * a->heads + hq0) * d;
-        if (a->t == 1) { /* nvis == s_len: no masked cell; hg == 1 */
-            a->fn.round_f16(w, a->s_len);
-            int64_t body = a->n_kv & ~(int64_t)63, nb = body < a->s_len ? body : a->s_len;
-            if (nb > 0) {
-                memset(acc, 0, sizeof(float) * 64 * (size_t)d);
-                a->fn.vp_lanes(w, a->vc + h * d, kvd, nb, d, acc);
-            }
-            vp_finish(a, nb > 0 ? acc : NULL, w, a->vc + h * d, kvd, pd, q16, o); /* pd, q16: free scratch now */
-            continue;
-        }
         int64_t nk = a->v_bad[h] ? a->sp : ns; /* 0 * inf must reach the sums: every key */
         for (int64_t u = 0; u < hg; u++)
             for (int64_t s = ns; s < nk; s++) w[u * a->sp + s] = 0.0f;
@@ -460,19 +625,28 @@ int bk_attention_f16(const float *q, int64_t t, int64_t heads, int64_t kv_heads,
     int64_t c32 = (s_len + 31) & ~(int64_t)31; /* n_kv = min(ceil32(s_len), ceil32(n_ctx)) */
     a.n_kv = n_ctx >= c32 ? c32 : (n_ctx + 31) & ~(int64_t)31;
     a.scale = 1.0f / sqrtf((float)d);
-    a.hg = t > 1 && a.fn.kqv4 && a.g % HG == 0 ? HG : 1;
-    a.items = heads / a.hg * t;
 
     /* small problems are not worth waking the pool */
     double work = (double)heads * (double)t * (double)s_len * (double)d;
     int n = nthreads < 1 || work < 65536.0 ? 1 : nthreads;
     if (n > BK_MAX_THREADS) n = BK_MAX_THREADS;
+    /* query heads per item: prefill takes HG at once when the grouped kernel applies; decode takes the largest
+     * divisor of the group whose items split evenly over the threads (or are many), so K and V are read once
+     * per item without one thread getting the most items */
+    a.hg = t > 1 && a.fn.kqv4 && a.g % HG == 0 ? HG : 1;
+    if (t == 1)
+        for (int64_t hg = a.g; hg > 1; hg--)
+            if (a.g % hg == 0 && ((heads / hg) % n == 0 || heads / hg >= 4 * (int64_t)n)) {
+                a.hg = (int)hg;
+                break;
+            }
+    a.items = heads / a.hg * t;
     if (n > a.items) n = (int)a.items;
 
-    size_t stride = 64, vt_bytes = 0, total = 0;
-    int ok = add_size(&stride, (size_t)d, sizeof(double)) && add_size(&stride, (size_t)a.sp, HG * sizeof(float)) &&
-             add_size(&stride, (size_t)d, HG * 4) &&
-             (t > 1 || add_size(&stride, (size_t)d, 64 * sizeof(float)));
+    size_t stride = 64, vt_bytes = 0, total = 0, hm = (size_t)(a.hg > HG ? a.hg : HG);
+    int ok = add_size(&stride, (size_t)a.sp, hm * sizeof(float)) && add_size(&stride, (size_t)d, hm * sizeof(float)) &&
+             (t > 1 || (add_size(&stride, (size_t)d, hm * sizeof(float)) &&
+                        add_size(&stride, (size_t)(d > 16 ? d : 16), 64 * sizeof(float))));
     stride &= ~(size_t)63;
     if (t > 1) ok = ok && add_size(&vt_bytes, (size_t)(kv_heads * d), (size_t)a.sp * sizeof(float));
     if (t > 1 && a.fn.dotf) ok = ok && add_size(&vt_bytes, (size_t)(kv_heads * d), (size_t)s_len * sizeof(float));
@@ -486,7 +660,7 @@ int bk_attention_f16(const float *q, int64_t t, int64_t heads, int64_t kv_heads,
     a.v_bad = (unsigned char *)(mem + (size_t)n * stride + vt_bytes);
     atomic_init(&a.next, 0);
     if (t > 1) bk_parallel(transpose_v_task, &a, n < kv_heads ? n : (int)kv_heads);
-    bk_parallel(attention_task, &a, n);
+    bk_parallel(t == 1 ? decode_task : attention_task, &a, n);
     return 0;
 }
 
