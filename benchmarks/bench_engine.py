@@ -7,8 +7,12 @@ synthesized file, in the same run, printed with their ratio. Measured, never ass
                                       [--tq2 FILE.gguf | --tq2 synth]
 
 --i2s times bitnet_ref (bitnet-cpp profile, native kernels) on a bitnet.cpp I2_S file (e.g. the 2b-4t preset):
-a prefill of --i2s-prefill tokens and --i2s-decode decoded tokens, both asking for the last logits only as
-llama-bench does, against bitnet.cpp's llama-bench (pp N, tg M) when BITNET_CPP_DIR names a build. Peak RSS is
+a prefill of --i2s-prefill tokens, --i2s-decode decoded tokens from an empty context and as many again after
+that prompt, all asking for the last logits only as llama-bench does, against bitnet.cpp when BITNET_CPP_DIR
+names a build: its llama-bench (pp N, tg M from an empty context) and a timed llama-cli run (a prompt of N
+tokens, then M tokens; its "eval time" line: decode after the prompt, which this fork's llama-bench cannot
+measure on its own: it has no -d, and -pg reports prompt and generation together). Rounds alternate between
+the two engines; medians, and the median of the per-round ratios (the machine's load drifts). Peak RSS is
 the process's, after the I2_S runs.
 
 --tq2 FILE (or `synth`: the 2b-4t TQ2_0 file written next to the --i2s file once) times bitnet_ref's llama-cpp
@@ -27,6 +31,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import re
 import subprocess
 import sys
 import tempfile
@@ -76,20 +81,26 @@ def _peak_rss_mib() -> float:
     return float("nan")
 
 
-def bench_i2s(m, n_prefill, n_decode):
-    """bitnet_ref prefill and decode tokens/s on a loaded model (bitnet-cpp profile; last logits only, as
-    llama-bench): a prefill of n_prefill tokens, then n_decode tokens one at a time from a one-token state."""
-    m.forward([1], m.new_state(), last_only=True)  # warm-up (starts the thread pool, grows the scratch)
-    ids = [int(x) for x in np.random.default_rng(0).integers(0, 500, n_prefill)]
-    t = time.perf_counter()
-    m.forward(ids, m.new_state(), last_only=True)
-    pp = n_prefill / (time.perf_counter() - t)
-    st = m.new_state()
-    m.forward([1], st)
+def _decode_rate(m, st, n_decode) -> float:
     t = time.perf_counter()
     for i in range(n_decode):
-        m.forward([2 + i], st)
-    return pp, n_decode / (time.perf_counter() - t)
+        m.forward([2 + i], st, last_only=True)
+    return n_decode / (time.perf_counter() - t)
+
+
+def bench_i2s(m, n_prefill, n_decode):
+    """bitnet_ref tokens/s on a loaded model (bitnet-cpp profile; last logits only, as llama-bench): a prefill of
+    n_prefill tokens, n_decode tokens one at a time after it, and n_decode tokens from a one-token state."""
+    m.forward([1], m.new_state(), last_only=True)  # warm-up (starts the thread pool, grows the scratch)
+    ids = [int(x) for x in np.random.default_rng(0).integers(0, 500, n_prefill)]
+    st = m.new_state()
+    t = time.perf_counter()
+    m.forward(ids, st, last_only=True)
+    pp = n_prefill / (time.perf_counter() - t)
+    tg_ctx = _decode_rate(m, st, n_decode)
+    st = m.new_state()
+    m.forward([1], st, last_only=True)
+    return pp, _decode_rate(m, st, n_decode), tg_ctx
 
 
 def exact_child(path, n_prefill, n_decode) -> None:
@@ -157,13 +168,41 @@ def bench_llama_cpp(path, n_prefill, n_decode, threads, kv_f32=False):
     return pp, tg
 
 
-def bench_bitnet_cpp(path, n_prompt, n_gen, threads):
-    """bitnet.cpp's llama-bench tokens/s, {"pp": .., "tg": ..} (pp n_prompt, tg n_gen); None without
-    BITNET_CPP_DIR."""
+def _bitnet_cpp_tool(name):
     d = os.environ.get("BITNET_CPP_DIR")
     if not d:
         return None
-    exe = next((p for p in (Path(d) / "bin" / "llama-bench", Path(d) / "llama-bench") if p.exists()), None)
+    return next((p for p in (Path(d) / "bin" / name, Path(d) / name) if p.exists()), None)
+
+
+def bitnet_cpp_decode_after_prompt(path, n_prompt, n_gen, threads):
+    """bitnet.cpp's decode tokens/s after a prompt of n_prompt tokens (BOS and n_prompt - 1 times " the": one
+    llama3 token each), from a timed llama-cli run (greedy, EOS ignored, n_gen tokens): its "eval time" line,
+    which leaves out the prompt and the sampling. The prompt's token count as llama-cli reports it is checked."""
+    exe = _bitnet_cpp_tool("llama-cli")
+    if exe is None:
+        return None
+    with tempfile.NamedTemporaryFile("w", suffix=".txt") as f:
+        f.write(" the" * (n_prompt - 1))
+        f.flush()
+        r = subprocess.run([str(exe), "-m", str(path), "-f", f.name, "-n", str(n_gen), "--ignore-eos", "-t",
+                            str(threads), "-c", str(n_prompt + n_gen + 64), "-b", str(n_prompt), "--temp", "0",
+                            "-s", "1"], capture_output=True, text=True, stdin=subprocess.DEVNULL, check=True)
+    prompt = re.search(r"prompt eval time =\s*[\d.]+ ms /\s*(\d+) tokens", r.stderr)
+    ev = re.search(r"\beval time =\s*([\d.]+) ms /\s*(\d+) runs", r.stderr.replace("prompt eval time", ""))
+    if not prompt or not ev:
+        raise RuntimeError(f"llama-cli printed no timings ({exe}); its stderr ends:\n{r.stderr[-2000:]}")
+    if int(prompt.group(1)) != n_prompt:
+        raise RuntimeError(f"llama-cli's prompt has {prompt.group(1)} tokens, not {n_prompt}: the model's "
+                           "tokenizer does not make one token of ' the'; bench with a llama3-tokenizer file")
+    return int(ev.group(2)) * 1000.0 / float(ev.group(1))
+
+
+def bench_bitnet_cpp(path, n_prompt, n_gen, threads):
+    """bitnet.cpp's tokens/s, {"pp": .., "tg": .., "tg_ctx": ..}: llama-bench's pp n_prompt and tg n_gen (from an
+    empty context), and decode after a prompt of n_prompt tokens (`bitnet_cpp_decode_after_prompt`, NaN without
+    llama-cli); None without BITNET_CPP_DIR or its llama-bench."""
+    exe = _bitnet_cpp_tool("llama-bench")
     if exe is None:
         return None
     r = subprocess.run([str(exe), "-m", str(path), "-p", str(n_prompt), "-n", str(n_gen), "-t", str(threads),
@@ -171,6 +210,8 @@ def bench_bitnet_cpp(path, n_prompt, n_gen, threads):
     out = {}
     for row in json.loads(r.stdout):
         out["pp" if row["n_prompt"] > 0 else "tg"] = float(row["avg_ts"])
+    tg_ctx = bitnet_cpp_decode_after_prompt(path, n_prompt, n_gen, threads)
+    out["tg_ctx"] = float("nan") if tg_ctx is None else tg_ctx
     return out
 
 
@@ -294,8 +335,9 @@ def main() -> None:
             os.unlink(path)
     if args.i2s:
         size = os.path.getsize(args.i2s) / 2**20
-        print(f"\nI2_S {Path(args.i2s).name} ({size:.0f} MiB), pp {args.i2s_prefill}, tg {args.i2s_decode}, "
-              f"{threads} threads; {args.repeat} rounds, bitnet_ref and bitnet.cpp alternating, medians")
+        print(f"\nI2_S {Path(args.i2s).name} ({size:.0f} MiB), pp {args.i2s_prefill}, tg {args.i2s_decode} from an "
+              f"empty context and after the {args.i2s_prefill}-token prompt, {threads} threads; {args.repeat} rounds, "
+              f"bitnet_ref and bitnet.cpp alternating, medians; load average {os.getloadavg()[0]:.1f} at the start")
         ours, theirs = [], []
 
         def rounds():
@@ -304,19 +346,24 @@ def main() -> None:
                     ours.append(bench_i2s(m, args.i2s_prefill, args.i2s_decode))
                     bc = bench_bitnet_cpp(args.i2s, args.i2s_prefill, args.i2s_decode, threads)
                     if bc is not None:
-                        theirs.append((bc["pp"], bc["tg"]))
-                    print(f"  round {len(ours)}: bitnet_ref {ours[-1][0]:.2f} / {ours[-1][1]:.2f}" +
-                          (f", bitnet.cpp {theirs[-1][0]:.2f} / {theirs[-1][1]:.2f}" if bc else ""))
+                        theirs.append((bc["pp"], bc["tg"], bc["tg_ctx"]))
+                    print(f"  round {len(ours)}: bitnet_ref " + " / ".join(f"{x:.2f}" for x in ours[-1]) +
+                          (", bitnet.cpp " + " / ".join(f"{x:.2f}" for x in theirs[-1]) if bc else "") +
+                          f" (pp / tg / tg after the prompt); load average {os.getloadavg()[0]:.1f}", flush=True)
             return _peak_rss_mib()
 
         peak = _with_kernels(True, rounds)
-        pp, tg = (float(np.median([r[i] for r in ours])) for i in (0, 1))
-        print(f"{'engine':<34}{'prefill tok/s':>15}{'decode tok/s':>15}")
-        print(f"{native:<34}{pp:>15.2f}{tg:>15.2f}   peak RSS {peak:.0f} MiB ({peak / size:.2f}x file)")
+        med = [float(np.median([r[i] for r in ours])) for i in range(3)]
+        heads = ("prefill tok/s", "decode tok/s", f"decode@{args.i2s_prefill}")
+        print(f"{'engine':<34}" + "".join(f"{h:>15}" for h in heads))
+        print(f"{native:<34}" + "".join(f"{x:>15.2f}" for x in med) +
+              f"   peak RSS {peak:.0f} MiB ({peak / size:.2f}x file)")
         if theirs:
-            bpp, btg = (float(np.median([r[i] for r in theirs])) for i in (0, 1))
-            print(f"{'bitnet.cpp llama-bench (I2_S)':<34}{bpp:>15.2f}{btg:>15.2f}")
-            print(f"{'ratio ours/bitnet.cpp':<34}{pp / bpp:>15.3f}{tg / btg:>15.3f}")
+            bmed = [float(np.median([r[i] for r in theirs])) for i in range(3)]
+            print(f"{'bitnet.cpp (llama-bench, llama-cli)':<34}" + "".join(f"{x:>15.2f}" for x in bmed))
+            print(f"{'ratio of the medians':<34}" + "".join(f"{a / b:>15.3f}" for a, b in zip(med, bmed)))
+            rr = [float(np.median([o[i] / t[i] for o, t in zip(ours, theirs)])) for i in range(3)]
+            print(f"{'median of the per-round ratios':<34}" + "".join(f"{x:>15.3f}" for x in rr))
         else:
             print("bitnet.cpp: not measured (set BITNET_CPP_DIR to a build with bin/llama-bench)")
     if args.tq2:
