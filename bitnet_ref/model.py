@@ -227,6 +227,7 @@ class Model:
         # the F16 lm_head the native kernels read once per token: held in process memory (see resident_copy)
         self._embd_bytes = gf.resident_copy(embd_info) if self._native_lm_head_applies() else None
         self._plans_checked, self._plans = False, None  # see _layer_plans
+        self._rope_table = None  # ggml RoPE: (cos, sin) of positions 0 .. len - 1, see _rope_angles
         # BITNET_DEVICE: where the I2_S decode products run (bitnet_ref/device.py; CUDA untested on hardware)
         self.device, self._gpu = _device.for_model(layers)
 
@@ -524,6 +525,20 @@ class Model:
 
     # -- rope and attention ----------------------------------------------------------------------
     def _rope_angles(self, pos: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        if self.profile.rope == "ggml":
+            # a position's angles depend on it alone: kept in a table grown by doubling, so that a decoded token
+            # does not pay the per-pair loop of _rope_angles_of
+            need = int(pos.max()) + 1 if pos.size else 0
+            have = 0 if self._rope_table is None else len(self._rope_table[0])
+            if need > have:
+                grow = max(need, 2 * have, 64)
+                c, s = self._rope_angles_of(np.arange(have, grow))
+                self._rope_table = (c, s) if not have else tuple(
+                    np.concatenate([old, new]) for old, new in zip(self._rope_table, (c, s)))
+            return self._rope_table[0][pos], self._rope_table[1][pos]
+        return self._rope_angles_of(pos)
+
+    def _rope_angles_of(self, pos: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         half = self.cfg.head_dim // 2
         if self.profile.rope == "ggml":
             # ggml: theta_scale = powf(base, -2/n_dims); theta starts at the position and is multiplied by

@@ -737,6 +737,75 @@ int bk_i2s_raw(const int8_t *q, int64_t t, int64_t k, const uint8_t *w, int64_t 
     return i2s_common(q, t, k, w, r, out, nthreads, i2s_fn());
 }
 
+/* bk_i2s_raw_many's one region: chunks of every matrix's rows from one counter (matrix m owns chunk indices
+ * first[m] .. first[m + 1] - 1) */
+typedef struct {
+    job_t job[BK_I2S_MANY];
+    int64_t chunk[BK_I2S_MANY], first[BK_I2S_MANY + 1];
+    int n;
+    atomic_llong next;
+} many_t;
+
+static void many_task(void *ctx, int ith, int nth) {
+    (void)ith, (void)nth;
+    many_t *mt = (many_t *)ctx;
+    for (int m = 0;;) {
+        int64_t i = atomic_fetch_add_explicit(&mt->next, 1, memory_order_relaxed);
+        if (i >= mt->first[mt->n]) break;
+        while (i >= mt->first[m + 1]) m++; /* the counter only grows: m never goes back */
+        job_t j = mt->job[m];
+        j.r0 = (i - mt->first[m]) * mt->chunk[m];
+        j.r1 = j.r0 + mt->chunk[m] < j.r ? j.r0 + mt->chunk[m] : j.r;
+        job_main(&j);
+    }
+}
+
+int bk_i2s_raw_many(const int8_t *q, int64_t t, int64_t k, int n, const uint8_t *const *w, const int64_t *r,
+                    int32_t *const *out, int nthreads) {
+    if (n < 1 || n > BK_I2S_MANY || t < 0 || k < 0) return BK_EBADARG;
+    i2s_dot_fn dot = i2s_fn();
+    int64_t rows = 0;
+    for (int m = 0; m < n; m++) {
+        if (r[m] < 0) return BK_EBADARG;
+        rows += r[m];
+    }
+#ifdef BK_X86
+    int gemm = dot == i2s_dot_vnni && BK_I2S_USE_GEMM(t);
+#else
+    int gemm = 0;
+#endif
+    if (gemm || k % QK_I2S || t * k * rows < (1 << 16) || nthreads < 2) { /* one call each */
+        for (int m = 0; m < n; m++) {
+            int rc = i2s_common(q, t, k, w[m], r[m], out[m], nthreads, dot);
+            if (rc) return rc;
+        }
+        return 0;
+    }
+    int8_t *qp = NULL;
+#ifdef BK_X86
+    if (dot == i2s_dot_vnni) { /* its activations in pair order, once for all the matrices */
+        qp = (int8_t *)malloc((size_t)(t * k) + 1);
+        if (!qp) return BK_ENOMEM;
+        vnni_pair_order(q, t, k, qp);
+        q = qp;
+    }
+#endif
+    if (nthreads > BK_MAX_THREADS) nthreads = BK_MAX_THREADS;
+    many_t mt = {0};
+    mt.n = n;
+    for (int m = 0; m < n; m++) {
+        job_t *j = &mt.job[m];
+        j->kind = 0, j->dot = dot, j->q = q, j->t = t, j->k = k, j->r = r[m], j->w = w[m], j->out = out[m];
+        int64_t c = (r[m] / (16 * nthreads) + 15) & ~(int64_t)15; /* run_split's chunks */
+        mt.chunk[m] = c < 16 ? 16 : c;
+        mt.first[m + 1] = mt.first[m] + (r[m] + mt.chunk[m] - 1) / mt.chunk[m];
+    }
+    atomic_init(&mt.next, 0);
+    bk_parallel(many_task, &mt, nthreads);
+    free(qp);
+    return 0;
+}
+
 int bk_i2s_raw_wrap16(const int8_t *q, int64_t t, int64_t k, const uint8_t *w, int64_t r, int32_t *out,
                       int nthreads) {
     return i2s_common(q, t, k, w, r, out, nthreads, i2s_dot_wrap16);

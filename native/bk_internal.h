@@ -44,6 +44,14 @@ int bk_i2s_gemm_vnni(const int8_t *q, int64_t t, int64_t k, const uint8_t *w, in
                      int nthreads);
 #endif
 
+/* bitnet_kernels.c: bk_i2s_raw for n <= BK_I2S_MANY matrices (w[m]: r[m] rows of k) on the same activations,
+ * their rows handed out in one parallel region (a decoded token's Q, K, V, or gate and up: one wake-up of the
+ * pool instead of n); the same int32 sums, out[m] as bk_i2s_raw's out. Many tokens (the GEMM) and small
+ * products run one call each. */
+#define BK_I2S_MANY 4
+int bk_i2s_raw_many(const int8_t *q, int64_t t, int64_t k, int n, const uint8_t *const *w, const int64_t *r,
+                    int32_t *const *out, int nthreads);
+
 /* tokens per call of the F16 GEMM's multi-token dot (f16_dotn_fn) */
 #define BK_GEMM_NU 8
 

@@ -220,16 +220,31 @@ static void relu2_mul(float *gate, const float *up, int64_t n) {
     relu2_mul_portable(gate, up, n);
 }
 
-static int project(scratch_t *sc, const bk_layer *L, int p, int64_t t, int64_t k, int64_t rows, float *out) {
-    int rc = bk_i2s_raw(sc->q, t, k, L->w[p], rows, sc->raw, sc->nthreads);
+/* the n (<= 3) projections p[m] (rows[m] outputs each) of the quantized input: their integer products in one
+ * parallel region (bk_i2s_raw_many: sc->raw holds them one after another), then each one's epilogue */
+static int project_many(scratch_t *sc, const bk_layer *L, int n, const int *p, int64_t t, int64_t k,
+                        const int64_t *rows, float *const *out) {
+    const uint8_t *w[3];
+    int32_t *raw[3];
+    int64_t off = 0;
+    for (int m = 0; m < n; m++) w[m] = L->w[p[m]], raw[m] = sc->raw + off, off += t * rows[m];
+    int rc = bk_i2s_raw_many(sc->q, t, k, n, w, rows, raw, sc->nthreads);
     if (rc) return rc;
-    epi_t e = {sc, rows, L->w_scale[p], L->out_scale[p], out};
     rows_fn fn = epilogue_rows_portable;
 #ifdef BK_X86
     if (bk_current_isa() == ISA_VNNI) fn = epilogue_rows_avx512;
 #endif
-    for_rows(fn, &e, t, sc->nthreads);
+    for (int m = 0; m < n; m++) {
+        scratch_t one = *sc;
+        one.raw = raw[m];
+        epi_t e = {&one, rows[m], L->w_scale[p[m]], L->out_scale[p[m]], out[m]};
+        for_rows(fn, &e, t, sc->nthreads);
+    }
     return 0;
+}
+
+static int project(scratch_t *sc, const bk_layer *L, int p, int64_t t, int64_t k, int64_t rows, float *out) {
+    return project_many(sc, L, 1, &p, t, k, &rows, &out);
 }
 
 /* NeoX RoPE on the rows [i0, i1) of (t, heads, d): pairs (j, j + d/2), fma(x0, c, -(x1*s)) and fma(x0, s, x1*c)
@@ -296,7 +311,8 @@ int bk_bitnet_layer(const bk_layer *L, float *x, int64_t t, int64_t s_len, uint1
         return BK_EBADARG;
     if (L->hidden % QK_I2S || L->ffn % QK_I2S) return BK_EBADK;
     int64_t n = L->hidden, nf = L->ffn, kvd = L->kv_heads * L->head_dim, wide = nf > n ? nf : n;
-    size_t nbytes = sizeof(float) * (size_t)(t * (3 * n + 2 * kvd + 2 * nf)) + sizeof(int32_t) * (size_t)(t * wide) +
+    int64_t nraw = n + 2 * kvd > 2 * nf ? n + 2 * kvd : 2 * nf; /* raw products of Q, K, V or of gate, up */
+    size_t nbytes = sizeof(float) * (size_t)(t * (3 * n + 2 * kvd + 2 * nf)) + sizeof(int32_t) * (size_t)(t * nraw) +
                     (size_t)(t * wide) + (sizeof(float) + sizeof(int32_t)) * (size_t)t + 64;
     char *mem = (char *)bk_scratch(BK_SCRATCH_LAYER, nbytes);
     if (!mem) return BK_ENOMEM;
@@ -304,7 +320,7 @@ int bk_bitnet_layer(const bk_layer *L, float *x, int64_t t, int64_t s_len, uint1
     float *gate = att + t * n, *up = gate + t * nf;
     scratch_t sc = {0};
     sc.raw = (int32_t *)(up + t * nf);
-    sc.s = (float *)(sc.raw + t * wide);
+    sc.s = (float *)(sc.raw + t * nraw);
     sc.sums = (int32_t *)(sc.s + t);
     sc.q = (int8_t *)(sc.sums + t);
     sc.nthreads = nthreads;
@@ -319,9 +335,12 @@ int bk_bitnet_layer(const bk_layer *L, float *x, int64_t t, int64_t s_len, uint1
     /* attention */
     rms_norm(x, t, n, L->attn_norm, L->eps, h, nthreads);
     TRY(quantize(&sc, h, t, n));
-    TRY(project(&sc, L, P_Q, t, n, n, qf));
-    TRY(project(&sc, L, P_K, t, n, kvd, kf));
-    TRY(project(&sc, L, P_V, t, n, kvd, vf));
+    {
+        const int p[3] = {P_Q, P_K, P_V};
+        const int64_t r[3] = {n, kvd, kvd};
+        float *const o[3] = {qf, kf, vf};
+        TRY(project_many(&sc, L, 3, p, t, n, r, o));
+    }
     rope(qf, t, L->heads, L->head_dim, cos, sin, nthreads);
     rope(kf, t, L->kv_heads, L->head_dim, cos, sin, nthreads);
     int64_t p0 = s_len - t;
@@ -343,8 +362,12 @@ int bk_bitnet_layer(const bk_layer *L, float *x, int64_t t, int64_t s_len, uint1
     /* feed-forward: relu(gate)^2 * up, or silu(gate) * up */
     rms_norm(x, tf, n, L->ffn_norm, L->eps, h, nthreads);
     TRY(quantize(&sc, h, tf, n));
-    TRY(project(&sc, L, P_GATE, tf, n, nf, gate));
-    TRY(project(&sc, L, P_UP, tf, n, nf, up));
+    {
+        const int p[2] = {P_GATE, P_UP};
+        const int64_t r[2] = {nf, nf};
+        float *const o[2] = {gate, up};
+        TRY(project_many(&sc, L, 2, p, tf, n, r, o));
+    }
     if (L->silu)
         bk_silu_mul(gate, up, tf * nf);
     else
