@@ -88,16 +88,17 @@ def _decode_rate(m, st, n_decode) -> float:
     return n_decode / (time.perf_counter() - t)
 
 
-def bench_i2s(m, n_prefill, n_decode):
-    """bitnet_ref tokens/s on a loaded model (bitnet-cpp profile; last logits only, as llama-bench): a prefill of
-    n_prefill tokens, n_decode tokens one at a time after it, and n_decode tokens from a one-token state."""
+def bench_i2s(m, n_prefill, n_decode, after_prompt=True):
+    """bitnet_ref tokens/s on a loaded model (last logits only, as llama-bench): a prefill of n_prefill tokens,
+    n_decode tokens one at a time from a one-token state, and (after_prompt, else NaN) n_decode tokens after the
+    prompt: (pp, tg, tg after the prompt)."""
     m.forward([1], m.new_state(), last_only=True)  # warm-up (starts the thread pool, grows the scratch)
     ids = [int(x) for x in np.random.default_rng(0).integers(0, 500, n_prefill)]
     st = m.new_state()
     t = time.perf_counter()
     m.forward(ids, st, last_only=True)
     pp = n_prefill / (time.perf_counter() - t)
-    tg_ctx = _decode_rate(m, st, n_decode)
+    tg_ctx = _decode_rate(m, st, n_decode) if after_prompt else float("nan")
     st = m.new_state()
     m.forward([1], st, last_only=True)
     return pp, _decode_rate(m, st, n_decode), tg_ctx
@@ -108,7 +109,7 @@ def exact_child(path, n_prefill, n_decode) -> None:
     t = time.perf_counter()
     with Model.load(path, "exact") as m:
         load_s = time.perf_counter() - t
-        pp, tg = bench_i2s(m, n_prefill, n_decode)
+        pp, tg, _ = bench_i2s(m, n_prefill, n_decode, after_prompt=False)
     print(json.dumps({"pp": pp, "tg": tg, "load_s": load_s, "peak_rss_mib": _peak_rss_mib(),
                       "isa": kernels.active()}))
 
