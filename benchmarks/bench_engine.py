@@ -236,7 +236,7 @@ def _worker(engine: str, path: str, n_prefill: int, n_decode: int) -> None:
     """One measurement in this (child) process, printed as JSON: pp, tg, peak RSS in MiB."""
     if engine == "bitnet_ref":
         with Model.load(path, "llama-cpp") as m:
-            pp, tg = bench_i2s(m, n_prefill, n_decode)
+            pp, tg, _ = bench_i2s(m, n_prefill, n_decode, after_prompt=False)
     else:
         pp, tg = bench_llama_cpp(path, n_prefill, n_decode, kernels.threads(), kv_f32=True)
     print(json.dumps({"pp": pp, "tg": tg, "rss": _peak_rss_mib()}))
