@@ -5,6 +5,8 @@
     pytest --model my.gguf --reference bitnet_cpp --report-html out/report.html
 """
 
+import time
+
 import pytest
 
 from harness.runner import verdict
@@ -14,8 +16,12 @@ class CrossvalError(Exception):
     """The comparison could not be made (an engine broke, or the reference left no receipt)."""
 
 
-def test_crossval(crossval_pair, crossval_run):
+def test_crossval(crossval_pair, crossval_run, request, capsys):
+    start = time.perf_counter()
     record = crossval_run(crossval_pair)
+    if request.node.get_closest_marker("slow"):  # real-size cases: how long a cross-validation takes
+        with capsys.disabled():
+            print(f"\n{request.node.name}: {time.perf_counter() - start:.0f} s")
     outcome, message = verdict(record)  # the same verdict `bitnet-xval crossval` gives (harness/runner.py)
     if outcome == "skip":
         pytest.skip(message)
