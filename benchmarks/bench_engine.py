@@ -271,13 +271,13 @@ def bench_tq2(path, n_prefill, n_decode, repeat, threads) -> None:
         print(f"  round {r + 1}: " + ", ".join(f"{n.split(' (')[0]} {v[-1]['pp']:.2f} / {v[-1]['tg']:.2f}"
                                                for n, v in rows.items() if v))
     med = {n: {k: float(np.median([x[k] for x in v])) for k in ("pp", "tg", "rss")} for n, v in rows.items() if v}
-    print(f"{'engine':<34}{'prefill tok/s':>15}{'decode tok/s':>15}{'peak RSS MiB':>15}")
+    print(f"{'engine':<44}{'prefill tok/s':>15}{'decode tok/s':>15}{'peak RSS MiB':>15}")
     for n, m in med.items():
-        print(f"{n:<34}{m['pp']:>15.2f}{m['tg']:>15.2f}{m['rss']:>15.0f}")
+        print(f"{n:<44}{m['pp']:>15.2f}{m['tg']:>15.2f}{m['rss']:>15.0f}")
     ours = med[names[0]]
     for n in names[1:]:
         if n in med:
-            print(f"{'ratio ours/' + n.split(' (')[0] + ' (' + n.split(' (')[1]:<34}"
+            print(f"{'ratio ours/' + n.split(' (')[0] + ' (' + n.split(' (')[1]:<44}"
                   f"{ours['pp'] / med[n]['pp']:>15.3f}{ours['tg'] / med[n]['tg']:>15.3f}")
 
 
