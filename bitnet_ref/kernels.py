@@ -420,6 +420,21 @@ class LayerPlan:
 LAYER_PROJECTIONS = ("attn_q", "attn_k", "attn_v", "attn_output", "ffn_gate", "ffn_up", "ffn_down")
 
 
+def _new_layer_struct(mod, ctype: str, dims: dict, norms: dict):
+    """A new layer struct of `ctype` with the dimensions and the four norm gains set, and the buffers that must
+    live as long as it (both layer kernels' structs share these fields)."""
+    st = mod.ffi.new(ctype)
+    for name in ("hidden", "heads", "kv_heads", "head_dim", "ffn", "n_ctx", "eps", "silu"):
+        setattr(st, name, dims[name])
+    keep = []
+    for name in ("attn_norm", "attn_sub_norm", "ffn_norm", "ffn_sub_norm"):
+        a = np.ascontiguousarray(norms[name], dtype=np.float32)
+        buf = _ptr(mod, "float[]", a)
+        keep += [a, buf]
+        setattr(st, name, buf)
+    return st, keep
+
+
 def layer_plan(dims: dict, norms: dict, packed: dict, w_scale: dict, out_scale: dict) -> LayerPlan | None:
     """The struct `bk_bitnet_layer` reads (native/bitnet_kernels.h), or None without the native kernels.
 
@@ -430,15 +445,7 @@ def layer_plan(dims: dict, norms: dict, packed: dict, w_scale: dict, out_scale: 
     mod = _load()
     if mod is None:
         return None
-    st = mod.ffi.new("bk_layer *")
-    for name in ("hidden", "heads", "kv_heads", "head_dim", "ffn", "n_ctx", "eps", "silu"):
-        setattr(st, name, dims[name])
-    keep = []
-    for name in ("attn_norm", "attn_sub_norm", "ffn_norm", "ffn_sub_norm"):
-        a = np.ascontiguousarray(norms[name], dtype=np.float32)
-        buf = _ptr(mod, "float[]", a)
-        keep += [a, buf]
-        setattr(st, name, buf)
+    st, keep = _new_layer_struct(mod, "bk_layer *", dims, norms)
     for i, name in enumerate(LAYER_PROJECTIONS):
         w = np.ascontiguousarray(packed[name], dtype=np.uint8).reshape(-1)
         buf = _ptr(mod, "uint8_t[]", w)
@@ -548,15 +555,7 @@ def llama_layer_plan(dims: dict, norms: dict, weights: dict, out_scale: dict) ->
     mod = _load()
     if mod is None:
         return None
-    st = mod.ffi.new("bk_llama_layer *")
-    for name in ("hidden", "heads", "kv_heads", "head_dim", "ffn", "n_ctx", "eps", "silu"):
-        setattr(st, name, dims[name])
-    keep = []
-    for name in ("attn_norm", "attn_sub_norm", "ffn_norm", "ffn_sub_norm"):
-        a = np.ascontiguousarray(norms[name], dtype=np.float32)
-        buf = _ptr(mod, "float[]", a)
-        keep += [a, buf]
-        setattr(st, name, buf)
+    st, keep = _new_layer_struct(mod, "bk_llama_layer *", dims, norms)
     for i, name in enumerate(LAYER_PROJECTIONS):
         kind, arr = weights[name]
         if kind not in LLAMA_WEIGHT_TYPES:
