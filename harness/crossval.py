@@ -407,13 +407,18 @@ def rung_perplexity(case: Case, sut, ref, tol: Tolerances, ops=frozenset({"perpl
     text = Path(case.corpus).read_text(encoding="utf-8")
     ids = ref.tokenize(text)
     pb = ref.perplexity(ids, case.ctx)
-    nll_a = nll_b = None
+    nll_a = nll_b = cost = None
     if "logits" in ops:
         try:
-            nll_b = stats.chunk_nll(ref.logits, ids, case.ctx, ids[0])
-            nll_a = stats.chunk_nll(sut.logits, ids, case.ctx, ids[0])
+            if exact is not None:  # one pass over the corpus gives the NLLs and the cost
+                cost, nll = stats.quantization_cost(exact.logits, {"sut": sut.logits, "reference": ref.logits},
+                                                    ids, case.ctx, ids[0])
+                nll_a, nll_b = nll["sut"], nll["reference"]
+            else:
+                nll_b = stats.chunk_nll(ref.logits, ids, case.ctx, ids[0])
+                nll_a = stats.chunk_nll(sut.logits, ids, case.ctx, ids[0])
         except NotSupported:
-            nll_a = nll_b = None
+            nll_a = nll_b = cost = None
     if "perplexity" in ops:
         ppl_a, source = sut.perplexity(ids, case.ctx).ppl, "its perplexity operation"
     elif nll_a is not None:
@@ -432,9 +437,7 @@ def rung_perplexity(case: Case, sut, ref, tol: Tolerances, ops=frozenset({"perpl
         p = stats.paired(nll_a, nll_b)
         metrics.update(p)
         detail += "; per-token NLL " + stats.verdict(p)
-        if exact is not None:
-            cost = stats.quantization_cost(exact.logits, {"sut": sut.logits, "reference": ref.logits}, ids,
-                                           case.ctx, ids[0])
+        if cost is not None:
             metrics.update(cost)
             detail += (f"; cost against the exact profile (PPL {cost['exact_ppl']:.4f}): " + ", ".join(
                 f"{who} PPL {cost[f'{who}_ppl_vs_exact']:+.2e}, KL mean {cost[f'{who}_kl_vs_exact_mean']:.2e} "

@@ -45,11 +45,12 @@ def chunk_nll(logits_fn, ids: list[int], ctx: int, bos: int) -> np.ndarray:
     return np.concatenate([-lp[np.arange(len(t)), t] for lp, t in chunk_logprobs(logits_fn, ids, ctx, bos)])
 
 
-def quantization_cost(exact_fn, engines: dict, ids: list[int], ctx: int, bos: int) -> dict:
+def quantization_cost(exact_fn, engines: dict, ids: list[int], ctx: int, bos: int) -> tuple[dict, dict]:
     """What each engine's arithmetic costs against the mathematical definition (`exact_fn`: bitnet_ref's exact
     profile on the same file), on the scored tokens of llama-perplexity's convention: the exact perplexity,
     and per engine its perplexity's relative excess and the KL divergence KL(exact || engine) per position
-    (mean, max). `engines`: name -> logits function."""
+    (mean, max). `engines`: name -> logits function. Also returns each engine's per-token NLL (as chunk_nll),
+    so a caller needs no second pass over the corpus."""
     nll = {name: [] for name in ("exact", *engines)}
     kl = {name: [] for name in engines}
     streams = {name: chunk_logprobs(fn, ids, ctx, bos) for name, fn in engines.items()}
@@ -67,7 +68,7 @@ def quantization_cost(exact_fn, engines: dict, ids: list[int], ctx: int, bos: in
         out[f"{name}_ppl_vs_exact"] = ppl[name] / ppl["exact"] - 1.0
         out[f"{name}_kl_vs_exact_mean"] = float(k.mean())
         out[f"{name}_kl_vs_exact_max"] = float(k.max())
-    return out
+    return out, {name: np.concatenate(nll[name]) for name in engines}
 
 
 def paired(nll_sut: np.ndarray, nll_ref: np.ndarray) -> dict:

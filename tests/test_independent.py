@@ -203,12 +203,13 @@ def test_quantization_cost_is_zero_for_the_same_arithmetic_and_grows_with_noise(
         return exact(toks) + np.random.default_rng(len(toks)).normal(0, 0.3, (len(toks), 64))
 
     ids = list(rng.integers(0, 64, 64))
-    cost = stats.quantization_cost(exact, {"same": exact, "noisy": noisy}, ids, 16, 0)
+    cost, nlls = stats.quantization_cost(exact, {"same": exact, "noisy": noisy}, ids, 16, 0)
     nll = stats.chunk_nll(exact, ids, 16, 0)
     assert cost["exact_ppl"] == pytest.approx(float(np.exp(nll.mean())))
     assert cost["same_ppl_vs_exact"] == 0 and cost["same_kl_vs_exact_max"] == pytest.approx(0, abs=1e-12)
     assert cost["noisy_kl_vs_exact_mean"] > 1e-3 and cost["noisy_kl_vs_exact_max"] >= cost["noisy_kl_vs_exact_mean"]
     noisy_nll = stats.chunk_nll(noisy, ids, 16, 0)
+    assert np.array_equal(nlls["noisy"], noisy_nll) and np.array_equal(nlls["same"], nll)
     assert cost["noisy_ppl_vs_exact"] == pytest.approx(np.exp(noisy_nll.mean() - nll.mean()) - 1)
 
 
