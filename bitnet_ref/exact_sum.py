@@ -2,16 +2,31 @@
 
 A float64 matrix product through BLAS sums in an order that depends on the library, its build and the CPU, so
 neither another implementation nor another machine can reproduce its last bits. The exact profile therefore
-defines its order, the same for every weight format and row:
+defines its order. Every product w * x is rounded to float64 before it is added.
 
-    for each scale block b of g = K / nb values (nb = 1 for a per-tensor scale and for float weights):
-        lane[0..8) = 0;  lane[p % 8] += w[p] * x[p]  for the block's positions p = 0, 1, ..., g - 1, in order
-        s = ((lane0 + lane1) + (lane2 + lane3)) + ((lane4 + lane5) + (lane6 + lane7))
-        ternary weights: out = out + s * scale[row, b]  (out starts at 0.0);  float weights: out = s
+Ternary weights (`ternary_dot`), w in {-1, 0, 1}, one float32 scale per block of g = K / nb values:
 
-every product rounded to float64 before it is added. It is still the mathematical definition: float64
-products and sums of the float64 activations, no quantization; only the association of the sums is fixed
-(it differs from another order by a few float64 ulp of the sum of |terms|, far below any float32 result).
+    for each scale block b (positions 0 .. g-1 of the block; the block padded with w = 0, x = +0.0 to a
+    multiple of 128):
+        s = +0.0
+        for each 128-value chunk c, in order, and m = 0, 1, ..., 31:     (group (c, m): 4 values, 32 apart)
+            v_n = w[p_n] * x[p_n]  at p_n = 128 c + m + 32 n,  n = 0..3
+            s = s + ((v_0 + v_1) + (v_2 + v_3))
+        out = out + s * scale[row, b]        (out starts at +0.0)
+
+A group's sum depends only on its 4 weights, 81 combinations, so the native kernel computes each group sum once
+per token for all 81 and adds one table entry per 4 weights and row: a quarter of the additions of a product
+by product sum, and the same bits. The groups are 4 values 32 apart because TQ2_0 and I2_S store exactly those
+4 codes in one byte. (A malformed TQ2_0 code 3 is the value 2; its product is still exact.)
+
+Float weights (`lane_dot`: F32/F16 rows, the lm_head):
+
+    lane[0..8) = 0;  lane[p % 8] += w[p] * x[p]  for p = 0, 1, ..., K - 1, in order
+    out = ((lane0 + lane1) + (lane2 + lane3)) + ((lane4 + lane5) + (lane6 + lane7))
+
+Both are still the mathematical definition: float64 products and sums of the float64 activations, no
+quantization; only the association of the sums is fixed (it differs from another order by a few float64 ulp of
+the sum of |terms|, far below any float32 result).
 """
 
 from __future__ import annotations
@@ -19,6 +34,8 @@ from __future__ import annotations
 import numpy as np
 
 LANES = 8
+CHUNK = 128  # a ternary group's 4 values are m + 32 n within a 128-value chunk
+ORDER_VERSION = 2  # bump when an order here changes: cached results of the exact profile (noise floors) then renew
 
 
 def _fold(lanes: np.ndarray) -> np.ndarray:
@@ -27,43 +44,57 @@ def _fold(lanes: np.ndarray) -> np.ndarray:
     return ((a[..., 0] + a[..., 1]) + (a[..., 2] + a[..., 3])) + ((a[..., 4] + a[..., 5]) + (a[..., 6] + a[..., 7]))
 
 
-def _block_lanes(x: np.ndarray, w: np.ndarray) -> np.ndarray:
-    """The 8 lanes of one block: x (T, g) float64, w (R, g) -> (T, R, 8), each lane summed in position order."""
-    t, g = x.shape
-    r = w.shape[0]
-    acc = np.zeros((t, r, LANES), np.float64)
-    full = g // LANES * LANES
-    wd = w.astype(np.float64)
-    for c in range(0, full, LANES):
-        acc += x[:, None, c:c + LANES] * wd[None, :, c:c + LANES]
-    if full < g:
-        rem = g - full
-        acc[:, :, :rem] += x[:, None, full:] * wd[None, :, full:]
-    return acc
-
-
-def lane_dot(x: np.ndarray, w: np.ndarray, scale: np.ndarray | None = None, row_chunk: int = 1024) -> np.ndarray:
-    """x (T, K) float64 times w (R, K)^T in the exact profile's order: float64 (T, R).
-
-    w: int8 ternary values (with `scale` float32 (R or 1, nb), nb dividing K) or float weights (scale None)."""
+def lane_dot(x: np.ndarray, w: np.ndarray, row_chunk: int = 1024) -> np.ndarray:
+    """x (T, K) float64 times float weights w (R, K)^T in the exact profile's lane order: float64 (T, R)."""
     x = np.ascontiguousarray(x, dtype=np.float64)
     t, k = x.shape
     r = w.shape[0]
     out = np.zeros((t, r), np.float64)
+    full = k // LANES * LANES
     for r0 in range(0, r, row_chunk):
-        r1 = min(r0 + row_chunk, r)
-        wr = w[r0:r1]
-        if scale is None:
-            out[:, r0:r1] = _fold(_block_lanes(x, wr))
-            continue
-        sc = np.asarray(scale, dtype=np.float32)
-        nb = sc.shape[1]
-        g = k // nb
-        srows = sc if sc.shape[0] == 1 else sc[r0:r1]
-        for b in range(nb):
-            s = _fold(_block_lanes(x[:, b * g:(b + 1) * g], wr[:, b * g:(b + 1) * g]))
-            out[:, r0:r1] += s * srows[:, b].astype(np.float64)
+        wd = w[r0:r0 + row_chunk].astype(np.float64)
+        acc = np.zeros((t, wd.shape[0], LANES), np.float64)
+        for c in range(0, full, LANES):
+            acc += x[:, None, c:c + LANES] * wd[None, :, c:c + LANES]
+        if full < k:
+            acc[:, :, :k - full] += x[:, None, full:] * wd[None, :, full:]
+        out[:, r0:r0 + wd.shape[0]] = _fold(acc)
     return out
 
 
-__all__ = ["LANES", "lane_dot"]
+def _chunks(a: np.ndarray, g: int) -> np.ndarray:
+    """(N, g) -> (N, C, 4, 32): padded with zeros to C 128-value chunks; [c, n, m] is position 128 c + 32 n + m"""
+    pad = -g % CHUNK
+    if pad:
+        a = np.concatenate([a, np.zeros((a.shape[0], pad), a.dtype)], axis=1)
+    return a.reshape(a.shape[0], -1, 4, CHUNK // 4)
+
+
+def ternary_dot(x: np.ndarray, w: np.ndarray, scale: np.ndarray, row_chunk: int = 256) -> np.ndarray:
+    """x (T, K) float64 times ternary values w (R, K) int8 with `scale` float32 (R or 1, nb), nb dividing K, in
+    the exact profile's group order (module docstring): float64 (T, R)."""
+    x = np.ascontiguousarray(x, dtype=np.float64)
+    t, k = x.shape
+    r = w.shape[0]
+    sc = np.asarray(scale, dtype=np.float32)
+    nb = sc.shape[1]
+    g = k // nb
+    out = np.zeros((t, r), np.float64)
+    for b in range(nb):
+        xc = _chunks(x[:, b * g:(b + 1) * g], g)
+        for r0 in range(0, r, row_chunk):
+            r1 = min(r0 + row_chunk, r)
+            wc = _chunks(w[r0:r1, b * g:(b + 1) * g].astype(np.float64), g)
+            s = np.zeros((t, r1 - r0, 1), np.float64)
+            for c in range(xc.shape[1]):
+                v = [x_n[:, None, :] * w_n[None, :, :] for x_n, w_n in zip(xc[:, c].transpose(1, 0, 2),
+                                                                          wc[:, c].transpose(1, 0, 2))]
+                groups = (v[0] + v[1]) + (v[2] + v[3])  # (T, R', 32), group m in order
+                # s + g0, (s + g0) + g1, ...: accumulate adds strictly left to right
+                s = np.add.accumulate(np.concatenate([s, groups], axis=2), axis=2)[:, :, -1:]
+            srow = sc[:, b] if sc.shape[0] == 1 else sc[r0:r1, b]
+            out[:, r0:r1] = out[:, r0:r1] + s[:, :, 0] * srow.astype(np.float64)
+    return out
+
+
+__all__ = ["CHUNK", "LANES", "ORDER_VERSION", "lane_dot", "ternary_dot"]

@@ -12,7 +12,7 @@ computes is integer-exact or bit-defined, so every result here equals the numpy 
 - `f16_matmul`: F16 rows (read in place) x float32 activations in ggml's float32 lane order (the F16 lm_head)
 - `attention_f16`: bitnet-cpp's attention over an f16 KV cache (ggml's non-flash float32 order; no fallback)
 - `layer_plan` / `bitnet_layer`: a whole decoder layer as the bitnet-cpp profile computes it, one call
-- `exact_matmul`: the exact profile's float64 products in `exact_sum.lane_dot`'s order, weights read packed
+- `exact_matmul`: the exact profile's float64 products in `exact_sum`'s order, weights read packed
 - `llama_layer_plan` / `llama_cpp_layer`: the same for the llama-cpp profile (TQ1_0/TQ2_0 x Q8_K as a GEMM, F16/F32
   weights, the F32-KV attention `attention_f32`); `f64_matmul`: its F16/F32 products (and lm_head)
 - `cos_sin`: the C library's cosf/sinf (ggml's RoPE angles)
@@ -282,7 +282,7 @@ EXACT_TYPES = {0: "f32", 1: "f16", 34: "tq1_0", 35: "tq2_0", 36: "i2_s"}  # ggml
 
 def exact_matmul(type_id: int, x, w, rows: int, scale=None) -> np.ndarray:
     """The exact profile's product: float64 (T, rows) = x (T, K) float64 times the rows of w, bit for bit
-    `exact_sum.lane_dot` (which computes it when the native kernels are unavailable). w: the tensor's stored
+    `exact_sum.ternary_dot` / `lane_dot` (which compute it when the native kernels are unavailable). w: the tensor's stored
     bytes (uint8, read in place: TQ1_0/TQ2_0/I2_S x86 packed, or F32/F16 rows); scale float32 (rows or 1, nb)
     for the ternary formats (nb = K/256 for TQ, 1 for I2_S)."""
     if type_id not in EXACT_TYPES:
@@ -307,14 +307,14 @@ def exact_matmul(type_id: int, x, w, rows: int, scale=None) -> np.ndarray:
     wb = _packed_u8(np.asarray(w).reshape(-1).view(np.uint8), nbytes, "exact_matmul")
     mod = _load()
     if mod is None:
-        from .exact_sum import lane_dot
+        from .exact_sum import lane_dot, ternary_dot
         from .formats.i2s import I2S_X86
 
         if ternary:
             f = I2S_X86 if type_id == 36 else fmt
             if type_id == 36:
                 wb = np.concatenate([wb, np.zeros(32, np.uint8)])  # the unpacker wants the scale tail
-            return lane_dot(a, f.unpack(wb, (rows, k)).values, sc)
+            return ternary_dot(a, f.unpack(wb, (rows, k)).values, sc)
         return lane_dot(a, fmt.decode(wb, (rows, k)).astype(np.float32))
     out = np.empty((t, rows), np.float64)
     rc = mod.lib.bk_exact_matmul(type_id, _ptr(mod, "double[]", a), t, k, _ptr(mod, "uint8_t[]", wb), rows,

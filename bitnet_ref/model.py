@@ -27,7 +27,7 @@ from . import device as _device
 from . import kernels
 from .config import LAYER_TENSORS, PROJECTIONS, ModelConfig
 from .errors import FormatError, model_error
-from .exact_sum import lane_dot
+from .exact_sum import lane_dot, ternary_dot
 from .formats import format_for
 from .formats.activations import QK_K, quantize_i8_s, quantize_q8_k_blocks
 from .formats.i2s import I2S_X86, QK_I2_S
@@ -389,8 +389,8 @@ class Model:
         return out
 
     def _mm_exact(self, x: np.ndarray, lin: Linear) -> np.ndarray:
-        """float64 products in exact_sum.lane_dot's order: bk_exact_matmul on the packed (or float) weights when
-        the kernels are loaded, else lane_dot on the unpacked values; the same bits either way."""
+        """float64 products in exact_sum's order (ternary_dot, lane_dot for float weights): bk_exact_matmul on the
+        packed (or float) weights when the kernels are loaded, else numpy on the unpacked values; the same bits."""
         dt = np.dtype(np.float64)
         if lin.ternary:
             quant = self.profile.quantizes(lin.fmt)
@@ -399,7 +399,7 @@ class Model:
             else:
                 values = lin.ternary_values()
                 a = self._quantized(x, values.shape[1]) if quant else x
-                out = lane_dot(a, values, lin.scale)
+                out = ternary_dot(a, values, lin.scale)
         else:
             a = x
             if lin.fmt == "f16" and self.profile.f16_acts_for_f16_weights:

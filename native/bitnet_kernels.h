@@ -71,7 +71,8 @@ int bk_attention_f16(const float *q, int64_t t, int64_t heads, int64_t kv_heads,
                      const uint16_t *vc, int64_t s_len, int64_t n_ctx, float *out, int nthreads);
 
 /* The exact profile's product (bk_exact.c): out (t, r) float64 = x (t, k) float64 times the rows of w in
- * bitnet_ref.exact_sum.lane_dot's order (8 lanes per scale block, a fixed lane tree, out += s * scale).
+ * bitnet_ref.exact_sum's order (ternary: 4-value groups added in order per scale block, out += s * scale;
+ * float rows: 8 lanes and a fixed lane tree).
  * type: ggml's id, 34 TQ1_0 / 35 TQ2_0 / 36 I2_S (x86) packed bytes, with scale (scale_rows x nb) float32
  * (scale_rows 1 or r; nb = k/256 for TQ, 1 for I2_S), or 0 F32 / 1 F16 row bytes (scale ignored).
  * BK_EBADK when k is not a multiple of the format's block, BK_EBADARG, BK_ENOMEM. */

@@ -1,5 +1,5 @@
 """The exact profile's products in C (kernels.exact_matmul, native/bk_exact.c) against their numpy definition
-(exact_sum.lane_dot): the same float64 bits for every format and ISA variant, and the whole exact-profile
+(exact_sum.ternary_dot, lane_dot): the same float64 bits for every format and ISA variant, and the whole exact-profile
 forward the same bits with and without the kernels, the ternary weights never unpacked by the native path."""
 
 from __future__ import annotations
@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 
 from bitnet_ref import kernels
-from bitnet_ref.exact_sum import lane_dot
+from bitnet_ref.exact_sum import lane_dot, ternary_dot
 from bitnet_ref.formats import get_format
 from bitnet_ref.formats.i2s import I2S_X86
 from bitnet_ref.model import Model
@@ -32,7 +32,7 @@ def same_bits(a, b) -> bool:
 
 def _case(fmt: str, t: int, r: int, k: int, rng):
     """activations spanning many binades (so that the order of the sums shows), weights in `fmt`: (x, stored
-    bytes, what lane_dot takes: values/weights and scale)"""
+    bytes, what the numpy definition takes: values/weights and scale)"""
     x = rng.standard_normal((t, k)) * np.exp2(rng.integers(-30, 30, (t, k)))
     if fmt in ("f32", "f16"):
         w = rng.standard_normal((r, k)).astype(np.float16 if fmt == "f16" else np.float32)
@@ -51,11 +51,13 @@ def _case(fmt: str, t: int, r: int, k: int, rng):
 @needs_native
 @pytest.mark.parametrize("isa", ISAS)
 @pytest.mark.parametrize("fmt", list(TYPES))
-def test_exact_matmul_equals_lane_dot(fmt, isa):
+def test_exact_matmul_equals_numpy_definition(fmt, isa):
     rng = np.random.default_rng(TYPES[fmt])
-    # tokens: 1 (decode), a tile's tail (3), more than a 32-token tile; rows not a multiple of 4 or 16; float
-    # rows with a k tail that is not a multiple of 8
-    shapes = [(1, 37, 512), (3, 21, 768), (35, 18, 256)]
+    # tokens: 1 (decode), a short tile (3), more than a tile with a padded tail (35), two full 16-token tiles;
+    # rows not a multiple of 4 or 8; float rows with a k tail that is not a multiple of 8
+    shapes = [(1, 37, 512), (3, 21, 768), (35, 18, 256), (32, 9, 512)]
+    if fmt == "i2_s":
+        shapes += [(6, 11, 384)]  # a last chunk of 128 values
     if fmt in ("f32", "f16"):
         shapes += [(5, 9, 300), (2, 5, 7)]
     assert kernels.set_isa(isa)
@@ -63,35 +65,82 @@ def test_exact_matmul_equals_lane_dot(fmt, isa):
         for t, r, k in shapes:
             x, data, w, scale = _case(fmt, t, r, k, rng)
             got = kernels.exact_matmul(TYPES[fmt], x, data, r, scale)
-            want = lane_dot(x, w, scale)
+            want = lane_dot(x, w) if scale is None else ternary_dot(x, w, scale)
             assert same_bits(got, want), (fmt, isa, t, r, k, np.max(np.abs(got - want)))
     finally:
         kernels.set_isa("auto")
 
 
-def test_lane_dot_is_the_defined_order():
-    """lane_dot is the order its docstring states (checked with plain Python floats), and stays within the
-    float64 error bound of the exactly rounded sum (math.fsum), as any summation order does."""
+def _error_bound(got, terms, n_adds):
+    """float64 error bound of any order of n_adds additions of `terms` against the exactly rounded sum"""
+    bound = (n_adds + 4) * 2.0**-53 * math.fsum(abs(v) for v in terms) * 1.0001
+    return abs(got - math.fsum(terms)) <= bound
+
+
+def test_ternary_dot_is_the_defined_order():
+    """ternary_dot is the order exact_sum's docstring states (checked with plain Python floats, including a scale
+    block padded to a multiple of 128 and a weight 2), and stays within the float64 error bound of the exactly
+    rounded sum (math.fsum), as any summation order does."""
     rng = np.random.default_rng(7)
-    k, nb = 512, 2
+    for k, nb in ((512, 2), (320, 2)):  # 320: blocks of 160 values, padded to 256
+        x = rng.standard_normal((2, k)) * np.exp2(rng.integers(-20, 20, (2, k)))
+        vals = rng.integers(-1, 2, (3, k)).astype(np.int8)
+        vals[1, 5] = 2
+        scale = rng.uniform(0.5, 2, (3, nb)).astype(np.float32)
+        got = ternary_dot(x, vals, scale)
+        g = k // nb
+        for i in range(2):
+            for r in range(3):
+                out = 0.0
+                for b in range(nb):
+                    def v(p, b=b, i=i, r=r):
+                        return float(vals[r, b * g + p]) * float(x[i, b * g + p]) if p < g else 0.0
+                    s = 0.0
+                    for c in range(-(-g // 128)):
+                        for m in range(32):
+                            p = 128 * c + m
+                            s = s + ((v(p) + v(p + 32)) + (v(p + 64) + v(p + 96)))
+                    out = out + s * float(scale[r, b])
+                assert got[i, r] == out
+                terms = [float(vals[r, j]) * float(x[i, j]) * float(scale[r, j // g]) for j in range(k)]
+                assert _error_bound(got[i, r], terms, g // 4 + 8)
+
+
+def test_lane_dot_is_the_defined_order():
+    """lane_dot (float weights) is its stated lane order, within the float64 error bound."""
+    rng = np.random.default_rng(8)
+    k = 301
     x = rng.standard_normal((2, k)) * np.exp2(rng.integers(-20, 20, (2, k)))
-    vals = rng.integers(-1, 2, (3, k)).astype(np.int8)
-    scale = rng.uniform(0.5, 2, (3, nb)).astype(np.float32)
-    got = lane_dot(x, vals, scale)
-    g = k // nb
+    w = rng.standard_normal((3, k)).astype(np.float32)
+    got = lane_dot(x, w)
     for i in range(2):
         for r in range(3):
-            out = 0.0
-            for b in range(nb):
-                lanes = [0.0] * 8
-                for p in range(g):
-                    lanes[p % 8] += float(vals[r, b * g + p]) * float(x[i, b * g + p])
-                s = ((lanes[0] + lanes[1]) + (lanes[2] + lanes[3])) + ((lanes[4] + lanes[5]) + (lanes[6] + lanes[7]))
-                out += s * float(scale[r, b])
+            lanes = [0.0] * 8
+            for p in range(k):
+                lanes[p % 8] += float(w[r, p]) * float(x[i, p])
+            out = ((lanes[0] + lanes[1]) + (lanes[2] + lanes[3])) + ((lanes[4] + lanes[5]) + (lanes[6] + lanes[7]))
             assert got[i, r] == out
-            terms = [float(vals[r, j]) * float(x[i, j]) * float(scale[r, j // g]) for j in range(k)]
-            bound = (g // 8 + 4) * 2.0**-53 * math.fsum(abs(v) for v in terms) * 1.0001
-            assert abs(got[i, r] - math.fsum(terms)) <= bound
+            assert _error_bound(got[i, r], [float(w[r, p]) * float(x[i, p]) for p in range(k)], k // 8 + 4)
+
+
+@needs_native
+@pytest.mark.parametrize("isa", ISAS)
+def test_exact_matmul_malformed_tq2_code(isa):
+    """A TQ2_0 code 3 (not written by ggml's quantizer; ggml reads it as the weight 2) leaves the kernel's tables
+    (81 ternary combinations): that row's block is summed directly, still the definition's bits."""
+    rng = np.random.default_rng(3)
+    x, data, vals, scale = _case("tq2_0", 17, 6, 512, rng)
+    data = data.copy()
+    data[66 * 3 + 5] |= 0xC0  # row 1, block 1: code 3 at bits 6-7 of qs[5]
+    vals = get_format("tq2_0").unpack(data, (6, 512)).values
+    assert vals.max() == 2
+    assert kernels.set_isa(isa)
+    try:
+        for t in (1, 3, 17):
+            got = kernels.exact_matmul(35, x[:t], data, 6, scale)
+            assert same_bits(got, ternary_dot(x[:t], vals, scale)), (isa, t)
+    finally:
+        kernels.set_isa("auto")
 
 
 def _run(path, ids):
