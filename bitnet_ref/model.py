@@ -224,8 +224,9 @@ class Model:
         self._embd_fmt = embd_fmt
         self.dtype = np.dtype(profile.math)
         self._row_bytes = self._embedding_row_bytes()
-        # the F16 lm_head the native kernels read once per token: held in process memory (see resident_copy)
-        self._embd_bytes = gf.resident_copy(embd_info) if self._native_lm_head_applies() else None
+        # the F16/F32 lm_head the native kernels read once per token: held in process memory (see resident_copy)
+        native_head = self._native_lm_head_applies() or self._exact_lm_head_native()
+        self._embd_bytes = gf.resident_copy(embd_info) if native_head else None
         self._plans_checked, self._plans = False, None  # see _layer_plans
         self._rope_table = None  # ggml RoPE: (cos, sin) of positions 0 .. len - 1, see _rope_angles
         # BITNET_DEVICE: where the I2_S decode products run (bitnet_ref/device.py; CUDA untested on hardware)
@@ -490,11 +491,16 @@ class Model:
                 out[:, start:stop] = h @ self._embedding_rows(start, stop).T.astype(dt)
         return out
 
+    def _exact_lm_head_native(self) -> bool:
+        """whether the exact profile's lm_head runs in bk_exact_matmul (F32/F16 rows read in place)"""
+        return (not self.profile.ggml_cpu and self.dtype == np.float64 and self._embd_fmt.name in ("f32", "f16")
+                and self._row_bytes is not None and kernels.available())
+
     def _lm_head_exact(self, h: np.ndarray) -> np.ndarray:
         """float64 logits in exact_sum.lane_dot's order, rounded to float32: bk_exact_matmul reads F32/F16
         rows in place; lane_dot on decoded chunks of rows otherwise (no kernels, BF16)."""
         fmt = self._embd_fmt.name
-        if fmt in ("f32", "f16") and self._row_bytes is not None and kernels.available():
+        if self._exact_lm_head_native():
             data = self._embd_bytes if self._embd_bytes is not None else self._gf.tensor_bytes(self._embd)
             return kernels.exact_matmul(1 if fmt == "f16" else 0, h, data, self.cfg.vocab).astype(np.float32)
         out = np.empty((h.shape[0], self.cfg.vocab), dtype=np.float32)

@@ -118,27 +118,55 @@ static inline __attribute__((always_inline)) int group_indices(const exact_ctx *
     return 0;
 }
 
-/* tab[(j * 81 + i) * TT + u] = ((v0 + v1) + (v2 + v3)) for group j of the chunk at k0 and token u of the tile,
- * v_n = (d_n - 1) * x[u][p_n], i = d0 + 3 d1 + 9 d2 + 27 d3 = i01 + 9 i23. Tokens past nt get x = +0.0. */
+/* 8 tokens' sums: one zmm, two ymm or four xmm, whatever the ISA has; the same IEEE operations lane by lane */
+typedef double v8d __attribute__((vector_size(64), aligned(8)));
+
+/* tab[(j * 81 + i) * TT + u] = ((v0 + v1) + (v2 + v3)) for group j of the values from k0 and token u of the tile,
+ * v_n = (d_n - 1) * x[u][p_n], i = d0 + 3 d1 + 9 d2 + 27 d3 = i01 + 9 i23. Tokens past nt get x = +0.0. xt: a
+ * buffer for the tile's values of one chunk, token-minor (CH x TT). */
 static inline __attribute__((always_inline)) void build_table(const double *x, int64_t xs, int nt, int64_t k0,
-                                                               int ng, double *tab, const int TT) {
+                                                               int ng, double *tab, double *xt, const int TT) {
     for (int j = 0; j < ng; j++) {
         int64_t p = k0 + 128 * (j / 32) + j % 32;
-        double v[4][3][TT], p01[9][TT], p23[9][TT];
-        for (int q = 0; q < 4; q++)
-            for (int u = 0; u < TT; u++) {
-                double xv = u < nt ? x[u * xs + p + 32 * q] : 0.0;
-                for (int d = 0; d < 3; d++) v[q][d][u] = (double)(d - 1) * xv;
-            }
-        for (int i = 0; i < 9; i++)
-            for (int u = 0; u < TT; u++) {
-                p01[i][u] = v[0][i % 3][u] + v[1][i / 3][u];
-                p23[i][u] = v[2][i % 3][u] + v[3][i / 3][u];
-            }
+        if (j % NG == 0) /* a new chunk: its values token-minor */
+            for (int o = 0; o < CH && p + o < k0 + 4 * (int64_t)ng; o++)
+                for (int u = 0; u < TT; u++) xt[o * TT + u] = u < nt ? x[u * xs + p + o] : 0.0;
+        const double *xj = xt + (128 * (j % NG / 32) + j % 32) * TT;
         double *tj = tab + (size_t)j * NIDX * TT;
-        for (int i23 = 0; i23 < 9; i23++)
-            for (int i01 = 0; i01 < 9; i01++)
-                for (int u = 0; u < TT; u++) tj[(i01 + 9 * i23) * TT + u] = p01[i01][u] + p23[i23][u];
+        if (TT >= 8) {
+            const int NV = TT / 8;
+            for (int v = 0; v < NV; v++) {
+                v8d w[4][3], p01[9], p23[9];
+                for (int q = 0; q < 4; q++) {
+                    v8d xv;
+                    memcpy(&xv, xj + 32 * q * TT + 8 * v, sizeof xv);
+                    w[q][0] = xv * -1.0;
+                    w[q][1] = xv * 0.0;
+                    w[q][2] = xv * 1.0;
+                }
+                for (int i = 0; i < 9; i++) {
+                    p01[i] = w[0][i % 3] + w[1][i / 3];
+                    p23[i] = w[2][i % 3] + w[3][i / 3];
+                }
+                for (int i23 = 0; i23 < 9; i23++)
+                    for (int i01 = 0; i01 < 9; i01++) {
+                        v8d e = p01[i01] + p23[i23];
+                        memcpy(tj + (i01 + 9 * i23) * TT + 8 * v, &e, sizeof e);
+                    }
+            }
+            continue;
+        }
+        for (int u = 0; u < TT; u++) {
+            double w[4][3], p01[9], p23[9];
+            for (int q = 0; q < 4; q++)
+                for (int d = 0; d < 3; d++) w[q][d] = (double)(d - 1) * xj[32 * q * TT + u];
+            for (int i = 0; i < 9; i++) {
+                p01[i] = w[0][i % 3] + w[1][i / 3];
+                p23[i] = w[2][i % 3] + w[3][i / 3];
+            }
+            for (int i23 = 0; i23 < 9; i23++)
+                for (int i01 = 0; i01 < 9; i01++) tj[(i01 + 9 * i23) * TT + u] = p01[i01] + p23[i23];
+        }
     }
 }
 
@@ -155,8 +183,26 @@ static void group_sums_direct(const uint8_t *dig, const double *x, int64_t xs, i
     (void)TT;
 }
 
-/* 8 tokens' sums: one zmm, two ymm or four xmm, whatever the ISA has; the same IEEE additions lane by lane */
-typedef double v8d __attribute__((vector_size(64), aligned(8)));
+/* add_groups for one token and 8 rows: 8 scalar sums, each entry loaded and added on its own. Kept out of the
+ * vectorizer: it would pack the 8 rows' entries into one vector element by element, which is slower. */
+#pragma GCC push_options
+#pragma GCC optimize("no-tree-slp-vectorize", "no-tree-loop-vectorize")
+__attribute__((noinline)) static void add_groups_1x8(const double *tab, const uint8_t *idx, int ng, double *acc) {
+    double a0 = acc[0], a1 = acc[1], a2 = acc[2], a3 = acc[3], a4 = acc[4], a5 = acc[5], a6 = acc[6], a7 = acc[7];
+    for (int j = 0; j < ng; j++) {
+        const double *t = tab + (size_t)j * NIDX;
+        a0 += t[idx[j]];
+        a1 += t[idx[NG + j]];
+        a2 += t[idx[2 * NG + j]];
+        a3 += t[idx[3 * NG + j]];
+        a4 += t[idx[4 * NG + j]];
+        a5 += t[idx[5 * NG + j]];
+        a6 += t[idx[6 * NG + j]];
+        a7 += t[idx[7 * NG + j]];
+    }
+    acc[0] = a0, acc[1] = a1, acc[2] = a2, acc[3] = a3, acc[4] = a4, acc[5] = a5, acc[6] = a6, acc[7] = a7;
+}
+#pragma GCC pop_options
 
 /* acc (RP rows x TT tokens, row-major) += the table entries of the rows' groups [0, ng), group by group; the
  * accumulators live in registers (RP x TT / 8 vectors, or RP x TT scalars) for the whole run */
@@ -188,6 +234,10 @@ static inline __attribute__((always_inline)) void add_groups(const double *tab, 
             for (int v = 0; v < NV; v++) memcpy(acc + i * TT + 8 * v, &a[i][v], sizeof(v8d));
         return;
     }
+    if (TT == 1 && RP == 8) {
+        add_groups_1x8(tab, idx, ng, acc);
+        return;
+    }
     double a[RP][TT];
 #pragma GCC unroll 8
     for (int i = 0; i < RP; i++)
@@ -208,39 +258,97 @@ static inline __attribute__((always_inline)) void add_groups(const double *tab, 
         for (int u = 0; u < TT; u++) acc[i * TT + u] = a[i][u];
 }
 
-/* Rows [r0, r1) over the values [ks, ks + span) (whole chunks; tab holds their groups' tables from ks on), RP
- * rows at a time: a row's block sum s goes on in acc_st, and at the end of its scale block into out_st
- * (both row-major, TT a row, rows counted from r0). */
+/* where row `row`'s packed bytes for the chunk at k0 start (the 54, 64 or 66 bytes group_indices reads) */
+static inline __attribute__((always_inline)) const uint8_t *chunk_bytes(const exact_ctx *c, int64_t row, int64_t k0) {
+    if (c->type == BK_I2_S) return c->w + (row * c->k + k0) / 4;
+    return c->w + (row * (c->k / QK_K) + k0 / QK_K) * (c->type == BK_TQ2_0 ? 66 : 54);
+}
+
+#define RB 64 /* rows a block */
+#ifndef PFD
+#define PFD RB
+#endif
+
+/* Per-thread buffers of the ternary path, carved from one scratch allocation */
+typedef struct {
+    double *tab;    /* the span's tables: (span / 4) groups x 81 x TT */
+    double *acc;    /* block sums in progress, a row's TT at (row - r0) * TT, rows padded to 8 */
+    double *out;    /* the outputs, laid out as acc */
+    double *start;  /* RB x TT: acc of the rows with a malformed weight, at the start of a chunk */
+    uint8_t *idx;   /* RB x NG group indices of the block's chunk */
+    uint8_t *dig;   /* RB x CH digits, for those rows */
+    double *xt;     /* CH x TT: a chunk of the tile's activations, token-minor */
+} ternary_bufs;
+
+/* values a table covers: one chunk for a tile of tokens; the whole row for one token (81 doubles a group) */
+static int64_t table_span(int64_t k, int TT) { return TT == 1 ? k : CH; }
+
+static size_t ternary_scratch(int64_t k, int64_t rows, int TT) {
+    size_t padded = (size_t)(rows + 7) / 8 * 8;
+    return ((size_t)table_span(k, TT) / 4 * NIDX * TT + 2 * padded * TT + (RB + CH) * (size_t)TT) * sizeof(double) +
+           RB * (NG + CH);
+}
+
+static ternary_bufs ternary_carve(char *buf, int64_t k, int64_t rows, int TT) {
+    size_t padded = (size_t)(rows + 7) / 8 * 8;
+    ternary_bufs b;
+    b.tab = (double *)(void *)buf;
+    b.acc = b.tab + (size_t)table_span(k, TT) / 4 * NIDX * TT;
+    b.out = b.acc + padded * TT;
+    b.start = b.out + padded * TT;
+    b.xt = b.start + RB * TT;
+    b.idx = (uint8_t *)(b.xt + CH * TT);
+    b.dig = b.idx + RB * NG;
+    return b;
+}
+
+/* Rows [r0, r1) over the values [ks, ks + span) (whole chunks; bf.tab holds their groups' tables from ks on): a
+ * row's block sum s goes on in bf.acc, and at the end of its scale block into bf.out. Blocks of RB rows go
+ * chunk by chunk (the next block's bytes prefetched meanwhile); within a chunk, slices of SG groups go through
+ * the block's rows RP at a time, so that the slice's tables stay in L1 while the rows use them. */
 static inline __attribute__((always_inline)) void add_span(const exact_ctx *c, int64_t r0, int64_t r1, int64_t ks,
-                                                            int64_t span, const double *tab, const double *x, int nt,
-                                                            double *acc_st, double *out_st, uint8_t *idx,
-                                                            uint8_t *dig, const int TT, const int RP) {
+                                                            int64_t span, const double *x, int nt,
+                                                            const ternary_bufs *bf, const int TT, const int RP,
+                                                            const int SG) {
     const int64_t g = c->k / c->nb;
-    for (int64_t p0 = r0; p0 < r1; p0 += RP) {
-        int np = r1 - p0 < RP ? (int)(r1 - p0) : RP;
-        double *acc = acc_st + (p0 - r0) * TT;
+    for (int64_t b0 = r0; b0 < r1; b0 += RB) {
+        int nb_rows = r1 - b0 < RB ? (int)(r1 - b0) : RB;
+        int panels = (nb_rows + RP - 1) / RP;
         for (int64_t k0 = ks; k0 < ks + span; k0 += CH) {
-            int n = c->k - k0 < CH ? (int)(c->k - k0) : CH;
-            int bad[RP], any_bad = 0;
-            for (int i = 0; i < RP; i++) { /* rows past r1 repeat the last one (their sums are dropped) */
-                bad[i] = group_indices(c, p0 + (i < np ? i : np - 1), k0, n, idx + i * NG, dig + i * CH);
+            int n = c->k - k0 < CH ? (int)(c->k - k0) : CH, ng = n / 4;
+            for (int i = 0; i < RB && b0 + RB + i < r1; i++) {
+                const uint8_t *nx = chunk_bytes(c, b0 + RB + i, k0);
+                __builtin_prefetch(nx);
+                __builtin_prefetch(nx + 63);
+            }
+            double *acc = bf->acc + (b0 - r0) * TT;
+            int bad[RB], any_bad = 0;
+            for (int i = 0; i < panels * RP; i++) { /* rows past r1 repeat the last one (their sums are dropped) */
+#ifndef NOIDX
+                bad[i] = group_indices(c, b0 + (i < nb_rows ? i : nb_rows - 1), k0, n, bf->idx + i * NG,
+                                       bf->dig + i * CH);
+#else
+                bad[i] = 0;
+#endif
                 any_bad |= bad[i];
             }
-            if (k0 % g == 0) memset(acc, 0, sizeof(double) * RP * TT);
-            double start[RP * TT];
-            if (any_bad) memcpy(start, acc, sizeof start);
-            add_groups(tab + (size_t)(k0 - ks) / 4 * NIDX * TT, idx, n / 4, acc, TT, RP);
-            for (int i = 0; i < np; i++)
+            if (k0 % g == 0) memset(acc, 0, sizeof(double) * panels * RP * TT);
+            if (any_bad) memcpy(bf->start, acc, sizeof(double) * nb_rows * TT);
+            for (int s0 = 0; s0 < ng; s0 += SG)
+                for (int p = 0; p < panels; p++)
+                    add_groups(bf->tab + ((size_t)(k0 - ks) / 4 + s0) * NIDX * TT, bf->idx + p * RP * NG + s0,
+                               ng - s0 < SG ? ng - s0 : SG, acc + p * RP * TT, TT, RP);
+            for (int i = 0; i < nb_rows; i++)
                 if (bad[i]) {
-                    memcpy(acc + i * TT, start + i * TT, sizeof(double) * TT);
-                    group_sums_direct(dig + i * CH, x, c->k, nt, k0, n / 4, acc + i * TT, TT);
+                    memcpy(acc + i * TT, bf->start + i * TT, sizeof(double) * TT);
+                    group_sums_direct(bf->dig + i * CH, x, c->k, nt, k0, ng, acc + i * TT, TT);
                 }
             if ((k0 + n) % g) continue;
             int64_t b = k0 / g; /* the end of scale block b */
-            for (int i = 0; i < np; i++) {
-                int64_t srow = c->scale_rows == 1 ? 0 : p0 + i;
+            for (int i = 0; i < nb_rows; i++) {
+                int64_t srow = c->scale_rows == 1 ? 0 : b0 + i;
                 double sc = (double)c->scale[srow * c->nb + b];
-                double *o = out_st + (p0 - r0 + i) * TT;
+                double *o = bf->out + (b0 - r0 + i) * TT;
                 for (int u = 0; u < TT; u++) {
                     double prod = acc[i * TT + u] * sc;
                     o[u] = (b == 0 ? 0.0 : o[u]) + prod;
@@ -250,58 +358,137 @@ static inline __attribute__((always_inline)) void add_span(const exact_ctx *c, i
     }
 }
 
-/* values a table covers: one chunk for a tile of tokens (the table stays in L2); the whole row for one token
- * (81 doubles a group: the rows are then read front to back, once) */
-static int64_t table_span(int64_t k, int TT) { return TT == 1 ? k : CH; }
-
-/* the scratch one thread needs for tiles of TT tokens over `rows` rows */
-static size_t ternary_scratch(int64_t k, int64_t rows, int TT) {
-    int64_t padded = (rows + 7) / 8 * 8;
-    return ((size_t)table_span(k, TT) / 4 * NIDX * TT + 2 * (size_t)padded * TT) * sizeof(double) + 8 * (NG + CH);
-}
-
 /* One tile of TT tokens (nt real, starting at t0) through rows [r0, r1) of this thread */
 static inline __attribute__((always_inline)) void ternary_tile(exact_ctx *c, int64_t r0, int64_t r1, int64_t t0,
-                                                                int nt, char *buf, const int TT, const int RP) {
-    int64_t padded = (r1 - r0 + 7) / 8 * 8, span = table_span(c->k, TT);
-    double *tab = (double *)(void *)buf;
-    double *acc_st = tab + (size_t)span / 4 * NIDX * TT;
-    double *out_st = acc_st + padded * TT;
-    uint8_t *idx = (uint8_t *)(out_st + padded * TT);
-    uint8_t *dig = idx + 8 * NG;
+                                                                int nt, char *buf, const int TT, const int RP,
+                                                                const int SG) {
+    int64_t span = table_span(c->k, TT);
+    ternary_bufs bf = ternary_carve(buf, c->k, r1 - r0, TT);
     const double *x = c->x + t0 * c->k;
     for (int64_t ks = 0; ks < c->k; ks += span) {
         int64_t n = c->k - ks < span ? c->k - ks : span;
-        build_table(x, c->k, nt, ks, (int)(n / 4), tab, TT);
-        add_span(c, r0, r1, ks, n, tab, x, nt, acc_st, out_st, idx, dig, TT, RP);
+#ifndef NOBUILD
+        build_table(x, c->k, nt, ks, (int)(n / 4), bf.tab, bf.xt, TT);
+#endif
+        add_span(c, r0, r1, ks, n, x, nt, &bf, TT, RP, SG);
     }
     for (int u = 0; u < nt; u++)
-        for (int64_t i = 0; i < r1 - r0; i++) c->out[(t0 + u) * c->r + r0 + i] = out_st[i * TT + u];
+        for (int64_t i = 0; i < r1 - r0; i++) c->out[(t0 + u) * c->r + r0 + i] = bf.out[i * TT + u];
 }
 
+#ifdef BK_X86
+/* ---------------------------------------------------------------- one token on AVX-512 (TQ2_0, I2_S): 8 rows a vector
+ * A byte holds a group's 4 codes, two to a nibble. For each group, two 16-entry tables hold the pair sums
+ * v0 + v1 and v2 + v3 of every code pair (v = value(code) * x; TQ2_0's code 3 is the value 2, I2_S's 0), and
+ * one vpermi2pd per nibble picks 8 rows' pair sums at once: the group sum is their sum, the definition's
+ * ((v0 + v1) + (v2 + v3)) with the same bits as the 81-entry tables. Each 8 rows' code bytes come in by one
+ * gather per 8 groups (a qword of each row); the nibbles are its bytes shifted down (vpermi2pd reads the
+ * index's low 4 bits). */
+
+/* pairs[32 j ..]: group j's table of (v0 + v1) then of (v2 + v3), 16 each, slot = the nibble that holds the pair */
+static void pair_tables(const exact_ctx *c, const double *x, double *pairs) {
+    const int i2s = c->type == BK_I2_S;
+    for (int64_t j = 0; j < c->k / 4; j++) {
+        const double *xp = x + 128 * (j / 32) + j % 32;
+        double *t = pairs + 32 * j;
+        for (int a = 0; a < 4; a++)     /* the pair's first code (value n = 0 or 2) */
+            for (int b = 0; b < 4; b++) { /* its second (n = 1 or 3) */
+                /* TQ2_0: value n at bits 2n (first code low); I2_S: at bits 6 - 2n (first code high) */
+                int slot = i2s ? (a << 2 | b) : (a | b << 2);
+                double va = i2s && a == 3 ? 0.0 : (double)(a - 1), vb = i2s && b == 3 ? 0.0 : (double)(b - 1);
+                double v0 = va * xp[0], v1 = vb * xp[32], v2 = va * xp[64], v3 = vb * xp[96];
+                t[slot] = v0 + v1;
+                t[16 + slot] = v2 + v3;
+            }
+    }
+}
+
+__attribute__((target(BK_VNNI_TARGET))) static void one_token512(const exact_ctx *c, int64_t r0, int64_t r1,
+                                                                  const double *pairs, double *acc_st) {
+    const int64_t k = c->k, g = k / c->nb;
+    const int i2s = c->type == BK_I2_S;
+    for (int64_t b0 = r0; b0 < r1; b0 += RB) {
+        int64_t b1 = r1 - b0 < RB ? r1 : b0 + RB;
+        for (int64_t k0 = 0; k0 < k; k0 += CH) {
+            int nq = (k - k0 < CH ? (int)(k - k0) : CH) / 32; /* qwords of a row's chunk: 8 groups each */
+            const double *pk = pairs + 32 * (k0 / 4);
+            for (int64_t p0 = b0; p0 < b1; p0 += 8) {
+                int np = b1 - p0 < 8 ? (int)(b1 - p0) : 8;
+                int64_t off[8]; /* rows past b1 repeat the last one (their sums are dropped) */
+                for (int i = 0; i < 8; i++) off[i] = chunk_bytes(c, p0 + (i < np ? i : np - 1), k0) - c->w;
+                for (int i = 0; i < 8 && p0 + PFD + i < r1; i++) { /* the same rows of the next block */
+                    const uint8_t *nx = chunk_bytes(c, p0 + PFD + i, k0);
+                    __builtin_prefetch(nx);
+                    __builtin_prefetch(nx + 63);
+                }
+                __m512i vo = _mm512_loadu_si512((const void *)off);
+                __m512d a = k0 % g == 0 ? _mm512_setzero_pd() : _mm512_loadu_pd(acc_st + (p0 - r0));
+                for (int q = 0; q < nq; q++) {
+                    __m512i codes = _mm512_i64gather_epi64(vo, (const void *)(c->w + 8 * q), 1);
+                    const double *pq = pk + 32 * 8 * q;
+                    for (int s = 0; s < 8; s++) {
+                        __m512i lo = _mm512_srli_epi64(codes, 8 * s), hi = _mm512_srli_epi64(codes, 8 * s + 4);
+                        const double *t = pq + 32 * s;
+                        __m512d first = _mm512_permutex2var_pd(_mm512_loadu_pd(t), i2s ? hi : lo, _mm512_loadu_pd(t + 8));
+                        __m512d second = _mm512_permutex2var_pd(_mm512_loadu_pd(t + 16), i2s ? lo : hi,
+                                                                _mm512_loadu_pd(t + 24));
+                        a = _mm512_add_pd(a, _mm512_add_pd(first, second));
+                    }
+                }
+                _mm512_storeu_pd(acc_st + (p0 - r0), a);
+                if ((k0 + nq * 32) % g) continue;
+                int64_t b = k0 / g; /* the end of scale block b */
+                for (int i = 0; i < np; i++) {
+                    int64_t srow = c->scale_rows == 1 ? 0 : p0 + i;
+                    double prod = acc_st[p0 - r0 + i] * (double)c->scale[srow * c->nb + b];
+                    c->out[p0 + i] = (b == 0 ? 0.0 : c->out[p0 + i]) + prod;
+                }
+            }
+        }
+    }
+}
+#endif
+
+#ifndef SG16
+#define SG16 4
+#endif
+#ifndef PTT
+#define PTT 16
+#endif
+#ifndef PRP
+#define PRP 4
+#endif
 /* tokens in tiles of 16, the last one padded; a tail of 2-4 tokens in a tile of 4, one token alone */
 static inline __attribute__((always_inline)) void ternary_body(exact_ctx *c, int ith, int nth) {
     int64_t r0, r1;
     row_range(c->r, 8, ith, nth, &r0, &r1);
     if (r0 >= r1) return;
     int64_t t = c->t;
-    size_t bytes = ternary_scratch(c->k, r1 - r0, 1), b16 = ternary_scratch(c->k, r1 - r0, 16);
+    size_t bytes = ternary_scratch(c->k, r1 - r0, 1), b16 = ternary_scratch(c->k, r1 - r0, PTT);
     char *buf = bk_scratch(BK_SCRATCH_GEMM, t > 1 && b16 > bytes ? b16 : bytes);
     if (!buf) {
         c->fail = 1;
         return;
     }
+#ifdef BK_X86
+    if (t == 1 && c->isa == ISA_VNNI && (c->type == BK_TQ2_0 || c->type == BK_I2_S)) {
+        double *pairs = (double *)(void *)buf, *acc_st = pairs + 8 * c->k;
+        pair_tables(c, c->x, pairs);
+        one_token512(c, r0, r1, pairs, acc_st);
+        return;
+    }
+#endif
     for (int64_t t0 = 0; t0 < t;) {
         int64_t left = t - t0;
         if (left > 4) {
-            int nt = left < 16 ? (int)left : 16;
-            ternary_tile(c, r0, r1, t0, nt, buf, 16, 4);
+            int nt = left < PTT ? (int)left : PTT;
+            ternary_tile(c, r0, r1, t0, nt, buf, PTT, PRP, SG16);
             t0 += nt;
         } else if (left > 1) {
-            ternary_tile(c, r0, r1, t0, (int)left, buf, 4, 4);
+            ternary_tile(c, r0, r1, t0, (int)left, buf, 4, 4, 16);
             t0 += left;
         } else {
-            ternary_tile(c, r0, r1, t0, 1, buf, 1, 8);
+            ternary_tile(c, r0, r1, t0, 1, buf, 1, 8, 32);
             t0 += 1;
         }
     }
