@@ -24,7 +24,12 @@ Float weights (`lane_dot`: F32/F16 rows, the lm_head):
     lane[0..8) = 0;  lane[p % 8] += w[p] * x[p]  for p = 0, 1, ..., K - 1, in order
     out = ((lane0 + lane1) + (lane2 + lane3)) + ((lane4 + lane5) + (lane6 + lane7))
 
-Both are still the mathematical definition: float64 products and sums of the float64 activations, no
+Attention (`attention_scores`, `attention_values`; query head h reads KV head h // (heads / kv_heads)):
+
+    score[h, i, s] = q[i, h] . k[s, h // g]  as lane_dot: 8 lanes over the head dimension, folded
+    out[i, h, :] = +0.0;  out[i, h, :] = out[i, h, :] + w[h, i, s] * v[s, h // g, :]  for s = 0, 1, ..., in order
+
+All are still the mathematical definition: float64 products and sums of the float64 activations, no
 quantization; only the association of the sums is fixed (it differs from another order by a few float64 ulp of
 the sum of |terms|, far below any float32 result).
 """
@@ -97,4 +102,33 @@ def ternary_dot(x: np.ndarray, w: np.ndarray, scale: np.ndarray, row_chunk: int 
     return out
 
 
-__all__ = ["CHUNK", "LANES", "ORDER_VERSION", "lane_dot", "ternary_dot"]
+def attention_scores(q: np.ndarray, k: np.ndarray) -> np.ndarray:
+    """q (T, H, d) float64, k (S, KV, d) (float32 or float64) -> float64 (H, T, S): lane_dot of each query head
+    with its KV head's keys."""
+    t, h, d = q.shape
+    kvh = k.shape[1]
+    g = h // kvh
+    out = np.empty((h, t, k.shape[0]), np.float64)
+    for kv in range(kvh):
+        rows = np.ascontiguousarray(q[:, kv * g:(kv + 1) * g].transpose(1, 0, 2), dtype=np.float64).reshape(g * t, d)
+        out[kv * g:(kv + 1) * g] = lane_dot(rows, k[:, kv, :]).reshape(g, t, -1)
+    return out
+
+
+def attention_values(w: np.ndarray, v: np.ndarray, token_chunk: int = 64) -> np.ndarray:
+    """w (H, T, S) float64, v (S, KV, d) (float32 or float64) -> float64 (T, H, d): each head's V rows weighted by
+    w and added in key order, starting at +0.0."""
+    h, t, s = w.shape
+    kvh, d = v.shape[1], v.shape[2]
+    g = h // kvh
+    out = np.empty((t, h, d), np.float64)
+    for hh in range(h):
+        vk = v[:, hh // g, :].astype(np.float64)
+        for t0 in range(0, t, token_chunk):
+            wt = w[hh, t0:t0 + token_chunk]
+            terms = np.concatenate([np.zeros((wt.shape[0], 1, d)), wt[:, :, None] * vk[None]], axis=1)
+            out[t0:t0 + token_chunk, hh] = np.add.accumulate(terms, axis=1)[:, -1]  # left to right
+    return out
+
+
+__all__ = ["CHUNK", "LANES", "ORDER_VERSION", "attention_scores", "attention_values", "lane_dot", "ternary_dot"]

@@ -324,6 +324,54 @@ def exact_matmul(type_id: int, x, w, rows: int, scale=None) -> np.ndarray:
     return out
 
 
+def _exact_attention_args(name: str, a, cache, s_len: int):
+    mod = _load()
+    c = np.asarray(cache)
+    if c.ndim != 3 or c.shape[0] < s_len or s_len < 1:
+        raise ValueError(f"{name}: the cache must be (>= {s_len}, kv_heads, d), got {c.shape}")
+    return mod, np.ascontiguousarray(a, dtype=np.float64), c
+
+
+def exact_scores(q, kc, s_len: int) -> np.ndarray:
+    """The exact profile's attention scores: float64 (heads, T, s_len) = q (T, heads, d) float64 against the
+    first s_len keys of kc (positions, kv_heads, d), in `exact_sum.attention_scores`' order (which computes them
+    when the native kernels are unavailable); a float32 cache is read in place."""
+    mod, a, c = _exact_attention_args("exact_scores", q, kc, s_len)
+    if a.ndim != 3 or c.shape[2] != a.shape[2] or a.shape[1] % c.shape[1]:
+        raise ValueError(f"exact_scores: q {a.shape} does not fit the cache {c.shape}")
+    if mod is None or c.dtype != np.float32:
+        from .exact_sum import attention_scores
+
+        return attention_scores(a, c[:s_len])
+    t, heads, d = a.shape
+    kc32 = np.ascontiguousarray(c[:s_len])
+    out = np.empty((heads, t, s_len), np.float64)
+    rc = mod.lib.bk_exact_scores(_ptr(mod, "double[]", a), t, heads, c.shape[1], d, _ptr(mod, "float[]", kc32), s_len,
+                                 _ptr(mod, "double[]", out), threads())
+    _check(rc, "exact_scores", d, 1)
+    return out
+
+
+def exact_values(w, vc, s_len: int) -> np.ndarray:
+    """The exact profile's attention output: float64 (T, heads, d) = the weights w (heads, T, s_len) float64
+    times the first s_len rows of vc (positions, kv_heads, d), in `exact_sum.attention_values`' order."""
+    mod, a, c = _exact_attention_args("exact_values", w, vc, s_len)
+    if a.ndim != 3 or a.shape[2] != s_len or a.shape[0] % c.shape[1]:
+        raise ValueError(f"exact_values: w {a.shape} does not fit the cache {c.shape} over {s_len} positions")
+    if mod is None or c.dtype != np.float32:
+        from .exact_sum import attention_values
+
+        return attention_values(a, c[:s_len])
+    heads, t, _ = a.shape
+    d = c.shape[2]
+    vc32 = np.ascontiguousarray(c[:s_len])
+    out = np.empty((t, heads, d), np.float64)
+    rc = mod.lib.bk_exact_values(_ptr(mod, "double[]", a), t, heads, c.shape[1], d, _ptr(mod, "float[]", vc32), s_len,
+                                 _ptr(mod, "double[]", out), threads())
+    _check(rc, "exact_values", d, 1)
+    return out
+
+
 F16_VEC_DOT, F16_GEMM = 0, 1
 F16_MODES = {"vec_dot": F16_VEC_DOT, "gemm": F16_GEMM}
 
@@ -587,5 +635,5 @@ def llama_cpp_layer(plan: LayerPlan, x: np.ndarray, s_len: int, kc: np.ndarray, 
 
 
 __all__ = ["active", "attention_f16", "attention_f32", "available", "bitnet_layer", "cos_sin", "exact_matmul",
-           "f16_matmul", "f64_matmul", "i2s_raw", "layer_plan", "llama_cpp_layer", "llama_layer_plan", "reload",
+           "exact_scores", "exact_values", "f16_matmul", "f64_matmul", "i2s_raw", "layer_plan", "llama_cpp_layer", "llama_layer_plan", "reload",
            "quantize_i8_s", "quantize_q8_k_blocks", "set_isa", "tq_dot", "tq_lanes", "unavailable_reason"]

@@ -223,6 +223,8 @@ class Model:
         self._embd = embd_info
         self._embd_fmt = embd_fmt
         self.dtype = np.dtype(profile.math)
+        # the exact profile: float64 math in exact_sum's defined orders (products and attention)
+        self._exact_math = not profile.ggml_cpu and self.dtype == np.float64
         self._row_bytes = self._embedding_row_bytes()
         # the F16/F32 lm_head the native kernels read once per token: held in process memory (see resident_copy)
         native_head = self._native_lm_head_applies() or self._exact_lm_head_native()
@@ -368,7 +370,7 @@ class Model:
         dt = self.dtype
         if self.profile.ggml_cpu:
             return self._mm_ggml(x, lin)
-        if dt == np.float64:  # the products' defined order (exact_sum), in C where the kernels are loaded
+        if self._exact_math:  # the products' defined order (exact_sum), in C where the kernels are loaded
             return self._mm_exact(x, lin)
         if lin.ternary:
             values = lin.ternary_values()
@@ -472,7 +474,7 @@ class Model:
         native = self._lm_head_native(h)
         if native is not None:
             return native
-        if not p.ggml_cpu and dt == np.float64:
+        if self._exact_math:
             return self._lm_head_exact(h)
         out = np.empty((h.shape[0], self.cfg.vocab), dtype=np.float32)
         for start in range(0, self.cfg.vocab, LM_HEAD_CHUNK_ROWS):
@@ -493,8 +495,8 @@ class Model:
 
     def _exact_lm_head_native(self) -> bool:
         """whether the exact profile's lm_head runs in bk_exact_matmul (F32/F16 rows read in place)"""
-        return (not self.profile.ggml_cpu and self.dtype == np.float64 and self._embd_fmt.name in ("f32", "f16")
-                and self._row_bytes is not None and kernels.available())
+        return (self._exact_math and self._embd_fmt.name in ("f32", "f16") and self._row_bytes is not None
+                and kernels.available())
 
     def _lm_head_exact(self, h: np.ndarray) -> np.ndarray:
         """float64 logits in exact_sum.lane_dot's order, rounded to float32: bk_exact_matmul reads F32/F16
@@ -594,6 +596,8 @@ class Model:
         state.v[i][state.pos:end] = v
         if self.profile.ggml_cpu and self.profile.kv_cache == "f16" and kernels.available():
             return state.k[i][:end], state.v[i][:end]  # f16 views: the native attention reads the cache in place
+        if self._exact_math:  # views: the exact attention reads the cache in place (its values exact in float64)
+            return state.k[i][:end], state.v[i][:end]
         return state.k[i][:end].astype(self.dtype), state.v[i][:end].astype(self.dtype)
 
     def _attention(self, q: np.ndarray, k: np.ndarray, v: np.ndarray, pos: np.ndarray) -> np.ndarray:
@@ -609,6 +613,8 @@ class Model:
                 # structure on exact f16 products. V·softmax keeps the probabilities in float32 (tinyBLAS).
                 qg = qg.astype(np.float16).astype(np.float32)
             return self._attention_ggml(qg, k, v, pos)
+        if self._exact_math:
+            return self._attention_exact(q, k, v, pos)
         scores = np.einsum("tkgd,skd->kgts", qg, k) * self.dtype.type(1.0 / np.sqrt(d))
         mask = np.arange(k.shape[0])[None, :] > pos[:, None]  # (T, S): future keys
         scores = np.where(mask, -np.inf, scores)
@@ -617,6 +623,17 @@ class Model:
         w = w / w.sum(axis=-1, keepdims=True)
         out = np.einsum("kgts,skd->tkgd", w, v)
         return out.reshape(t, cfg.heads * d)
+
+    def _attention_exact(self, q: np.ndarray, k: np.ndarray, v: np.ndarray, pos: np.ndarray) -> np.ndarray:
+        """The exact profile's attention: float64, its two products in exact_sum's order (kernels.exact_scores /
+        exact_values: native where loaded, the caches read in place), the softmax in numpy."""
+        t, s = q.shape[0], k.shape[0]
+        scores = kernels.exact_scores(q, k, s) * (1.0 / np.sqrt(self.cfg.head_dim))  # (heads, T, S)
+        scores = np.where(np.arange(s)[None, :] > pos[:, None], -np.inf, scores)  # future keys
+        scores = scores - scores.max(axis=-1, keepdims=True)
+        w = np.exp(scores)
+        w = w / w.sum(axis=-1, keepdims=True)
+        return kernels.exact_values(w, v, s).reshape(t, -1)
 
     def _attention_ggml(self, qg: np.ndarray, k: np.ndarray, v: np.ndarray, pos: np.ndarray) -> np.ndarray:
         """ggml's non-flash attention on x86 AVX-512, float32. KQ: ggml_vec_dot_f32 (4 accumulators of 16

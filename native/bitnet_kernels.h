@@ -79,6 +79,15 @@ int bk_attention_f16(const float *q, int64_t t, int64_t heads, int64_t kv_heads,
 int bk_exact_matmul(int type, const double *x, int64_t t, int64_t k, const uint8_t *w, int64_t r,
                     const float *scale, int64_t scale_rows, int64_t nb, double *out, int nthreads);
 
+/* The exact profile's attention products (bk_exact.c) in bitnet_ref.exact_sum's order: q (t, heads, d) float64,
+ * w (heads, t, s_len) float64, kc/vc (s_len, kv_heads, d) float32 caches read in place; query head h reads KV
+ * head h / (heads / kv_heads). bk_exact_scores: out (heads, t, s_len), q . k in 8 lanes, folded.
+ * bk_exact_values: out (t, heads, d), the w-weighted sum of the V rows in key order. BK_EBADARG. */
+int bk_exact_scores(const double *q, int64_t t, int64_t heads, int64_t kv_heads, int64_t d, const float *kc,
+                    int64_t s_len, double *out, int nthreads);
+int bk_exact_values(const double *w, int64_t t, int64_t heads, int64_t kv_heads, int64_t d, const float *vc,
+                    int64_t s_len, double *out, int nthreads);
+
 /* cosf and sinf of n float32 angles, from the C math library this module links (ggml's RoPE calls them) */
 int bk_cos_sin(const float *theta, int64_t n, float *c, float *s);
 

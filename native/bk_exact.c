@@ -769,3 +769,142 @@ int bk_exact_matmul(int type, const double *x, int64_t t, int64_t k, const uint8
     bk_parallel(fn, &c, nth);
     return c.fail ? BK_ENOMEM : 0;
 }
+
+/* ================================================================ attention products (float64, caches float32)
+ * scores[h][i][s] = q[i][h] . k[s][h / g]: 8 lanes (lane p % 8, in order), folded as the float rows above;
+ * values[i][h][:] = +0.0, then + w[h][i][s] * v[s][h / g][:] for s = 0, 1, ... in order. The caches' float32
+ * values are exact in double. Zero-filled lanes and columns past d add +0.0, which never changes a sum that
+ * starts at +0.0. */
+
+typedef float v8f __attribute__((vector_size(32), aligned(4)));
+
+/* *v = 8 values of a row from p as double, zero past n (through a pointer: a vector return value would
+ * depend on the ISA's calling convention) */
+static inline __attribute__((always_inline)) void load8_f64(v8d *v, const double *p, int n) {
+    *v = (v8d){0, 0, 0, 0, 0, 0, 0, 0};
+    if (n >= 8)
+        memcpy(v, p, sizeof *v);
+    else
+        for (int l = 0; l < n; l++) (*v)[l] = p[l];
+}
+static inline __attribute__((always_inline)) void load8_f32(v8d *v, const float *p, int n) {
+    if (n >= 8) {
+        v8f f;
+        memcpy(&f, p, sizeof f);
+        *v = __builtin_convertvector(f, v8d);
+        return;
+    }
+    *v = (v8d){0, 0, 0, 0, 0, 0, 0, 0};
+    for (int l = 0; l < n; l++) (*v)[l] = (double)p[l];
+}
+
+typedef struct {
+    const double *a; /* q (t, heads, d) or w (heads, t, s_len) */
+    const float *kv; /* the cache, (s_len, kv_heads, d) */
+    int64_t t, heads, kv_heads, d, s_len;
+    double *out;
+} attn_ctx;
+
+/* 4 queries x 4 keys of one head a step, 16 lane vectors */
+static inline __attribute__((always_inline)) void scores_body(attn_ctx *c, int ith, int nth) {
+    const int64_t t = c->t, d = c->d, s_len = c->s_len, g = c->heads / c->kv_heads;
+    const int64_t qb = (t + 3) / 4, units = c->heads * qb;
+    for (int64_t u = units * ith / nth; u < units * (ith + 1) / nth; u++) {
+        int64_t h = u / qb, i0 = u % qb * 4, kvh = h / g;
+        int ni = t - i0 < 4 ? (int)(t - i0) : 4;
+        for (int64_t s0 = 0; s0 < s_len; s0 += 4) {
+            int ns = s_len - s0 < 4 ? (int)(s_len - s0) : 4;
+            v8d acc[4][4];
+            for (int i = 0; i < 4; i++)
+                for (int j = 0; j < 4; j++) acc[i][j] = (v8d){0, 0, 0, 0, 0, 0, 0, 0};
+            for (int64_t p = 0; p < d; p += 8) {
+                int n = d - p < 8 ? (int)(d - p) : 8;
+                v8d qv[4], kv[4];
+                for (int i = 0; i < 4; i++) /* past the last query or key: the last one again, dropped */
+                    load8_f64(&qv[i], c->a + ((i0 + (i < ni ? i : ni - 1)) * c->heads + h) * d + p, n);
+                for (int j = 0; j < 4; j++)
+                    load8_f32(&kv[j], c->kv + ((s0 + (j < ns ? j : ns - 1)) * c->kv_heads + kvh) * d + p, n);
+                for (int i = 0; i < 4; i++)
+                    for (int j = 0; j < 4; j++) acc[i][j] = acc[i][j] + qv[i] * kv[j];
+            }
+            for (int i = 0; i < ni; i++)
+                for (int j = 0; j < ns; j++) {
+                    v8d a = acc[i][j];
+                    c->out[(h * t + i0 + i) * s_len + s0 + j] = ((a[0] + a[1]) + (a[2] + a[3])) + ((a[4] + a[5]) + (a[6] + a[7]));
+                }
+        }
+    }
+}
+
+/* 4 queries x 4 column blocks of 8 of one head a step, 16 vectors, keys in order */
+static inline __attribute__((always_inline)) void values_body(attn_ctx *c, int ith, int nth) {
+    const int64_t t = c->t, d = c->d, s_len = c->s_len, g = c->heads / c->kv_heads, cb = (d + 31) / 32;
+    const int64_t qb = (t + 3) / 4, units = c->heads * qb * cb;
+    for (int64_t u = units * ith / nth; u < units * (ith + 1) / nth; u++) {
+        int64_t h = u / (qb * cb), i0 = u / cb % qb * 4, c0 = u % cb * 32, kvh = h / g;
+        int ni = t - i0 < 4 ? (int)(t - i0) : 4;
+        v8d acc[4][4];
+        for (int i = 0; i < 4; i++)
+            for (int j = 0; j < 4; j++) acc[i][j] = (v8d){0, 0, 0, 0, 0, 0, 0, 0};
+        const double *w[4];
+        for (int i = 0; i < 4; i++) w[i] = c->a + (h * t + i0 + (i < ni ? i : ni - 1)) * s_len;
+        for (int64_t s = 0; s < s_len; s++) {
+            const float *vr = c->kv + (s * c->kv_heads + kvh) * d + c0;
+            v8d vv[4];
+            for (int j = 0; j < 4; j++) {
+                int64_t left = d - c0 - 8 * j;
+                load8_f32(&vv[j], vr + 8 * j, left <= 0 ? 0 : left < 8 ? (int)left : 8);
+            }
+            for (int i = 0; i < 4; i++) {
+                double wi = w[i][s];
+                for (int j = 0; j < 4; j++) acc[i][j] = acc[i][j] + wi * vv[j];
+            }
+        }
+        for (int i = 0; i < ni; i++)
+            for (int j = 0; j < 4; j++)
+                for (int l = 0; l < 8 && c0 + 8 * j + l < d; l++)
+                    c->out[((i0 + i) * c->heads + h) * d + c0 + 8 * j + l] = acc[i][j][l];
+    }
+}
+
+static void scores_portable(void *arg, int ith, int nth) { scores_body(arg, ith, nth); }
+static void values_portable(void *arg, int ith, int nth) { values_body(arg, ith, nth); }
+#ifdef BK_X86
+__attribute__((target(BK_AVX2_TARGET))) static void scores_avx2(void *arg, int ith, int nth) {
+    scores_body(arg, ith, nth);
+}
+__attribute__((target(BK_AVX2_TARGET))) static void values_avx2(void *arg, int ith, int nth) {
+    values_body(arg, ith, nth);
+}
+__attribute__((target(BK_VNNI_TARGET))) static void scores_512(void *arg, int ith, int nth) {
+    scores_body(arg, ith, nth);
+}
+__attribute__((target(BK_VNNI_TARGET))) static void values_512(void *arg, int ith, int nth) {
+    values_body(arg, ith, nth);
+}
+#endif
+
+static int exact_attention(int values, const double *a, int64_t t, int64_t heads, int64_t kv_heads, int64_t d,
+                           const float *kv, int64_t s_len, double *out, int nthreads) {
+    if (t < 1 || heads < 1 || kv_heads < 1 || heads % kv_heads || d < 1 || s_len < 1) return BK_EBADARG;
+    attn_ctx c = {a, kv, t, heads, kv_heads, d, s_len, out};
+    bk_task_fn fn = values ? values_portable : scores_portable;
+#ifdef BK_X86
+    int isa = bk_current_isa();
+    if (isa == ISA_AVX2 && __builtin_cpu_supports("fma") && __builtin_cpu_supports("f16c"))
+        fn = values ? values_avx2 : scores_avx2;
+    if (isa == ISA_VNNI) fn = values ? values_512 : scores_512;
+#endif
+    bk_parallel(fn, &c, nthreads < 1 ? 1 : nthreads);
+    return 0;
+}
+
+int bk_exact_scores(const double *q, int64_t t, int64_t heads, int64_t kv_heads, int64_t d, const float *kc,
+                    int64_t s_len, double *out, int nthreads) {
+    return exact_attention(0, q, t, heads, kv_heads, d, kc, s_len, out, nthreads);
+}
+
+int bk_exact_values(const double *w, int64_t t, int64_t heads, int64_t kv_heads, int64_t d, const float *vc,
+                    int64_t s_len, double *out, int nthreads) {
+    return exact_attention(1, w, t, heads, kv_heads, d, vc, s_len, out, nthreads);
+}

@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 
 from bitnet_ref import kernels
-from bitnet_ref.exact_sum import lane_dot, ternary_dot
+from bitnet_ref.exact_sum import attention_scores, attention_values, lane_dot, ternary_dot
 from bitnet_ref.formats import get_format
 from bitnet_ref.formats.i2s import I2S_X86
 from bitnet_ref.model import Model
@@ -141,6 +141,46 @@ def test_exact_matmul_malformed_tq2_code(isa):
             assert same_bits(got, ternary_dot(x[:t], vals, scale)), (isa, t)
     finally:
         kernels.set_isa("auto")
+
+
+@needs_native
+@pytest.mark.parametrize("isa", ISAS)
+def test_exact_attention_equals_numpy_definition(isa):
+    """kernels.exact_scores / exact_values (float32 caches read in place) give exact_sum's bits: queries and keys
+    not multiples of the 4x4 blocks, head sizes not multiples of 8 or 32, grouped KV heads."""
+    rng = np.random.default_rng(11)
+    assert kernels.set_isa(isa)
+    try:
+        for t, s, heads, kvh, d in ((1, 37, 4, 2, 64), (5, 9, 6, 3, 20), (13, 13, 2, 1, 128), (3, 70, 8, 8, 35)):
+            q = rng.standard_normal((t, heads, d)) * np.exp2(rng.integers(-20, 20, (t, heads, d)))
+            cache = rng.standard_normal((2, s + 3, kvh, d)).astype(np.float32)  # 3 positions past s_len
+            got = kernels.exact_scores(q, cache[0], s)
+            assert same_bits(got, attention_scores(q, cache[0][:s])), (isa, t, s, heads, kvh, d)
+            w = rng.uniform(0, 1, (heads, t, s)) * np.exp2(rng.integers(-20, 20, (heads, t, s)))
+            got = kernels.exact_values(w, cache[1], s)
+            assert same_bits(got, attention_values(w, cache[1][:s])), (isa, t, s, heads, kvh, d)
+    finally:
+        kernels.set_isa("auto")
+
+
+def test_attention_definition_is_the_stated_order():
+    """attention_scores is lane_dot per head (GQA: head h reads KV head h // g); attention_values adds the
+    weighted V rows in key order from +0.0 (checked with plain Python floats)."""
+    rng = np.random.default_rng(12)
+    t, s, heads, kvh, d = 2, 5, 4, 2, 11
+    q = rng.standard_normal((t, heads, d)) * np.exp2(rng.integers(-20, 20, (t, heads, d)))
+    k = rng.standard_normal((s, kvh, d)).astype(np.float32)
+    v = rng.standard_normal((s, kvh, d)).astype(np.float32) * np.exp2(rng.integers(-20, 20, (s, kvh, d)))
+    w = rng.uniform(0, 1, (heads, t, s))
+    sc, out = attention_scores(q, k), attention_values(w, v)
+    for h in range(heads):
+        for i in range(t):
+            assert np.array_equal(sc[h, i], lane_dot(q[i, h][None], k[:, h // 2])[0])
+            for j in range(d):
+                acc = 0.0
+                for p in range(s):
+                    acc = acc + float(w[h, i, p]) * float(v[p, h // 2, j])
+                assert out[i, h, j] == acc
 
 
 def _run(path, ids):
