@@ -282,9 +282,9 @@ EXACT_TYPES = {0: "f32", 1: "f16", 34: "tq1_0", 35: "tq2_0", 36: "i2_s"}  # ggml
 
 def exact_matmul(type_id: int, x, w, rows: int, scale=None) -> np.ndarray:
     """The exact profile's product: float64 (T, rows) = x (T, K) float64 times the rows of w, bit for bit
-    `exact_sum.ternary_dot` / `lane_dot` (which compute it when the native kernels are unavailable). w: the tensor's stored
-    bytes (uint8, read in place: TQ1_0/TQ2_0/I2_S x86 packed, or F32/F16 rows); scale float32 (rows or 1, nb)
-    for the ternary formats (nb = K/256 for TQ, 1 for I2_S)."""
+    `exact_sum.ternary_dot` / `lane_dot` (which compute it when the native kernels are unavailable). w: the
+    tensor's stored bytes (uint8, read in place: TQ1_0/TQ2_0/I2_S x86 packed, or F32/F16 rows); scale float32
+    (rows or 1, nb) for the ternary formats (nb = K/256 for TQ, 1 for I2_S)."""
     if type_id not in EXACT_TYPES:
         raise ValueError(f"exact_matmul: type {type_id} is not one of {EXACT_TYPES}")
     a = np.ascontiguousarray(x, dtype=np.float64)
@@ -322,6 +322,37 @@ def exact_matmul(type_id: int, x, w, rows: int, scale=None) -> np.ndarray:
                                  threads())
     _check(rc, "exact_matmul", k, QK_I2_S if type_id == 36 else QK_K)
     return out
+
+
+def exact_matmul_many(type_id: int, x, mats) -> list[np.ndarray]:
+    """exact_matmul of several ternary matrices of one type on the same x (a layer's Q, K, V; gate and up):
+    mats is a list of (stored bytes, rows, scale); one native call computes the per-token tables once. The same
+    bits as one exact_matmul each (which it falls back to without the kernels or beyond BK_EXACT_MANY)."""
+    mod = _load()
+    if mod is None or len(mats) > mod.lib.BK_EXACT_MANY or type_id not in (34, 35, 36):
+        return [exact_matmul(type_id, x, w, rows, scale) for w, rows, scale in mats]
+    a = np.ascontiguousarray(x, dtype=np.float64)
+    if a.ndim != 2:
+        raise ValueError(f"exact_matmul_many: x must be (T, K), got shape {a.shape}")
+    t, k = a.shape
+    from .formats import get_format
+
+    fmt = get_format(type_id) if type_id != 36 else None
+    ws, scales, outs = [], [], []
+    for w, rows, scale in mats:
+        nbytes = rows * k // 4 if type_id == 36 else fmt.nbytes((rows, k))
+        ws.append(_packed_u8(np.asarray(w).reshape(-1).view(np.uint8), nbytes, "exact_matmul_many"))
+        sc = np.ascontiguousarray(scale, dtype=np.float32)
+        if sc.ndim != 2 or sc.shape[0] not in (1, rows):
+            raise ValueError(f"exact_matmul_many: scale must be (1 or {rows}, nb), got shape {sc.shape}")
+        scales.append(sc)
+        outs.append(np.empty((t, rows), np.float64))
+    rc = mod.lib.bk_exact_matmul_many(
+        type_id, _ptr(mod, "double[]", a), t, k, len(mats), [_ptr(mod, "uint8_t[]", w) for w in ws],
+        [rows for _, rows, _ in mats], [_ptr(mod, "float[]", sc) for sc in scales], [sc.shape[0] for sc in scales],
+        [_ptr(mod, "double[]", o) for o in outs], threads())
+    _check(rc, "exact_matmul_many", k, QK_I2_S if type_id == 36 else QK_K)
+    return outs
 
 
 def _exact_attention_args(name: str, a, cache, s_len: int):
@@ -635,5 +666,6 @@ def llama_cpp_layer(plan: LayerPlan, x: np.ndarray, s_len: int, kc: np.ndarray, 
 
 
 __all__ = ["active", "attention_f16", "attention_f32", "available", "bitnet_layer", "cos_sin", "exact_matmul",
-           "exact_scores", "exact_values", "f16_matmul", "f64_matmul", "i2s_raw", "layer_plan", "llama_cpp_layer", "llama_layer_plan", "reload",
-           "quantize_i8_s", "quantize_q8_k_blocks", "set_isa", "tq_dot", "tq_lanes", "unavailable_reason"]
+           "exact_matmul_many", "exact_scores", "exact_values", "f16_matmul", "f64_matmul", "i2s_raw", "layer_plan",
+           "llama_cpp_layer", "llama_layer_plan", "reload", "quantize_i8_s", "quantize_q8_k_blocks", "set_isa",
+           "tq_dot", "tq_lanes", "unavailable_reason"]

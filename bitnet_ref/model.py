@@ -105,7 +105,8 @@ def _rms(x: np.ndarray, gain: np.ndarray, eps: float, ggml: bool = False) -> np.
         scale = f32(1) / np.sqrt(ms + f32(eps))
         return (x * scale) * gain.astype(f32)
     ms = np.mean(np.square(x, dtype=np.float64), axis=-1, keepdims=True)
-    return (x * (1.0 / np.sqrt(ms + eps)).astype(x.dtype)) * gain.astype(x.dtype)
+    y = x * (1.0 / np.sqrt(ms + eps)).astype(x.dtype)
+    return np.multiply(y, gain.astype(x.dtype), out=y)  # in place: the same product, one array fewer
 
 
 def _libm_f32(name: str):
@@ -390,6 +391,17 @@ class Model:
         if lin.out_scale is not None:
             out = out * dt.type(lin.out_scale)
         return out
+
+    def _mm_same_x(self, x: np.ndarray, lins: list[Linear]) -> list[np.ndarray]:
+        """_mm of each Linear on the same x; the exact profile's packed ternary products of one type go to the
+        native kernel in one call (its per-token tables computed once), with the same bits."""
+        if (self._exact_math and kernels.available() and len({lin.type_id for lin in lins}) == 1
+                and all(lin.ternary and lin.packed is not None and lin.values is None
+                        and not self.profile.quantizes(lin.fmt) for lin in lins)):
+            mats = [(lin.packed, lin.shape[0], lin.scale) for lin in lins]
+            outs = kernels.exact_matmul_many(lins[0].type_id, x, mats)
+            return [o if lin.out_scale is None else o * np.float64(lin.out_scale) for o, lin in zip(outs, lins)]
+        return [self._mm(x, lin) for lin in lins]
 
     def _mm_exact(self, x: np.ndarray, lin: Linear) -> np.ndarray:
         """float64 products in exact_sum's order (ternary_dot, lane_dot for float weights): bk_exact_matmul on the
@@ -696,10 +708,17 @@ class Model:
         if self.cfg.activation == "silu":
             if self.profile.ggml_cpu:  # ggml_vec_swiglu_f32: x / (1 + expf(-x)) * g, float32 steps
                 return (gate / (np.float32(1) + ggml_expf(-gate))) * up
-            return gate / (1.0 + np.exp(-gate)) * up
+            # gate / (1 + exp(-gate)) * up, step by step in one array (no temporaries of the FFN's size)
+            y = np.negative(gate)
+            np.exp(y, out=y)
+            np.add(y, 1.0, out=y)
+            np.divide(gate, y, out=y)
+            return np.multiply(y, up, out=y)
         if self.profile.ggml_cpu:  # ggml_vec_relu_f32 (x > 0 ? x : 0), ggml_sqr, ggml_mul in float32
             return np.square(np.where(gate > 0, gate, np.float32(0))) * up
-        return np.square(np.maximum(gate, 0)) * up
+        y = np.maximum(gate, 0)  # relu(gate)^2 * up in one array
+        np.square(y, out=y)
+        return np.multiply(y, up, out=y)
 
     # -- the forward pass ------------------------------------------------------------------------
     def new_state(self) -> State:
@@ -745,9 +764,10 @@ class Model:
         for i, layer in enumerate(self.layers):
             n, p = layer.norms, layer.proj
             h = _rms(x, n["attn_norm"], eps, g)
-            q = self._mm(h, p["attn_q"]).reshape(t, cfg.heads, cfg.head_dim)
-            k = self._mm(h, p["attn_k"]).reshape(t, cfg.kv_heads, cfg.head_dim)
-            v = self._mm(h, p["attn_v"]).reshape(t, cfg.kv_heads, cfg.head_dim)
+            q, k, v = self._mm_same_x(h, [p["attn_q"], p["attn_k"], p["attn_v"]])
+            q = q.reshape(t, cfg.heads, cfg.head_dim)
+            k = k.reshape(t, cfg.kv_heads, cfg.head_dim)
+            v = v.reshape(t, cfg.kv_heads, cfg.head_dim)
             q, k = self._rope(q, cos, sin), self._rope(k, cos, sin)
             keys, values = self._cache(state, i, k, v)
             a = self._attention(q, keys, values, pos)
@@ -756,7 +776,7 @@ class Model:
             x_attn = x + attn_out
             x = x_attn[-1:] if last_only and i == n_layers - 1 else x_attn
             h2 = _rms(x, n["ffn_norm"], eps, g)
-            gate, up = self._mm(h2, p["ffn_gate"]), self._mm(h2, p["ffn_up"])
+            gate, up = self._mm_same_x(h2, [p["ffn_gate"], p["ffn_up"]])
             act = self._ffn_act(gate, up)
             f_norm = _rms(act, n["ffn_sub_norm"], eps, g)
             down = self._mm(f_norm, p["ffn_down"])

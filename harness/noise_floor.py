@@ -42,6 +42,8 @@ from pathlib import Path
 
 import numpy as np
 
+from bitnet_ref.exact_sum import ORDER_VERSION as EXACT_ORDER_VERSION
+
 from . import metrics as M
 from .engines.base import EngineError, NotSupported, file_sha256
 from .records import Check
@@ -116,7 +118,9 @@ def _summary(m: dict) -> dict:
 
 def cache_key(model_sha256: str, reference: str, ref_version: str, prompts: list[list[int]],
               corpus: str | None, ctx: int) -> str:
-    doc = {"v": FLOOR_VERSION, "model": model_sha256, "reference": reference, "version": ref_version,
+    # the exact profile's summation orders are part of the floor: a floor measured under other orders renews
+    doc = {"v": FLOOR_VERSION, "exact_order": EXACT_ORDER_VERSION, "model": model_sha256, "reference": reference,
+           "version": ref_version,
            "prompts": prompts, "corpus": file_sha256(corpus) if corpus else None, "ctx": ctx if corpus else None}
     return hashlib.sha256(json.dumps(doc, sort_keys=True).encode()).hexdigest()[:32]
 

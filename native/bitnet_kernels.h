@@ -79,6 +79,14 @@ int bk_attention_f16(const float *q, int64_t t, int64_t heads, int64_t kv_heads,
 int bk_exact_matmul(int type, const double *x, int64_t t, int64_t k, const uint8_t *w, int64_t r,
                     const float *scale, int64_t scale_rows, int64_t nb, double *out, int nthreads);
 
+/* bk_exact_matmul for n <= BK_EXACT_MANY ternary matrices of one type on the same activations (a layer's Q, K
+ * and V, or gate and up): matrix m has r[m] rows, its scale (scale_rows[m] x nb, nb as above), out[m] (t, r[m]).
+ * The same bits as n calls; the per-token tables are computed once. */
+#define BK_EXACT_MANY 4
+int bk_exact_matmul_many(int type, const double *x, int64_t t, int64_t k, int n, const uint8_t *const *w,
+                         const int64_t *r, const float *const *scale, const int64_t *scale_rows, double *const *out,
+                         int nthreads);
+
 /* The exact profile's attention products (bk_exact.c) in bitnet_ref.exact_sum's order: q (t, heads, d) float64,
  * w (heads, t, s_len) float64, kc/vc (s_len, kv_heads, d) float32 caches read in place; query head h reads KV
  * head h / (heads / kv_heads). bk_exact_scores: out (heads, t, s_len), q . k in 8 lanes, folded.

@@ -265,9 +265,6 @@ static inline __attribute__((always_inline)) const uint8_t *chunk_bytes(const ex
 }
 
 #define RB 64 /* rows a block */
-#ifndef PFD
-#define PFD RB
-#endif
 
 /* Per-thread buffers of the ternary path, carved from one scratch allocation */
 typedef struct {
@@ -324,12 +321,8 @@ static inline __attribute__((always_inline)) void add_span(const exact_ctx *c, i
             double *acc = bf->acc + (b0 - r0) * TT;
             int bad[RB], any_bad = 0;
             for (int i = 0; i < panels * RP; i++) { /* rows past r1 repeat the last one (their sums are dropped) */
-#ifndef NOIDX
                 bad[i] = group_indices(c, b0 + (i < nb_rows ? i : nb_rows - 1), k0, n, bf->idx + i * NG,
                                        bf->dig + i * CH);
-#else
-                bad[i] = 0;
-#endif
                 any_bad |= bad[i];
             }
             if (k0 % g == 0) memset(acc, 0, sizeof(double) * panels * RP * TT);
@@ -358,22 +351,41 @@ static inline __attribute__((always_inline)) void add_span(const exact_ctx *c, i
     }
 }
 
-/* One tile of TT tokens (nt real, starting at t0) through rows [r0, r1) of this thread */
-static inline __attribute__((always_inline)) void ternary_tile(exact_ctx *c, int64_t r0, int64_t r1, int64_t t0,
+/* matrices with the same activations in one call (a layer's Q, K, V; gate and up): one table serves them all */
+typedef struct {
+    exact_ctx m[BK_EXACT_MANY];
+    int n;
+} exact_many;
+
+/* this thread's rows of each matrix: [r0[m], r1[m]), their state at row offset off[m] (padded to 8 a matrix) */
+typedef struct {
+    int64_t r0[BK_EXACT_MANY], r1[BK_EXACT_MANY], off[BK_EXACT_MANY], rows;
+} thread_rows;
+
+/* One tile of TT tokens (nt real, starting at t0) through this thread's rows of every matrix */
+static inline __attribute__((always_inline)) void ternary_tile(exact_many *mm, const thread_rows *tr, int64_t t0,
                                                                 int nt, char *buf, const int TT, const int RP,
                                                                 const int SG) {
-    int64_t span = table_span(c->k, TT);
-    ternary_bufs bf = ternary_carve(buf, c->k, r1 - r0, TT);
-    const double *x = c->x + t0 * c->k;
-    for (int64_t ks = 0; ks < c->k; ks += span) {
-        int64_t n = c->k - ks < span ? c->k - ks : span;
-#ifndef NOBUILD
-        build_table(x, c->k, nt, ks, (int)(n / 4), bf.tab, bf.xt, TT);
-#endif
-        add_span(c, r0, r1, ks, n, x, nt, &bf, TT, RP, SG);
+    const exact_ctx *c0 = &mm->m[0];
+    int64_t k = c0->k, span = table_span(k, TT);
+    ternary_bufs bf = ternary_carve(buf, k, tr->rows, TT);
+    const double *x = c0->x + t0 * k;
+    for (int64_t ks = 0; ks < k; ks += span) {
+        int64_t n = k - ks < span ? k - ks : span;
+        build_table(x, k, nt, ks, (int)(n / 4), bf.tab, bf.xt, TT);
+        for (int m = 0; m < mm->n; m++) {
+            ternary_bufs bm = bf;
+            bm.acc += tr->off[m] * TT;
+            bm.out += tr->off[m] * TT;
+            add_span(&mm->m[m], tr->r0[m], tr->r1[m], ks, n, x, nt, &bm, TT, RP, SG);
+        }
     }
-    for (int u = 0; u < nt; u++)
-        for (int64_t i = 0; i < r1 - r0; i++) c->out[(t0 + u) * c->r + r0 + i] = bf.out[i * TT + u];
+    for (int m = 0; m < mm->n; m++) {
+        const exact_ctx *c = &mm->m[m];
+        const double *o = bf.out + tr->off[m] * TT;
+        for (int u = 0; u < nt; u++)
+            for (int64_t i = 0; i < tr->r1[m] - tr->r0[m]; i++) c->out[(t0 + u) * c->r + tr->r0[m] + i] = o[i * TT + u];
+    }
 }
 
 #ifdef BK_X86
@@ -416,8 +428,8 @@ __attribute__((target(BK_VNNI_TARGET))) static void one_token512(const exact_ctx
                 int np = b1 - p0 < 8 ? (int)(b1 - p0) : 8;
                 int64_t off[8]; /* rows past b1 repeat the last one (their sums are dropped) */
                 for (int i = 0; i < 8; i++) off[i] = chunk_bytes(c, p0 + (i < np ? i : np - 1), k0) - c->w;
-                for (int i = 0; i < 8 && p0 + PFD + i < r1; i++) { /* the same rows of the next block */
-                    const uint8_t *nx = chunk_bytes(c, p0 + PFD + i, k0);
+                for (int i = 0; i < 8 && p0 + RB + i < r1; i++) { /* the same rows of the next block */
+                    const uint8_t *nx = chunk_bytes(c, p0 + RB + i, k0);
                     __builtin_prefetch(nx);
                     __builtin_prefetch(nx + 63);
                 }
@@ -449,22 +461,19 @@ __attribute__((target(BK_VNNI_TARGET))) static void one_token512(const exact_ctx
 }
 #endif
 
-#ifndef SG16
-#define SG16 4
-#endif
-#ifndef PTT
-#define PTT 16
-#endif
-#ifndef PRP
-#define PRP 4
-#endif
 /* tokens in tiles of 16, the last one padded; a tail of 2-4 tokens in a tile of 4, one token alone */
-static inline __attribute__((always_inline)) void ternary_body(exact_ctx *c, int ith, int nth) {
-    int64_t r0, r1;
-    row_range(c->r, 8, ith, nth, &r0, &r1);
-    if (r0 >= r1) return;
+static inline __attribute__((always_inline)) void ternary_body(exact_many *mm, int ith, int nth) {
+    exact_ctx *c = &mm->m[0];
+    thread_rows tr = {.rows = 0};
+    for (int m = 0; m < mm->n; m++) {
+        row_range(mm->m[m].r, 8, ith, nth, &tr.r0[m], &tr.r1[m]);
+        tr.off[m] = tr.rows;
+        tr.rows += tr.r1[m] > tr.r0[m] ? (tr.r1[m] - tr.r0[m] + 7) / 8 * 8 : 0;
+        if (tr.r1[m] < tr.r0[m]) tr.r1[m] = tr.r0[m];
+    }
+    if (tr.rows == 0) return;
     int64_t t = c->t;
-    size_t bytes = ternary_scratch(c->k, r1 - r0, 1), b16 = ternary_scratch(c->k, r1 - r0, PTT);
+    size_t bytes = ternary_scratch(c->k, tr.rows, 1), b16 = ternary_scratch(c->k, tr.rows, 16);
     char *buf = bk_scratch(BK_SCRATCH_GEMM, t > 1 && b16 > bytes ? b16 : bytes);
     if (!buf) {
         c->fail = 1;
@@ -474,21 +483,22 @@ static inline __attribute__((always_inline)) void ternary_body(exact_ctx *c, int
     if (t == 1 && c->isa == ISA_VNNI && (c->type == BK_TQ2_0 || c->type == BK_I2_S)) {
         double *pairs = (double *)(void *)buf, *acc_st = pairs + 8 * c->k;
         pair_tables(c, c->x, pairs);
-        one_token512(c, r0, r1, pairs, acc_st);
+        for (int m = 0; m < mm->n; m++)
+            if (tr.r1[m] > tr.r0[m]) one_token512(&mm->m[m], tr.r0[m], tr.r1[m], pairs, acc_st + tr.off[m]);
         return;
     }
 #endif
     for (int64_t t0 = 0; t0 < t;) {
         int64_t left = t - t0;
         if (left > 4) {
-            int nt = left < PTT ? (int)left : PTT;
-            ternary_tile(c, r0, r1, t0, nt, buf, PTT, PRP, SG16);
+            int nt = left < 16 ? (int)left : 16;
+            ternary_tile(mm, &tr, t0, nt, buf, 16, 4, 8);
             t0 += nt;
         } else if (left > 1) {
-            ternary_tile(c, r0, r1, t0, (int)left, buf, 4, 4, 16);
+            ternary_tile(mm, &tr, t0, (int)left, buf, 4, 4, 16);
             t0 += left;
         } else {
-            ternary_tile(c, r0, r1, t0, 1, buf, 1, 8, 32);
+            ternary_tile(mm, &tr, t0, 1, buf, 1, 8, 32);
             t0 += 1;
         }
     }
@@ -724,11 +734,11 @@ static inline __attribute__((always_inline)) void float_body(exact_ctx *c, int i
 
 /* ================================================================ the driver */
 
-static inline __attribute__((always_inline)) void exact_body(exact_ctx *c, int ith, int nth) {
-    if (c->type == T_F32 || c->type == T_F16)
-        float_body(c, ith, nth);
+static inline __attribute__((always_inline)) void exact_body(exact_many *mm, int ith, int nth) {
+    if (mm->m[0].type == T_F32 || mm->m[0].type == T_F16)
+        float_body(&mm->m[0], ith, nth);
     else
-        ternary_body(c, ith, nth);
+        ternary_body(mm, ith, nth);
 }
 
 static void exact_task_portable(void *arg, int ith, int nth) { exact_body(arg, ith, nth); }
@@ -741,33 +751,64 @@ __attribute__((target(BK_VNNI_TARGET ",f16c"))) static void exact_task_512(void 
 }
 #endif
 
-int bk_exact_matmul(int type, const double *x, int64_t t, int64_t k, const uint8_t *w, int64_t r,
-                    const float *scale, int64_t scale_rows, int64_t nb, double *out, int nthreads) {
+/* the checks of one matrix; nb is set to 1 for float rows */
+static int exact_args(int type, int64_t t, int64_t k, int64_t r, const float *scale, int64_t scale_rows,
+                      int64_t *nb) {
     if (t < 0 || k < 1 || r < 0) return BK_EBADARG;
     int ternary = type == BK_TQ1_0 || type == BK_TQ2_0 || type == BK_I2_S;
     if (!ternary && type != T_F32 && type != T_F16) return BK_EBADARG;
-    if (ternary) {
-        if (!scale || nb < 1 || k % nb || (scale_rows != 1 && scale_rows != r)) return BK_EBADARG;
-        if (type == BK_I2_S ? (k % QK_I2S != 0) : (k % QK_K != 0)) return BK_EBADK;
-        if (type != BK_I2_S && nb != k / QK_K) return BK_EBADARG; /* one scale per 256-value block */
-        if (type == BK_I2_S && nb != 1) return BK_EBADARG;        /* one scale per tensor */
-    } else {
-        nb = 1;
+    if (!ternary) {
+        *nb = 1;
+        return 0;
     }
-    if (t == 0 || r == 0) return 0;
-    exact_ctx c = {type, x, t, k, w, r, scale, scale_rows, nb, out, bk_current_isa(), 0};
+    if (!scale || *nb < 1 || k % *nb || (scale_rows != 1 && scale_rows != r)) return BK_EBADARG;
+    if (type == BK_I2_S ? (k % QK_I2S != 0) : (k % QK_K != 0)) return BK_EBADK;
+    if (type != BK_I2_S && *nb != k / QK_K) return BK_EBADARG; /* one scale per 256-value block */
+    if (type == BK_I2_S && *nb != 1) return BK_EBADARG;        /* one scale per tensor */
+    return 0;
+}
+
+static int exact_run(exact_many *mm, int nthreads) {
+    int64_t rmax = 0;
+    for (int m = 0; m < mm->n; m++) rmax = mm->m[m].r > rmax ? mm->m[m].r : rmax;
+    if (mm->m[0].t == 0 || rmax == 0) return 0;
+    int isa = bk_current_isa();
 #ifdef BK_X86
-    if (c.isa == ISA_AVX2 && !(__builtin_cpu_supports("fma") && __builtin_cpu_supports("f16c"))) c.isa = ISA_PORTABLE;
+    if (isa == ISA_AVX2 && !(__builtin_cpu_supports("fma") && __builtin_cpu_supports("f16c"))) isa = ISA_PORTABLE;
 #endif
+    for (int m = 0; m < mm->n; m++) mm->m[m].isa = isa;
     int nth = nthreads < 1 ? 1 : nthreads;
-    if (nth > (r + 7) / 8) nth = (int)((r + 7) / 8);
+    if (nth > (rmax + 7) / 8) nth = (int)((rmax + 7) / 8);
     bk_task_fn fn = exact_task_portable;
 #ifdef BK_X86
-    if (c.isa == ISA_VNNI) fn = exact_task_512;
-    if (c.isa == ISA_AVX2) fn = exact_task_avx2;
+    if (isa == ISA_VNNI) fn = exact_task_512;
+    if (isa == ISA_AVX2) fn = exact_task_avx2;
 #endif
-    bk_parallel(fn, &c, nth);
-    return c.fail ? BK_ENOMEM : 0;
+    bk_parallel(fn, mm, nth);
+    return mm->m[0].fail ? BK_ENOMEM : 0;
+}
+
+int bk_exact_matmul(int type, const double *x, int64_t t, int64_t k, const uint8_t *w, int64_t r,
+                    const float *scale, int64_t scale_rows, int64_t nb, double *out, int nthreads) {
+    int rc = exact_args(type, t, k, r, scale, scale_rows, &nb);
+    if (rc) return rc;
+    exact_many mm = {.n = 1};
+    mm.m[0] = (exact_ctx){type, x, t, k, w, r, scale, scale_rows, nb, out, ISA_PORTABLE, 0};
+    return exact_run(&mm, nthreads);
+}
+
+int bk_exact_matmul_many(int type, const double *x, int64_t t, int64_t k, int n, const uint8_t *const *w,
+                         const int64_t *r, const float *const *scale, const int64_t *scale_rows, double *const *out,
+                         int nthreads) {
+    if (n < 1 || n > BK_EXACT_MANY || type == T_F32 || type == T_F16) return BK_EBADARG;
+    exact_many mm = {.n = n};
+    for (int m = 0; m < n; m++) {
+        int64_t nb = type == BK_I2_S ? 1 : k / QK_K;
+        int rc = exact_args(type, t, k, r[m], scale[m], scale_rows[m], &nb);
+        if (rc) return rc;
+        mm.m[m] = (exact_ctx){type, x, t, k, w[m], r[m], scale[m], scale_rows[m], nb, out[m], ISA_PORTABLE, 0};
+    }
+    return exact_run(&mm, nthreads);
 }
 
 /* ================================================================ attention products (float64, caches float32)

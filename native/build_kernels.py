@@ -33,7 +33,7 @@ def _cdef() -> str:
     keep = [ln for ln in text.splitlines() if not ln.lstrip().startswith("#")]
     defines = "\n".join(f"#define {name} ..." for name in ("BK_EBADK", "BK_EBADARG", "BK_ENOMEM", "BK_TQ1_0",
                                                                  "BK_TQ2_0", "BK_F16_VEC_DOT", "BK_F16_GEMM",
-                                                                 "BK_F32", "BK_F16"))
+                                                                 "BK_F32", "BK_F16", "BK_EXACT_MANY"))
     return defines + "\n" + "\n".join(keep)
 
 

@@ -57,7 +57,7 @@ def test_exact_matmul_equals_numpy_definition(fmt, isa):
     # rows not a multiple of 4 or 8; float rows with a k tail that is not a multiple of 8
     shapes = [(1, 37, 512), (3, 21, 768), (35, 18, 256), (32, 9, 512)]
     if fmt == "i2_s":
-        shapes += [(6, 11, 384)]  # a last chunk of 128 values
+        shapes += [(6, 11, 384), (1, 13, 384)]  # a last chunk of 128 values
     if fmt in ("f32", "f16"):
         shapes += [(5, 9, 300), (2, 5, 7)]
     assert kernels.set_isa(isa)
@@ -67,6 +67,26 @@ def test_exact_matmul_equals_numpy_definition(fmt, isa):
             got = kernels.exact_matmul(TYPES[fmt], x, data, r, scale)
             want = lane_dot(x, w) if scale is None else ternary_dot(x, w, scale)
             assert same_bits(got, want), (fmt, isa, t, r, k, np.max(np.abs(got - want)))
+    finally:
+        kernels.set_isa("auto")
+
+
+@needs_native
+@pytest.mark.parametrize("isa", ISAS)
+@pytest.mark.parametrize("fmt", ["tq1_0", "tq2_0", "i2_s"])
+def test_exact_matmul_many_equals_one_call_each(fmt, isa):
+    """Q, K, V (or gate and up) in one call: every matrix the bits of its own exact_matmul, on every tile size."""
+    rng = np.random.default_rng(TYPES[fmt] + 100)
+    mats = []
+    for r in (29, 8, 3):
+        _, data, _, scale = _case(fmt, 1, r, 512, rng)
+        mats.append((data, r, scale))
+    assert kernels.set_isa(isa)
+    try:
+        for t in (1, 3, 21):
+            x = rng.standard_normal((t, 512)) * np.exp2(rng.integers(-30, 30, (t, 512)))
+            outs = kernels.exact_matmul_many(TYPES[fmt], x, mats)
+            assert all(same_bits(o, kernels.exact_matmul(TYPES[fmt], x, d, r, sc)) for o, (d, r, sc) in zip(outs, mats))
     finally:
         kernels.set_isa("auto")
 
@@ -93,13 +113,13 @@ def test_ternary_dot_is_the_defined_order():
             for r in range(3):
                 out = 0.0
                 for b in range(nb):
-                    def v(p, b=b, i=i, r=r):
-                        return float(vals[r, b * g + p]) * float(x[i, b * g + p]) if p < g else 0.0
+                    # the block's products, padded with +0.0 to a multiple of 128
+                    v = [float(vals[r, b * g + p]) * float(x[i, b * g + p]) for p in range(g)] + [0.0] * (-g % 128)
                     s = 0.0
-                    for c in range(-(-g // 128)):
+                    for c in range(len(v) // 128):
                         for m in range(32):
                             p = 128 * c + m
-                            s = s + ((v(p) + v(p + 32)) + (v(p + 64) + v(p + 96)))
+                            s = s + ((v[p] + v[p + 32]) + (v[p + 64] + v[p + 96]))
                     out = out + s * float(scale[r, b])
                 assert got[i, r] == out
                 terms = [float(vals[r, j]) * float(x[i, j]) * float(scale[r, j // g]) for j in range(k)]

@@ -104,6 +104,14 @@ def test_the_floor_is_cached_per_model_reference_and_prompts(models_dir):
     assert r3.validation["noise_floor"]["key"] != r1.validation["noise_floor"]["key"]
 
 
+def test_the_floor_key_names_the_exact_profiles_order(monkeypatch):
+    """A floor measured under other exact-profile summation orders (exact_sum.ORDER_VERSION) is not reused."""
+    args = ("ab" * 32, "llama_cpp", "v1 sha", [[1, 2, 3]], None, 128)
+    key = NF.cache_key(*args)
+    monkeypatch.setattr(NF, "EXACT_ORDER_VERSION", NF.EXACT_ORDER_VERSION + 1)
+    assert NF.cache_key(*args) != key
+
+
 def test_a_planted_bug_fails_and_says_where(models_dir):
     r = ladder(case(), mutant("sub-norm-skipped"), models_dir)
     assert r.status == "fail" and r.failed_rung == "first_logits"
