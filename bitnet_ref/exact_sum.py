@@ -14,10 +14,10 @@ Ternary weights (`ternary_dot`), w in {-1, 0, 1}, one float32 scale per block of
             s = s + ((v_0 + v_1) + (v_2 + v_3))
         out = out + s * scale[row, b]        (out starts at +0.0)
 
-A group's sum depends only on its 4 weights, 81 combinations, so the native kernel computes each group sum once
-per token for all 81 and adds one table entry per 4 weights and row: a quarter of the additions of a product
-by product sum, and the same bits. The groups are 4 values 32 apart because TQ2_0 and I2_S store exactly those
-4 codes in one byte. (A malformed TQ2_0 code 3 is the value 2; its product is still exact.)
+The groups are 4 values 32 apart because TQ2_0 and I2_S store exactly those 4 codes in one byte: the native
+kernel computes, once per token, the 16 possible values of each pair sum (v0 + v1, v2 + v3) and then adds two
+table entries per 4 weights and row, with the same bits. (A malformed TQ2_0 code 3 is the value 2; its product
+is still exact.)
 
 Float weights (`lane_dot`: F32/F16 rows, the lm_head):
 

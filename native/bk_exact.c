@@ -9,12 +9,14 @@
  *
  * Every product is rounded to double before it is added (-ffp-contract=off).
  *
- * Ternary: a group's sum depends on x and on its 4 weights only (81 combinations), so for each k chunk of 256
- * values a thread computes the 81 sums of every group for a tile of tokens (a table, the same expression as
- * above) and then adds one table entry per group, row and token: a quarter of the additions of a product-by-
- * product sum, with the same bits. The group's 4 values are the 4 codes of one TQ2_0 or I2_S byte, so its table
- * index comes from that byte. The loops over the tile's tokens are plain C that the compiler vectorizes for each
- * ISA (no reassociation: every token's sum is its own), so the variants agree bit for bit.
+ * Ternary: a group's 4 codes sit in one byte (TQ2_0 and I2_S store them so; TQ1_0's trits are packed so), two
+ * to a nibble, and a pair's sum v0 + v1 (or v2 + v3) depends only on x and on the pair's codes: 16 possible
+ * values. So for each k chunk of 256 values a thread computes, for a tile of tokens, every group's two 16-entry
+ * tables of pair sums (the expression above), and a group's sum is then two table entries added, the
+ * definition's ((v0 + v1) + (v2 + v3)) with the same bits: two additions per 4 weights and token instead of
+ * seven. The loops over the tile's tokens are plain C that the compiler vectorizes for each ISA (no
+ * reassociation: every token's sum is its own), so the variants agree bit for bit. A malformed TQ2_0 code 3 is
+ * the value 2 (as ggml reads it) in the tables, so it needs no other path.
  *
  * Float rows: the threads take contiguous row ranges; each walks token tiles, row panels and k slices: the
  * slice of the panel is converted to double into a per-thread buffer, and a register-blocked micro-kernel adds
@@ -55,9 +57,10 @@ static void row_range(int64_t r, int mult, int ith, int nth, int64_t *r0, int64_
 
 /* ================================================================ ternary weights: group tables */
 
-#define CH 256       /* values per k chunk: one table, one TQ block */
-#define NG (CH / 4)  /* groups per chunk */
-#define NIDX 81      /* weight combinations of a group */
+#define CH 256      /* values per k chunk: one TQ block, one table */
+#define NG (CH / 4) /* groups per chunk */
+#define NP 32       /* table entries per group: 16 pair sums (v0 + v1), then 16 (v2 + v3) */
+#define RB 64       /* rows a block */
 
 static const uint8_t POW3[5] = {1, 3, 9, 27, 81};
 
@@ -66,29 +69,21 @@ static inline __attribute__((always_inline)) int tq1_trit(uint8_t q, int n) {
     return (int)(((uint16_t)(uint8_t)(q * POW3[n]) * 3) >> 8);
 }
 
-/* The table index of every group of row `row`'s values [k0, k0 + n) (n = CH, or 128 at the end of an I2_S row):
- * idx[32 c + m] = d0 + 3 d1 + 9 d2 + 27 d3, d_n = w[k0 + 128 c + m + 32 n] + 1. Returns nonzero when a weight is
- * outside {-1, 0, 1} (a malformed TQ2_0 code 3, the value 2): then idx is all 0 (in bounds) and dig holds the
- * chunk's n digits w + 1 in position order, for group_sums_direct. */
-static inline __attribute__((always_inline)) int group_indices(const exact_ctx *c, int64_t row, int64_t k0, int n,
-                                                                uint8_t *idx, uint8_t *dig) {
+/* 8 tokens' sums: one zmm, two ymm or four xmm, whatever the ISA has; the same IEEE operations lane by lane */
+typedef double v8d __attribute__((vector_size(64), aligned(8)));
+
+/* The group bytes of row `row`'s values [k0, k0 + n) (n = CH, or 128 at the end of an I2_S row): codes[32 c + m]
+ * holds the 2-bit codes of the values k0 + 128 c + m + 32 q (q = 0..3), the pair (q = 0, 1) in the low nibble.
+ * TQ2_0 stores exactly this byte; TQ1_0's trits are packed into it; I2_S's nibbles are swapped (its value q = 0
+ * sits in the top bits). */
+static inline __attribute__((always_inline)) void group_codes(const exact_ctx *c, int64_t row, int64_t k0, int n,
+                                                               uint8_t *codes) {
     int64_t k = c->k;
-    if (c->type == BK_TQ2_0) { /* value 128 h + 32 n + m at bits 2n of qs[32 h + m]; code = w + 1 */
-        const uint8_t *qs = c->w + (row * (k / QK_K) + k0 / QK_K) * 66;
-        uint8_t bad = 0;
-        for (int j = 0; j < NG; j++) {
-            uint8_t b = qs[j];
-            bad |= b & (b >> 1) & 0x55;
-            idx[j] = (uint8_t)((b & 3) + 3 * ((b >> 2) & 3) + 9 * ((b >> 4) & 3) + 27 * (b >> 6));
-        }
-        if (!bad) return 0;
-        for (int j = 0; j < NG; j++) {
-            idx[j] = 0;
-            for (int q = 0; q < 4; q++) dig[128 * (j / 32) + 32 * q + j % 32] = (qs[j] >> (2 * q)) & 3;
-        }
-        return 1;
+    if (c->type == BK_TQ2_0) { /* value 128 h + 32 q + m at bits 2q of qs[32 h + m] */
+        memcpy(codes, c->w + (row * (k / QK_K) + k0 / QK_K) * 66, NG);
+        return;
     }
-    if (c->type == BK_TQ1_0) { /* qs[0..32): 5 trits, values 32n+m; qs[32..48): 160+16n+m; qh[4]: 240+4n+m */
+    if (c->type == BK_TQ1_0) { /* qs[0..32): 5 trits, values 32q+m; qs[32..48): 160+16q+m; qh[4]: 240+4q+m */
         const uint8_t *b = c->w + (row * (k / QK_K) + k0 / QK_K) * 54;
         uint8_t d[QK_K];
         for (int q = 0; q < 5; q++) {
@@ -99,114 +94,60 @@ static inline __attribute__((always_inline)) int group_indices(const exact_ctx *
             for (int m = 0; m < 4; m++) d[240 + 4 * q + m] = (uint8_t)tq1_trit(b[48 + m], q);
         for (int j = 0; j < NG; j++) {
             const uint8_t *g = d + 128 * (j / 32) + j % 32;
-            idx[j] = (uint8_t)(g[0] + 3 * g[32] + 9 * g[64] + 27 * g[96]);
+            codes[j] = (uint8_t)(g[0] | g[32] << 2 | g[64] << 4 | g[96] << 6);
         }
-        return 0;
+        return;
     }
-    /* I2_S x86: 32 bytes a 128 values, value m + 32 n at bits 6 - 2n of byte m; codes 0, 1, 2, 3 are the
-     * weights -1, 0, 1, 0, digits 0, 1, 2, 1 */
-    const uint8_t *p = c->w + (row * k + k0) / 4;
-    for (int j = 0; j < n / 4; j++) {
-        uint8_t b = p[j];
-        int d[4];
-        for (int q = 0; q < 4; q++) {
-            int code = (b >> (6 - 2 * q)) & 3;
-            d[q] = code == 3 ? 1 : code;
-        }
-        idx[j] = (uint8_t)(d[0] + 3 * d[1] + 9 * d[2] + 27 * d[3]);
-    }
-    return 0;
+    const uint8_t *p = c->w + (row * k + k0) / 4; /* I2_S x86: 32 bytes a 128 values, value m + 32 q at bits 6 - 2q */
+    for (int j = 0; j < n / 4; j++) codes[j] = (uint8_t)(p[j] >> 4 | p[j] << 4);
 }
 
-/* 8 tokens' sums: one zmm, two ymm or four xmm, whatever the ISA has; the same IEEE operations lane by lane */
-typedef double v8d __attribute__((vector_size(64), aligned(8)));
-
-/* tab[(j * 81 + i) * TT + u] = ((v0 + v1) + (v2 + v3)) for group j of the values from k0 and token u of the tile,
- * v_n = (d_n - 1) * x[u][p_n], i = d0 + 3 d1 + 9 d2 + 27 d3 = i01 + 9 i23. Tokens past nt get x = +0.0. xt: a
- * buffer for the tile's values of one chunk, token-minor (CH x TT). */
-static inline __attribute__((always_inline)) void build_table(const double *x, int64_t xs, int nt, int64_t k0,
-                                                               int ng, double *tab, double *xt, const int TT) {
+/* The pair tables of the groups [0, ng) of the values from k0, for a tile of TT tokens (nt real; x = +0.0 past):
+ * tab[(NP j + s) TT + u] = value(a) x[p0] + value(b) x[p1] and tab[(NP j + 16 + s) TT + u] = value(a) x[p2] +
+ * value(b) x[p3], s the nibble of codes (a, b): a | b << 2 (TQ: the first value in the low bits), a << 2 | b
+ * (I2_S, its nibbles swapped). value: TQ code - 1 (a malformed TQ2_0 code 3 is the value 2, as ggml reads it),
+ * I2_S codes 0, 1, 2, 3 -> -1, 0, 1, 0. A group's sum is then tab[first] + tab[second] = ((v0 + v1) + (v2 + v3)).
+ * xt: a buffer for the tile's values of one chunk, token-minor (CH x TT). */
+static inline __attribute__((always_inline)) void build_pairs(const exact_ctx *c, const double *x, int64_t xs,
+                                                               int nt, int64_t k0, int ng, double *tab, double *xt,
+                                                               const int TT) {
+    const int i2s = c->type == BK_I2_S;
+    double val[4] = {-1.0, 0.0, 1.0, i2s ? 0.0 : 2.0};
     for (int j = 0; j < ng; j++) {
-        int64_t p = k0 + 128 * (j / 32) + j % 32;
-        if (j % NG == 0) /* a new chunk: its values token-minor */
-            for (int o = 0; o < CH && p + o < k0 + 4 * (int64_t)ng; o++)
+        if (j % NG == 0) { /* a new chunk: its values token-minor */
+            int64_t p = k0 + (int64_t)(j / NG) * CH, end = k0 + 4 * (int64_t)ng;
+            for (int o = 0; o < CH && p + o < end; o++)
                 for (int u = 0; u < TT; u++) xt[o * TT + u] = u < nt ? x[u * xs + p + o] : 0.0;
+        }
         const double *xj = xt + (128 * (j % NG / 32) + j % 32) * TT;
-        double *tj = tab + (size_t)j * NIDX * TT;
-        if (TT >= 8) {
-            const int NV = TT / 8;
-            for (int v = 0; v < NV; v++) {
-                v8d w[4][3], p01[9], p23[9];
-                for (int q = 0; q < 4; q++) {
-                    v8d xv;
-                    memcpy(&xv, xj + 32 * q * TT + 8 * v, sizeof xv);
-                    w[q][0] = xv * -1.0;
-                    w[q][1] = xv * 0.0;
-                    w[q][2] = xv * 1.0;
-                }
-                for (int i = 0; i < 9; i++) {
-                    p01[i] = w[0][i % 3] + w[1][i / 3];
-                    p23[i] = w[2][i % 3] + w[3][i / 3];
-                }
-                for (int i23 = 0; i23 < 9; i23++)
-                    for (int i01 = 0; i01 < 9; i01++) {
-                        v8d e = p01[i01] + p23[i23];
-                        memcpy(tj + (i01 + 9 * i23) * TT + 8 * v, &e, sizeof e);
+        double *tj = tab + (size_t)j * NP * TT;
+        for (int a = 0; a < 4; a++)
+            for (int b = 0; b < 4; b++) {
+                int s = i2s ? (a << 2 | b) : (a | b << 2);
+                if (TT >= 8) {
+                    for (int v = 0; v < TT / 8; v++) {
+                        v8d x0, x1, x2, x3;
+                        memcpy(&x0, xj + 8 * v, sizeof x0);
+                        memcpy(&x1, xj + 32 * TT + 8 * v, sizeof x1);
+                        memcpy(&x2, xj + 64 * TT + 8 * v, sizeof x2);
+                        memcpy(&x3, xj + 96 * TT + 8 * v, sizeof x3);
+                        v8d p01 = x0 * val[a] + x1 * val[b], p23 = x2 * val[a] + x3 * val[b];
+                        memcpy(tj + s * TT + 8 * v, &p01, sizeof p01);
+                        memcpy(tj + (16 + s) * TT + 8 * v, &p23, sizeof p23);
                     }
+                } else {
+                    for (int u = 0; u < TT; u++) {
+                        tj[s * TT + u] = val[a] * xj[u] + val[b] * xj[32 * TT + u];
+                        tj[(16 + s) * TT + u] = val[a] * xj[64 * TT + u] + val[b] * xj[96 * TT + u];
+                    }
+                }
             }
-            continue;
-        }
-        for (int u = 0; u < TT; u++) {
-            double w[4][3], p01[9], p23[9];
-            for (int q = 0; q < 4; q++)
-                for (int d = 0; d < 3; d++) w[q][d] = (double)(d - 1) * xj[32 * q * TT + u];
-            for (int i = 0; i < 9; i++) {
-                p01[i] = w[0][i % 3] + w[1][i / 3];
-                p23[i] = w[2][i % 3] + w[3][i / 3];
-            }
-            for (int i23 = 0; i23 < 9; i23++)
-                for (int i01 = 0; i01 < 9; i01++) tj[(i01 + 9 * i23) * TT + u] = p01[i01] + p23[i23];
-        }
     }
 }
 
-/* the direct form of the group sums, for a row with a weight outside {-1, 0, 1}: acc[u] += the chunk's groups */
-static void group_sums_direct(const uint8_t *dig, const double *x, int64_t xs, int nt, int64_t k0, int ng,
-                              double *acc, int TT) {
-    for (int u = 0; u < nt; u++)
-        for (int j = 0; j < ng; j++) {
-            int o = 128 * (j / 32) + j % 32;
-            double v[4];
-            for (int q = 0; q < 4; q++) v[q] = (double)(dig[o + 32 * q] - 1) * x[u * xs + k0 + o + 32 * q];
-            acc[u] = acc[u] + ((v[0] + v[1]) + (v[2] + v[3]));
-        }
-    (void)TT;
-}
-
-/* add_groups for one token and 8 rows: 8 scalar sums, each entry loaded and added on its own. Kept out of the
- * vectorizer: it would pack the 8 rows' entries into one vector element by element, which is slower. */
-#pragma GCC push_options
-#pragma GCC optimize("no-tree-slp-vectorize", "no-tree-loop-vectorize")
-__attribute__((noinline)) static void add_groups_1x8(const double *tab, const uint8_t *idx, int ng, double *acc) {
-    double a0 = acc[0], a1 = acc[1], a2 = acc[2], a3 = acc[3], a4 = acc[4], a5 = acc[5], a6 = acc[6], a7 = acc[7];
-    for (int j = 0; j < ng; j++) {
-        const double *t = tab + (size_t)j * NIDX;
-        a0 += t[idx[j]];
-        a1 += t[idx[NG + j]];
-        a2 += t[idx[2 * NG + j]];
-        a3 += t[idx[3 * NG + j]];
-        a4 += t[idx[4 * NG + j]];
-        a5 += t[idx[5 * NG + j]];
-        a6 += t[idx[6 * NG + j]];
-        a7 += t[idx[7 * NG + j]];
-    }
-    acc[0] = a0, acc[1] = a1, acc[2] = a2, acc[3] = a3, acc[4] = a4, acc[5] = a5, acc[6] = a6, acc[7] = a7;
-}
-#pragma GCC pop_options
-
-/* acc (RP rows x TT tokens, row-major) += the table entries of the rows' groups [0, ng), group by group; the
- * accumulators live in registers (RP x TT / 8 vectors, or RP x TT scalars) for the whole run */
-static inline __attribute__((always_inline)) void add_groups(const double *tab, const uint8_t *idx, int ng,
+/* acc (RP rows x TT tokens, row-major) += the sums of the rows' groups [0, ng), group by group: two table entries
+ * a group (its code byte's nibbles), added, then added to the row's sum; the accumulators live in registers */
+static inline __attribute__((always_inline)) void add_groups(const double *tab, const uint8_t *codes, int ng,
                                                               double *acc, const int TT, const int RP) {
     if (TT >= 8) {
         const int NV = TT / 8;
@@ -216,15 +157,17 @@ static inline __attribute__((always_inline)) void add_groups(const double *tab, 
 #pragma GCC unroll 4
             for (int v = 0; v < NV; v++) memcpy(&a[i][v], acc + i * TT + 8 * v, sizeof(v8d));
         for (int j = 0; j < ng; j++) {
-            const double *tj = tab + (size_t)j * NIDX * TT;
+            const double *tj = tab + (size_t)j * NP * TT;
 #pragma GCC unroll 8
             for (int i = 0; i < RP; i++) {
-                const double *e = tj + idx[i * NG + j] * TT;
+                unsigned b = codes[i * NG + j];
+                const double *e01 = tj + (b & 15) * TT, *e23 = tj + (16 + (b >> 4)) * TT;
 #pragma GCC unroll 4
                 for (int v = 0; v < NV; v++) {
-                    v8d ev;
-                    memcpy(&ev, e + 8 * v, sizeof(v8d));
-                    a[i][v] += ev;
+                    v8d p01, p23;
+                    memcpy(&p01, e01 + 8 * v, sizeof p01);
+                    memcpy(&p23, e23 + 8 * v, sizeof p23);
+                    a[i][v] += p01 + p23;
                 }
             }
         }
@@ -234,22 +177,19 @@ static inline __attribute__((always_inline)) void add_groups(const double *tab, 
             for (int v = 0; v < NV; v++) memcpy(acc + i * TT + 8 * v, &a[i][v], sizeof(v8d));
         return;
     }
-    if (TT == 1 && RP == 8) {
-        add_groups_1x8(tab, idx, ng, acc);
-        return;
-    }
     double a[RP][TT];
 #pragma GCC unroll 8
     for (int i = 0; i < RP; i++)
 #pragma GCC unroll 4
         for (int u = 0; u < TT; u++) a[i][u] = acc[i * TT + u];
     for (int j = 0; j < ng; j++) {
-        const double *tj = tab + (size_t)j * NIDX * TT;
+        const double *tj = tab + (size_t)j * NP * TT;
 #pragma GCC unroll 8
         for (int i = 0; i < RP; i++) {
-            const double *e = tj + idx[i * NG + j] * TT;
+            unsigned b = codes[i * NG + j];
+            const double *e01 = tj + (b & 15) * TT, *e23 = tj + (16 + (b >> 4)) * TT;
 #pragma GCC unroll 4
-            for (int u = 0; u < TT; u++) a[i][u] += e[u];
+            for (int u = 0; u < TT; u++) a[i][u] += e01[u] + e23[u];
         }
     }
 #pragma GCC unroll 8
@@ -258,44 +198,37 @@ static inline __attribute__((always_inline)) void add_groups(const double *tab, 
         for (int u = 0; u < TT; u++) acc[i * TT + u] = a[i][u];
 }
 
-/* where row `row`'s packed bytes for the chunk at k0 start (the 54, 64 or 66 bytes group_indices reads) */
+/* where row `row`'s packed bytes for the chunk at k0 start (the 54, 64 or 66 bytes group_codes reads) */
 static inline __attribute__((always_inline)) const uint8_t *chunk_bytes(const exact_ctx *c, int64_t row, int64_t k0) {
     if (c->type == BK_I2_S) return c->w + (row * c->k + k0) / 4;
     return c->w + (row * (c->k / QK_K) + k0 / QK_K) * (c->type == BK_TQ2_0 ? 66 : 54);
 }
 
-#define RB 64 /* rows a block */
-
 /* Per-thread buffers of the ternary path, carved from one scratch allocation */
 typedef struct {
-    double *tab;    /* the span's tables: (span / 4) groups x 81 x TT */
+    double *tab;    /* the span's pair tables: (span / 4) groups x NP x TT */
     double *acc;    /* block sums in progress, a row's TT at (row - r0) * TT, rows padded to 8 */
     double *out;    /* the outputs, laid out as acc */
-    double *start;  /* RB x TT: acc of the rows with a malformed weight, at the start of a chunk */
-    uint8_t *idx;   /* RB x NG group indices of the block's chunk */
-    uint8_t *dig;   /* RB x CH digits, for those rows */
     double *xt;     /* CH x TT: a chunk of the tile's activations, token-minor */
+    uint8_t *codes; /* RB x NG group bytes of the block's chunk */
 } ternary_bufs;
 
-/* values a table covers: one chunk for a tile of tokens; the whole row for one token (81 doubles a group) */
+/* values a table covers: one chunk for a tile of tokens; the whole row for one token (32 doubles a group) */
 static int64_t table_span(int64_t k, int TT) { return TT == 1 ? k : CH; }
 
 static size_t ternary_scratch(int64_t k, int64_t rows, int TT) {
     size_t padded = (size_t)(rows + 7) / 8 * 8;
-    return ((size_t)table_span(k, TT) / 4 * NIDX * TT + 2 * padded * TT + (RB + CH) * (size_t)TT) * sizeof(double) +
-           RB * (NG + CH);
+    return ((size_t)table_span(k, TT) / 4 * NP * TT + 2 * padded * TT + CH * (size_t)TT) * sizeof(double) + RB * NG;
 }
 
 static ternary_bufs ternary_carve(char *buf, int64_t k, int64_t rows, int TT) {
     size_t padded = (size_t)(rows + 7) / 8 * 8;
     ternary_bufs b;
     b.tab = (double *)(void *)buf;
-    b.acc = b.tab + (size_t)table_span(k, TT) / 4 * NIDX * TT;
+    b.acc = b.tab + (size_t)table_span(k, TT) / 4 * NP * TT;
     b.out = b.acc + padded * TT;
-    b.start = b.out + padded * TT;
-    b.xt = b.start + RB * TT;
-    b.idx = (uint8_t *)(b.xt + CH * TT);
-    b.dig = b.idx + RB * NG;
+    b.xt = b.out + padded * TT;
+    b.codes = (uint8_t *)(b.xt + CH * TT);
     return b;
 }
 
@@ -304,9 +237,8 @@ static ternary_bufs ternary_carve(char *buf, int64_t k, int64_t rows, int TT) {
  * chunk by chunk (the next block's bytes prefetched meanwhile); within a chunk, slices of SG groups go through
  * the block's rows RP at a time, so that the slice's tables stay in L1 while the rows use them. */
 static inline __attribute__((always_inline)) void add_span(const exact_ctx *c, int64_t r0, int64_t r1, int64_t ks,
-                                                            int64_t span, const double *x, int nt,
-                                                            const ternary_bufs *bf, const int TT, const int RP,
-                                                            const int SG) {
+                                                            int64_t span, const ternary_bufs *bf, const int TT,
+                                                            const int RP, const int SG) {
     const int64_t g = c->k / c->nb;
     for (int64_t b0 = r0; b0 < r1; b0 += RB) {
         int nb_rows = r1 - b0 < RB ? (int)(r1 - b0) : RB;
@@ -319,23 +251,13 @@ static inline __attribute__((always_inline)) void add_span(const exact_ctx *c, i
                 __builtin_prefetch(nx + 63);
             }
             double *acc = bf->acc + (b0 - r0) * TT;
-            int bad[RB], any_bad = 0;
-            for (int i = 0; i < panels * RP; i++) { /* rows past r1 repeat the last one (their sums are dropped) */
-                bad[i] = group_indices(c, b0 + (i < nb_rows ? i : nb_rows - 1), k0, n, bf->idx + i * NG,
-                                       bf->dig + i * CH);
-                any_bad |= bad[i];
-            }
+            for (int i = 0; i < panels * RP; i++) /* rows past r1 repeat the last one (their sums are dropped) */
+                group_codes(c, b0 + (i < nb_rows ? i : nb_rows - 1), k0, n, bf->codes + i * NG);
             if (k0 % g == 0) memset(acc, 0, sizeof(double) * panels * RP * TT);
-            if (any_bad) memcpy(bf->start, acc, sizeof(double) * nb_rows * TT);
             for (int s0 = 0; s0 < ng; s0 += SG)
                 for (int p = 0; p < panels; p++)
-                    add_groups(bf->tab + ((size_t)(k0 - ks) / 4 + s0) * NIDX * TT, bf->idx + p * RP * NG + s0,
+                    add_groups(bf->tab + ((size_t)(k0 - ks) / 4 + s0) * NP * TT, bf->codes + p * RP * NG + s0,
                                ng - s0 < SG ? ng - s0 : SG, acc + p * RP * TT, TT, RP);
-            for (int i = 0; i < nb_rows; i++)
-                if (bad[i]) {
-                    memcpy(acc + i * TT, bf->start + i * TT, sizeof(double) * TT);
-                    group_sums_direct(bf->dig + i * CH, x, c->k, nt, k0, ng, acc + i * TT, TT);
-                }
             if ((k0 + n) % g) continue;
             int64_t b = k0 / g; /* the end of scale block b */
             for (int i = 0; i < nb_rows; i++) {
@@ -350,6 +272,58 @@ static inline __attribute__((always_inline)) void add_span(const exact_ctx *c, i
         }
     }
 }
+
+#ifdef BK_X86
+/* ---------------------------------------------------------------- one token on AVX-512: 8 rows a vector
+ * The pair tables of one token are 16 doubles each: two registers, from which one vpermi2pd picks 8 rows'
+ * pair sums by their nibbles at once (it reads the index's low 4 bits). Each 8 rows' group bytes come in by
+ * one gather per 8 groups (a qword of each row), the nibbles being that qword shifted down. I2_S's nibbles are
+ * not swapped here: its first pair is read from the high nibble. */
+__attribute__((target(BK_VNNI_TARGET))) static void one_token512(const exact_ctx *c, int64_t r0, int64_t r1,
+                                                                  const double *pairs, double *acc_st) {
+    const int64_t k = c->k, g = k / c->nb;
+    const int i2s = c->type == BK_I2_S;
+    for (int64_t b0 = r0; b0 < r1; b0 += RB) {
+        int64_t b1 = r1 - b0 < RB ? r1 : b0 + RB;
+        for (int64_t k0 = 0; k0 < k; k0 += CH) {
+            int nq = (k - k0 < CH ? (int)(k - k0) : CH) / 32; /* qwords of a row's chunk: 8 groups each */
+            const double *pk = pairs + NP * (k0 / 4);
+            for (int64_t p0 = b0; p0 < b1; p0 += 8) {
+                int np = b1 - p0 < 8 ? (int)(b1 - p0) : 8;
+                int64_t off[8]; /* rows past b1 repeat the last one (their sums are dropped) */
+                for (int i = 0; i < 8; i++) off[i] = chunk_bytes(c, p0 + (i < np ? i : np - 1), k0) - c->w;
+                for (int i = 0; i < 8 && p0 + RB + i < r1; i++) { /* the same rows of the next block */
+                    const uint8_t *nx = chunk_bytes(c, p0 + RB + i, k0);
+                    __builtin_prefetch(nx);
+                    __builtin_prefetch(nx + 63);
+                }
+                __m512i vo = _mm512_loadu_si512((const void *)off);
+                __m512d a = k0 % g == 0 ? _mm512_setzero_pd() : _mm512_loadu_pd(acc_st + (p0 - r0));
+                for (int q = 0; q < nq; q++) {
+                    __m512i codes = _mm512_i64gather_epi64(vo, (const void *)(c->w + 8 * q), 1);
+                    const double *pq = pk + NP * 8 * q;
+                    for (int s = 0; s < 8; s++) {
+                        __m512i lo = _mm512_srli_epi64(codes, 8 * s), hi = _mm512_srli_epi64(codes, 8 * s + 4);
+                        const double *t = pq + NP * s;
+                        __m512d first = _mm512_permutex2var_pd(_mm512_loadu_pd(t), i2s ? hi : lo, _mm512_loadu_pd(t + 8));
+                        __m512d second = _mm512_permutex2var_pd(_mm512_loadu_pd(t + 16), i2s ? lo : hi,
+                                                                _mm512_loadu_pd(t + 24));
+                        a = _mm512_add_pd(a, _mm512_add_pd(first, second));
+                    }
+                }
+                _mm512_storeu_pd(acc_st + (p0 - r0), a);
+                if ((k0 + nq * 32) % g) continue;
+                int64_t b = k0 / g; /* the end of scale block b */
+                for (int i = 0; i < np; i++) {
+                    int64_t srow = c->scale_rows == 1 ? 0 : p0 + i;
+                    double prod = acc_st[p0 - r0 + i] * (double)c->scale[srow * c->nb + b];
+                    c->out[p0 + i] = (b == 0 ? 0.0 : c->out[p0 + i]) + prod;
+                }
+            }
+        }
+    }
+}
+#endif
 
 /* matrices with the same activations in one call (a layer's Q, K, V; gate and up): one table serves them all */
 typedef struct {
@@ -372,12 +346,12 @@ static inline __attribute__((always_inline)) void ternary_tile(exact_many *mm, c
     const double *x = c0->x + t0 * k;
     for (int64_t ks = 0; ks < k; ks += span) {
         int64_t n = k - ks < span ? k - ks : span;
-        build_table(x, k, nt, ks, (int)(n / 4), bf.tab, bf.xt, TT);
+        build_pairs(c0, x, k, nt, ks, (int)(n / 4), bf.tab, bf.xt, TT);
         for (int m = 0; m < mm->n; m++) {
             ternary_bufs bm = bf;
             bm.acc += tr->off[m] * TT;
             bm.out += tr->off[m] * TT;
-            add_span(&mm->m[m], tr->r0[m], tr->r1[m], ks, n, x, nt, &bm, TT, RP, SG);
+            add_span(&mm->m[m], tr->r0[m], tr->r1[m], ks, n, &bm, TT, RP, SG);
         }
     }
     for (int m = 0; m < mm->n; m++) {
@@ -388,88 +362,15 @@ static inline __attribute__((always_inline)) void ternary_tile(exact_many *mm, c
     }
 }
 
-#ifdef BK_X86
-/* ---------------------------------------------------------------- one token on AVX-512 (TQ2_0, I2_S): 8 rows a vector
- * A byte holds a group's 4 codes, two to a nibble. For each group, two 16-entry tables hold the pair sums
- * v0 + v1 and v2 + v3 of every code pair (v = value(code) * x; TQ2_0's code 3 is the value 2, I2_S's 0), and
- * one vpermi2pd per nibble picks 8 rows' pair sums at once: the group sum is their sum, the definition's
- * ((v0 + v1) + (v2 + v3)) with the same bits as the 81-entry tables. Each 8 rows' code bytes come in by one
- * gather per 8 groups (a qword of each row); the nibbles are its bytes shifted down (vpermi2pd reads the
- * index's low 4 bits). */
-
-/* pairs[32 j ..]: group j's table of (v0 + v1) then of (v2 + v3), 16 each, slot = the nibble that holds the pair */
-static void pair_tables(const exact_ctx *c, const double *x, double *pairs) {
-    const int i2s = c->type == BK_I2_S;
-    for (int64_t j = 0; j < c->k / 4; j++) {
-        const double *xp = x + 128 * (j / 32) + j % 32;
-        double *t = pairs + 32 * j;
-        for (int a = 0; a < 4; a++)     /* the pair's first code (value n = 0 or 2) */
-            for (int b = 0; b < 4; b++) { /* its second (n = 1 or 3) */
-                /* TQ2_0: value n at bits 2n (first code low); I2_S: at bits 6 - 2n (first code high) */
-                int slot = i2s ? (a << 2 | b) : (a | b << 2);
-                double va = i2s && a == 3 ? 0.0 : (double)(a - 1), vb = i2s && b == 3 ? 0.0 : (double)(b - 1);
-                double v0 = va * xp[0], v1 = vb * xp[32], v2 = va * xp[64], v3 = vb * xp[96];
-                t[slot] = v0 + v1;
-                t[16 + slot] = v2 + v3;
-            }
-    }
-}
-
-__attribute__((target(BK_VNNI_TARGET))) static void one_token512(const exact_ctx *c, int64_t r0, int64_t r1,
-                                                                  const double *pairs, double *acc_st) {
-    const int64_t k = c->k, g = k / c->nb;
-    const int i2s = c->type == BK_I2_S;
-    for (int64_t b0 = r0; b0 < r1; b0 += RB) {
-        int64_t b1 = r1 - b0 < RB ? r1 : b0 + RB;
-        for (int64_t k0 = 0; k0 < k; k0 += CH) {
-            int nq = (k - k0 < CH ? (int)(k - k0) : CH) / 32; /* qwords of a row's chunk: 8 groups each */
-            const double *pk = pairs + 32 * (k0 / 4);
-            for (int64_t p0 = b0; p0 < b1; p0 += 8) {
-                int np = b1 - p0 < 8 ? (int)(b1 - p0) : 8;
-                int64_t off[8]; /* rows past b1 repeat the last one (their sums are dropped) */
-                for (int i = 0; i < 8; i++) off[i] = chunk_bytes(c, p0 + (i < np ? i : np - 1), k0) - c->w;
-                for (int i = 0; i < 8 && p0 + RB + i < r1; i++) { /* the same rows of the next block */
-                    const uint8_t *nx = chunk_bytes(c, p0 + RB + i, k0);
-                    __builtin_prefetch(nx);
-                    __builtin_prefetch(nx + 63);
-                }
-                __m512i vo = _mm512_loadu_si512((const void *)off);
-                __m512d a = k0 % g == 0 ? _mm512_setzero_pd() : _mm512_loadu_pd(acc_st + (p0 - r0));
-                for (int q = 0; q < nq; q++) {
-                    __m512i codes = _mm512_i64gather_epi64(vo, (const void *)(c->w + 8 * q), 1);
-                    const double *pq = pk + 32 * 8 * q;
-                    for (int s = 0; s < 8; s++) {
-                        __m512i lo = _mm512_srli_epi64(codes, 8 * s), hi = _mm512_srli_epi64(codes, 8 * s + 4);
-                        const double *t = pq + 32 * s;
-                        __m512d first = _mm512_permutex2var_pd(_mm512_loadu_pd(t), i2s ? hi : lo, _mm512_loadu_pd(t + 8));
-                        __m512d second = _mm512_permutex2var_pd(_mm512_loadu_pd(t + 16), i2s ? lo : hi,
-                                                                _mm512_loadu_pd(t + 24));
-                        a = _mm512_add_pd(a, _mm512_add_pd(first, second));
-                    }
-                }
-                _mm512_storeu_pd(acc_st + (p0 - r0), a);
-                if ((k0 + nq * 32) % g) continue;
-                int64_t b = k0 / g; /* the end of scale block b */
-                for (int i = 0; i < np; i++) {
-                    int64_t srow = c->scale_rows == 1 ? 0 : p0 + i;
-                    double prod = acc_st[p0 - r0 + i] * (double)c->scale[srow * c->nb + b];
-                    c->out[p0 + i] = (b == 0 ? 0.0 : c->out[p0 + i]) + prod;
-                }
-            }
-        }
-    }
-}
-#endif
-
 /* tokens in tiles of 16, the last one padded; a tail of 2-4 tokens in a tile of 4, one token alone */
 static inline __attribute__((always_inline)) void ternary_body(exact_many *mm, int ith, int nth) {
     exact_ctx *c = &mm->m[0];
     thread_rows tr = {.rows = 0};
     for (int m = 0; m < mm->n; m++) {
         row_range(mm->m[m].r, 8, ith, nth, &tr.r0[m], &tr.r1[m]);
-        tr.off[m] = tr.rows;
-        tr.rows += tr.r1[m] > tr.r0[m] ? (tr.r1[m] - tr.r0[m] + 7) / 8 * 8 : 0;
         if (tr.r1[m] < tr.r0[m]) tr.r1[m] = tr.r0[m];
+        tr.off[m] = tr.rows;
+        tr.rows += (tr.r1[m] - tr.r0[m] + 7) / 8 * 8;
     }
     if (tr.rows == 0) return;
     int64_t t = c->t;
@@ -481,10 +382,10 @@ static inline __attribute__((always_inline)) void ternary_body(exact_many *mm, i
     }
 #ifdef BK_X86
     if (t == 1 && c->isa == ISA_VNNI && (c->type == BK_TQ2_0 || c->type == BK_I2_S)) {
-        double *pairs = (double *)(void *)buf, *acc_st = pairs + 8 * c->k;
-        pair_tables(c, c->x, pairs);
+        ternary_bufs bf = ternary_carve(buf, c->k, tr.rows, 1);
+        build_pairs(c, c->x, c->k, 1, 0, (int)(c->k / 4), bf.tab, bf.xt, 1);
         for (int m = 0; m < mm->n; m++)
-            if (tr.r1[m] > tr.r0[m]) one_token512(&mm->m[m], tr.r0[m], tr.r1[m], pairs, acc_st + tr.off[m]);
+            if (tr.r1[m] > tr.r0[m]) one_token512(&mm->m[m], tr.r0[m], tr.r1[m], bf.tab, bf.acc + tr.off[m]);
         return;
     }
 #endif

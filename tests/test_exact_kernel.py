@@ -146,8 +146,8 @@ def test_lane_dot_is_the_defined_order():
 @needs_native
 @pytest.mark.parametrize("isa", ISAS)
 def test_exact_matmul_malformed_tq2_code(isa):
-    """A TQ2_0 code 3 (not written by ggml's quantizer; ggml reads it as the weight 2) leaves the kernel's tables
-    (81 ternary combinations): that row's block is summed directly, still the definition's bits."""
+    """A TQ2_0 code 3 (not written by ggml's quantizer; ggml reads it as the weight 2) is the value 2 in the
+    kernel's pair tables too: the definition's bits on every path (one token, a short tile, full tiles)."""
     rng = np.random.default_rng(3)
     x, data, vals, scale = _case("tq2_0", 17, 6, 512, rng)
     data = data.copy()
