@@ -355,52 +355,43 @@ def exact_matmul_many(type_id: int, x, mats) -> list[np.ndarray]:
     return outs
 
 
-def _exact_attention_args(name: str, a, cache, s_len: int):
-    mod = _load()
+def _exact_attention(values: bool, a, cache, s_len: int) -> np.ndarray:
+    """bk_exact_scores (a = q (T, heads, d)) or bk_exact_values (a = w (heads, T, s_len)) over the cache's first
+    s_len positions; numpy's definition (exact_sum) without the kernels or for a cache that is not float32."""
+    from . import exact_sum
+
+    name = "exact_values" if values else "exact_scores"
+    a = np.ascontiguousarray(a, dtype=np.float64)
     c = np.asarray(cache)
-    if c.ndim != 3 or c.shape[0] < s_len or s_len < 1:
-        raise ValueError(f"{name}: the cache must be (>= {s_len}, kv_heads, d), got {c.shape}")
-    return mod, np.ascontiguousarray(a, dtype=np.float64), c
+    if c.ndim != 3 or c.shape[0] < s_len or s_len < 1 or a.ndim != 3:
+        raise ValueError(f"{name}: a (>= {s_len}, kv_heads, d) cache and a 3-D array, got {c.shape}, {a.shape}")
+    heads, t = (a.shape[0], a.shape[1]) if values else (a.shape[1], a.shape[0])
+    fits = a.shape[2] == s_len if values else a.shape[2] == c.shape[2]
+    if not fits or heads % c.shape[1]:
+        raise ValueError(f"{name}: {a.shape} does not fit the cache {c.shape} over {s_len} positions")
+    mod = _load()
+    if mod is None or c.dtype != np.float32:
+        return (exact_sum.attention_values if values else exact_sum.attention_scores)(a, c[:s_len])
+    d = c.shape[2]
+    out = np.empty((t, heads, d) if values else (heads, t, s_len), np.float64)
+    fn = mod.lib.bk_exact_values if values else mod.lib.bk_exact_scores
+    rc = fn(_ptr(mod, "double[]", a), t, heads, c.shape[1], d, _ptr(mod, "float[]", np.ascontiguousarray(c[:s_len])),
+            s_len, _ptr(mod, "double[]", out), threads())
+    _check(rc, name, d, 1)
+    return out
 
 
 def exact_scores(q, kc, s_len: int) -> np.ndarray:
     """The exact profile's attention scores: float64 (heads, T, s_len) = q (T, heads, d) float64 against the
     first s_len keys of kc (positions, kv_heads, d), in `exact_sum.attention_scores`' order (which computes them
     when the native kernels are unavailable); a float32 cache is read in place."""
-    mod, a, c = _exact_attention_args("exact_scores", q, kc, s_len)
-    if a.ndim != 3 or c.shape[2] != a.shape[2] or a.shape[1] % c.shape[1]:
-        raise ValueError(f"exact_scores: q {a.shape} does not fit the cache {c.shape}")
-    if mod is None or c.dtype != np.float32:
-        from .exact_sum import attention_scores
-
-        return attention_scores(a, c[:s_len])
-    t, heads, d = a.shape
-    kc32 = np.ascontiguousarray(c[:s_len])
-    out = np.empty((heads, t, s_len), np.float64)
-    rc = mod.lib.bk_exact_scores(_ptr(mod, "double[]", a), t, heads, c.shape[1], d, _ptr(mod, "float[]", kc32), s_len,
-                                 _ptr(mod, "double[]", out), threads())
-    _check(rc, "exact_scores", d, 1)
-    return out
+    return _exact_attention(False, q, kc, s_len)
 
 
 def exact_values(w, vc, s_len: int) -> np.ndarray:
     """The exact profile's attention output: float64 (T, heads, d) = the weights w (heads, T, s_len) float64
     times the first s_len rows of vc (positions, kv_heads, d), in `exact_sum.attention_values`' order."""
-    mod, a, c = _exact_attention_args("exact_values", w, vc, s_len)
-    if a.ndim != 3 or a.shape[2] != s_len or a.shape[0] % c.shape[1]:
-        raise ValueError(f"exact_values: w {a.shape} does not fit the cache {c.shape} over {s_len} positions")
-    if mod is None or c.dtype != np.float32:
-        from .exact_sum import attention_values
-
-        return attention_values(a, c[:s_len])
-    heads, t, _ = a.shape
-    d = c.shape[2]
-    vc32 = np.ascontiguousarray(c[:s_len])
-    out = np.empty((t, heads, d), np.float64)
-    rc = mod.lib.bk_exact_values(_ptr(mod, "double[]", a), t, heads, c.shape[1], d, _ptr(mod, "float[]", vc32), s_len,
-                                 _ptr(mod, "double[]", out), threads())
-    _check(rc, "exact_values", d, 1)
-    return out
+    return _exact_attention(True, w, vc, s_len)
 
 
 F16_VEC_DOT, F16_GEMM = 0, 1

@@ -183,6 +183,16 @@ def test_exact_attention_equals_numpy_definition(isa):
         kernels.set_isa("auto")
 
 
+def test_exact_attention_rejects_shapes_that_do_not_fit():
+    cache = np.zeros((3, 2, 8), np.float32)
+    with pytest.raises(ValueError, match="exact_scores: .* does not fit the cache"):
+        kernels.exact_scores(np.zeros((2, 4, 9)), cache, 3)  # head size 9 against 8
+    with pytest.raises(ValueError, match="exact_values: .* does not fit the cache"):
+        kernels.exact_values(np.zeros((4, 2, 5)), cache, 3)  # 5 weights a row for 3 positions
+    with pytest.raises(ValueError, match="exact_scores: a \\(>= 4, kv_heads, d\\) cache"):
+        kernels.exact_scores(np.zeros((2, 4, 8)), cache, 4)  # the cache holds 3 positions
+
+
 def test_attention_definition_is_the_stated_order():
     """attention_scores is lane_dot per head (GQA: head h reads KV head h // g); attention_values adds the
     weighted V rows in key order from +0.0 (checked with plain Python floats)."""
