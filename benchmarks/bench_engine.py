@@ -47,19 +47,12 @@ from bitnet_ref.synth import SynthSpec, synthesize
 
 
 def _with_kernels(native: bool, fn, *args):
-    """Run fn with the native kernels on (when built) or forced off; restore the environment afterwards."""
-    old = os.environ.get("BITNET_KERNELS")
+    """Run fn with the native kernels on (when built) or forced off (kernels.numpy_only)."""
     if not native:
-        os.environ["BITNET_KERNELS"] = "0"
+        with kernels.numpy_only():
+            return fn(*args)
     kernels.reload()
-    try:
-        return fn(*args)
-    finally:
-        if old is None:
-            os.environ.pop("BITNET_KERNELS", None)
-        else:
-            os.environ["BITNET_KERNELS"] = old
-        kernels.reload()
+    return fn(*args)
 
 
 def bench_bitnet_ref(path, prompt, n_decode, profile):

@@ -24,6 +24,7 @@ BITNET_CPU_THREADS sets the threads of the kernels' pool (default 2).
 
 from __future__ import annotations
 
+import contextlib
 import importlib.machinery
 import importlib.util
 import logging
@@ -127,6 +128,23 @@ def reload() -> None:
 
 
 _reset_for_tests = reload
+
+
+@contextlib.contextmanager
+def numpy_only():
+    """Inside the block bitnet_ref computes without its native kernels (BITNET_KERNELS=0, as a user sets it); the
+    variable and the loaded extension are restored afterwards."""
+    old = os.environ.get("BITNET_KERNELS")
+    os.environ["BITNET_KERNELS"] = "0"
+    reload()
+    try:
+        yield
+    finally:
+        if old is None:
+            os.environ.pop("BITNET_KERNELS", None)
+        else:
+            os.environ["BITNET_KERNELS"] = old
+        reload()
 
 
 # -- helpers ------------------------------------------------------------------------------------------
@@ -658,5 +676,5 @@ def llama_cpp_layer(plan: LayerPlan, x: np.ndarray, s_len: int, kc: np.ndarray, 
 
 __all__ = ["active", "attention_f16", "attention_f32", "available", "bitnet_layer", "cos_sin", "exact_matmul",
            "exact_matmul_many", "exact_scores", "exact_values", "f16_matmul", "f64_matmul", "i2s_raw", "layer_plan",
-           "llama_cpp_layer", "llama_layer_plan", "reload", "quantize_i8_s", "quantize_q8_k_blocks", "set_isa",
-           "tq_dot", "tq_lanes", "unavailable_reason"]
+           "llama_cpp_layer", "llama_layer_plan", "numpy_only", "reload", "quantize_i8_s", "quantize_q8_k_blocks",
+           "set_isa", "tq_dot", "tq_lanes", "unavailable_reason"]

@@ -395,25 +395,28 @@ class Model:
     def _mm_same_x(self, x: np.ndarray, lins: list[Linear]) -> list[np.ndarray]:
         """_mm of each Linear on the same x; the exact profile's packed ternary products of one type go to the
         native kernel in one call (its per-token tables computed once), with the same bits."""
-        if (self._exact_math and kernels.available() and len({lin.type_id for lin in lins}) == 1
-                and all(lin.ternary and lin.packed is not None and lin.values is None
-                        and not self.profile.quantizes(lin.fmt) for lin in lins)):
+        if (self._exact_math and len({lin.type_id for lin in lins}) == 1
+                and all(self._exact_packed_native(lin) for lin in lins)):
             mats = [(lin.packed, lin.shape[0], lin.scale) for lin in lins]
             outs = kernels.exact_matmul_many(lins[0].type_id, x, mats)
             return [o if lin.out_scale is None else o * np.float64(lin.out_scale) for o, lin in zip(outs, lins)]
         return [self._mm(x, lin) for lin in lins]
+
+    def _exact_packed_native(self, lin: Linear) -> bool:
+        """whether this exact-profile ternary product runs in bk_exact_matmul on the packed bytes"""
+        return (lin.ternary and lin.packed is not None and lin.values is None
+                and not self.profile.quantizes(lin.fmt) and kernels.available())
 
     def _mm_exact(self, x: np.ndarray, lin: Linear) -> np.ndarray:
         """float64 products in exact_sum's order (ternary_dot, lane_dot for float weights): bk_exact_matmul on the
         packed (or float) weights when the kernels are loaded, else numpy on the unpacked values; the same bits."""
         dt = np.dtype(np.float64)
         if lin.ternary:
-            quant = self.profile.quantizes(lin.fmt)
-            if lin.packed is not None and lin.values is None and not quant and kernels.available():
+            if self._exact_packed_native(lin):
                 out = kernels.exact_matmul(lin.type_id, x, lin.packed, lin.shape[0], lin.scale)
             else:
                 values = lin.ternary_values()
-                a = self._quantized(x, values.shape[1]) if quant else x
+                a = self._quantized(x, values.shape[1]) if self.profile.quantizes(lin.fmt) else x
                 out = ternary_dot(a, values, lin.scale)
         else:
             a = x

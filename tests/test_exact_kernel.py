@@ -228,7 +228,7 @@ def _run(path, ids):
 @needs_native
 @pytest.mark.parametrize("isa", ISAS)
 @pytest.mark.parametrize("fmt", ["tq1_0", "tq2_0", "i2_s", "f16", "f32"])
-def test_exact_forward_native_equals_numpy(fmt, isa, tmp_path, monkeypatch):
+def test_exact_forward_native_equals_numpy(fmt, isa, tmp_path):
     path = synthesize(SynthSpec(arch="bitnet", format=fmt, zero_tokens=(5,)), tmp_path)
     ids = [5, 1, 2, 3, 200, 7, 9, 44, 300, 12] * 4
     assert kernels.set_isa(isa)
@@ -237,13 +237,8 @@ def test_exact_forward_native_equals_numpy(fmt, isa, tmp_path, monkeypatch):
     finally:
         kernels.set_isa("auto")
     assert unpacked == []  # the native path read every ternary projection packed
-    monkeypatch.setenv("BITNET_KERNELS", "0")
-    kernels._reset_for_tests()
-    try:
+    with kernels.numpy_only():
         ref_every, ref_last, ref_steps, ref_unpacked = _run(path, ids)
-    finally:
-        monkeypatch.undo()
-        kernels._reset_for_tests()
     assert fmt in ("f16", "f32") or ref_unpacked  # numpy computed from unpacked values
     assert same_bits(every, ref_every) and same_bits(last, ref_last)
     assert all(same_bits(a, b) for a, b in zip(steps, ref_steps))
@@ -270,7 +265,7 @@ def test_exact_keeps_weights_packed(tmp_path):
 
 @needs_native
 @pytest.mark.parametrize("fmt", ["tl1", "tl2"])
-def test_exact_tl_formats_run_repacked(fmt, tmp_path, monkeypatch):
+def test_exact_tl_formats_run_repacked(fmt, tmp_path):
     """TL1/TL2 projections (one scale per tensor) are repacked to I2_S bytes at load for the native exact kernel:
     2 bits a weight, no int8 copy, and the numpy definition's bits."""
     path = synthesize(SynthSpec(preset="large-shapes", arch="bitnet", format=fmt, layers=1), tmp_path)
@@ -279,12 +274,7 @@ def test_exact_tl_formats_run_repacked(fmt, tmp_path, monkeypatch):
         lins = [lin for layer in m.layers for lin in layer.proj.values()]
         assert all(lin.values is None and lin.type_id == I2S_X86.type_id for lin in lins)
         got = m.logits(ids)
-    monkeypatch.setenv("BITNET_KERNELS", "0")
-    kernels._reset_for_tests()
-    try:
+    with kernels.numpy_only():
         with Model.load(path, "exact") as m:
             want = m.logits(ids)
-    finally:
-        monkeypatch.undo()
-        kernels._reset_for_tests()
     assert same_bits(got, want)

@@ -447,7 +447,7 @@ def test_f16_matmul_rejects_bad_input():
 
 @needs_native
 @pytest.mark.parametrize("profile", ["bitnet-cpp", "llama-cpp", "exact"])
-def test_model_lm_head_native_equals_numpy(profile, tmp_path, monkeypatch):
+def test_model_lm_head_native_equals_numpy(profile, tmp_path):
     """Whole-model logits with the F16 lm_head (bitnet-cpp: tinyBLAS in prefill, ggml_vec_dot_f16 in decode;
     llama-cpp: the float64 product, kernels.f64_matmul) native vs numpy; exact's stays numpy."""
     fmt, arch = ("i2_s", "bitnet-b1.58") if profile == "bitnet-cpp" else ("tq2_0", "bitnet")
@@ -465,13 +465,8 @@ def test_model_lm_head_native_equals_numpy(profile, tmp_path, monkeypatch):
 
     native, prefill, steps = run()
     assert native == (profile != "exact")
-    monkeypatch.setenv("BITNET_KERNELS", "0")
-    kernels._reset_for_tests()
-    try:
+    with kernels.numpy_only():
         ref_native, ref_prefill, ref_steps = run()
-    finally:
-        monkeypatch.undo()
-        kernels._reset_for_tests()
     assert not ref_native
     assert same_bits(prefill, ref_prefill) and all(same_bits(a, b) for a, b in zip(steps, ref_steps))
 
@@ -685,7 +680,7 @@ def test_attention_f16_rejects_bad_input():
 # -- the model: native and numpy paths give the same bits ----------------------------------------------
 @needs_native
 @pytest.mark.parametrize("fmt,profile", [("i2_s", "bitnet-cpp"), ("tq2_0", "llama-cpp"), ("tq1_0", "llama-cpp")])
-def test_model_native_equals_numpy(fmt, profile, tmp_path, monkeypatch):
+def test_model_native_equals_numpy(fmt, profile, tmp_path):
     arch = "bitnet-b1.58" if fmt == "i2_s" else "bitnet"
     path = synthesize(SynthSpec(arch=arch, format=fmt, zero_tokens=(5,)), tmp_path)
     ids = [5, 1, 2, 3, 200, 7, 9]
@@ -697,23 +692,18 @@ def test_model_native_equals_numpy(fmt, profile, tmp_path, monkeypatch):
         st_ = m.new_state()
         m.forward(ids[:4], st_)
         step = m.forward(ids[4:5], st_)
-    monkeypatch.setenv("BITNET_KERNELS", "0")
-    kernels._reset_for_tests()
-    try:
+    with kernels.numpy_only():
         with Model.load(path, profile) as m:
             assert m.layers[0].proj["ffn_down"].values is not None
             ref = m.logits(ids)
             st_ = m.new_state()
             m.forward(ids[:4], st_)
             ref_step = m.forward(ids[4:5], st_)
-    finally:
-        monkeypatch.undo()
-        kernels._reset_for_tests()
     assert same_bits(native, ref) and same_bits(step, ref_step)
 
 
 @needs_native
-def test_model_f16_kv_attention_native_equals_numpy(tmp_path, monkeypatch):
+def test_model_f16_kv_attention_native_equals_numpy(tmp_path):
     """bitnet-cpp's f16 KV cache attention (K·Q and one-row V·softmax in C) past 64 cells: the vec_dot body
     and its double tail, decode steps after a prefill, bit for bit against numpy."""
     path = synthesize(SynthSpec(arch="bitnet-b1.58", format="i2_s", layers=1), tmp_path)
@@ -727,13 +717,8 @@ def test_model_f16_kv_attention_native_equals_numpy(tmp_path, monkeypatch):
             return out
 
     native = run()
-    monkeypatch.setenv("BITNET_KERNELS", "0")
-    kernels._reset_for_tests()
-    try:
+    with kernels.numpy_only():
         ref = run()
-    finally:
-        monkeypatch.undo()
-        kernels._reset_for_tests()
     assert all(same_bits(a, b) for a, b in zip(native, ref))
 
 
@@ -760,13 +745,8 @@ def test_model_attention_native_equals_numpy(route, tmp_path, monkeypatch):
 
     native = run()
     assert calls == ([150] + [1] * 18 if route == "python-layers" else [])
-    monkeypatch.setenv("BITNET_KERNELS", "0")
-    kernels._reset_for_tests()
-    try:
+    with kernels.numpy_only():
         ref = run()
-    finally:
-        monkeypatch.delenv("BITNET_KERNELS")
-        kernels._reset_for_tests()
     assert len(calls) == (19 if route == "python-layers" else 0)
     assert all(same_bits(a, b) for a, b in zip(native, ref))
 

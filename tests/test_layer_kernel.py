@@ -64,7 +64,7 @@ def _run(path, ids, monkeypatch=None, threads=None):
 @needs_native
 @pytest.mark.parametrize("isa", ISAS)
 @pytest.mark.parametrize("arch", ["bitnet-b1.58", "bitnet"])  # ReLU^2- and SiLU-gated
-def test_layer_kernel_equals_numpy(arch, isa, tmp_path, monkeypatch):
+def test_layer_kernel_equals_numpy(arch, isa, tmp_path):
     path = synthesize(SynthSpec(arch=arch, format="i2_s", zero_tokens=(5,)), tmp_path)
     ids = [5, 1, 2, 3, 200, 7, 9, 44, 300, 12] * 5  # 50 positions: past the 32-cell padding of the V path
     assert kernels.set_isa(isa)
@@ -73,13 +73,8 @@ def test_layer_kernel_equals_numpy(arch, isa, tmp_path, monkeypatch):
     finally:
         kernels.set_isa("auto")
     assert fused
-    monkeypatch.setenv("BITNET_KERNELS", "0")
-    kernels._reset_for_tests()
-    try:
+    with kernels.numpy_only():
         ref_fused, ref_every, ref_last, ref_steps = _run(path, ids)
-    finally:
-        monkeypatch.undo()
-        kernels._reset_for_tests()
     assert not ref_fused
     assert same_bits(every, ref_every) and same_bits(last, ref_last)
     assert all(same_bits(a, b) for a, b in zip(steps, ref_steps))
@@ -134,7 +129,7 @@ def test_layer_kernel_rejects_short_caches(tmp_path):
 
 
 @needs_native
-def test_tl2_runs_repacked_as_i2s(tmp_path, monkeypatch):
+def test_tl2_runs_repacked_as_i2s(tmp_path):
     """bitnet-cpp computes TL2 products as I2_S ones: the native path repacks them at load (2 bits a weight,
     never int8) and gives the numpy path's logits."""
     path = synthesize(SynthSpec(preset="large-shapes", arch="bitnet-b1.58", format="tl2"), tmp_path)
@@ -144,15 +139,10 @@ def test_tl2_runs_repacked_as_i2s(tmp_path, monkeypatch):
         assert lin.fmt == "tl2" and lin.values is None and lin.packed.nbytes < lin.shape[0] * lin.shape[1] // 3
         assert m._layer_plans() is not None
         native = m.logits(ids)
-    monkeypatch.setenv("BITNET_KERNELS", "0")
-    kernels._reset_for_tests()
-    try:
+    with kernels.numpy_only():
         with Model.load(path, "bitnet-cpp") as m:
             assert m.layers[0].proj["ffn_up"].values is not None
             ref = m.logits(ids)
-    finally:
-        monkeypatch.undo()
-        kernels._reset_for_tests()
     assert same_bits(native, ref)
 
 

@@ -40,14 +40,9 @@ def _run(path, ids, monkeypatch=None, threads=None):
     return fused, every, last, steps, cache
 
 
-def _numpy_run(path, ids, monkeypatch):
-    monkeypatch.setenv("BITNET_KERNELS", "0")
-    kernels._reset_for_tests()
-    try:
+def _numpy_run(path, ids):
+    with kernels.numpy_only():
         return _run(path, ids)
-    finally:
-        monkeypatch.delenv("BITNET_KERNELS")
-        kernels._reset_for_tests()
 
 
 def _assert_same(native, ref):
@@ -72,14 +67,14 @@ def models(tmp_path_factory):
 @pytest.mark.parametrize("isa", ISAS)
 @pytest.mark.parametrize("arch", ["bitnet", "bitnet-b1.58"])  # SiLU- and ReLU^2-gated
 @pytest.mark.parametrize("fmt", FORMATS)
-def test_llama_layer_kernel_equals_numpy(fmt, arch, isa, models, monkeypatch):
+def test_llama_layer_kernel_equals_numpy(fmt, arch, isa, models):
     path = models[(fmt, arch)]
     assert kernels.set_isa(isa)
     try:
         native = _run(path, IDS)
     finally:
         kernels.set_isa("auto")
-    ref = _numpy_run(path, IDS, monkeypatch)
+    ref = _numpy_run(path, IDS)
     _assert_same(native, ref)
     # mainline's row-wise operations and double-summed lm_head do not depend on the other rows: the last row of a
     # last-row-only prompt is the last row of an every-row one (unlike bitnet-cpp, whose lm_head path differs)
@@ -87,11 +82,11 @@ def test_llama_layer_kernel_equals_numpy(fmt, arch, isa, models, monkeypatch):
 
 
 @needs_native
-def test_llama_layer_kernel_long_prompt(tmp_path, monkeypatch):
+def test_llama_layer_kernel_long_prompt(tmp_path):
     """A prompt longer than a GEMM pass's token tiles and the attention's many key chunks, then decode steps."""
     path = synthesize(SynthSpec(arch="bitnet", format="tq2_0", layers=1), tmp_path)
     ids = list(np.random.default_rng(3).integers(0, 500, 203))
-    _assert_same(_run(path, ids), _numpy_run(path, ids, monkeypatch))
+    _assert_same(_run(path, ids), _numpy_run(path, ids))
 
 
 @needs_native
