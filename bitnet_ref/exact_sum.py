@@ -29,6 +29,11 @@ Attention (`attention_scores`, `attention_values`; query head h reads KV head h 
     score[h, i, s] = q[i, h] . k[s, h // g]  as lane_dot: 8 lanes over the head dimension, folded
     out[i, h, :] = +0.0;  out[i, h, :] = out[i, h, :] + w[h, i, s] * v[s, h // g, :]  for s = 0, 1, ..., in order
 
+RMS norm (`rms_norm`, each row x of K values, gain float32):
+
+    ms = (x . x as lane_dot: 8 lanes, folded) / K
+    y = (x * (1 / sqrt(ms + eps))) * gain
+
 All are still the mathematical definition: float64 products and sums of the float64 activations, no
 quantization; only the association of the sums is fixed (it differs from another order by a few float64 ulp of
 the sum of |terms|, far below any float32 result).
@@ -40,7 +45,7 @@ import numpy as np
 
 LANES = 8
 CHUNK = 128  # a ternary group's 4 values are m + 32 n within a 128-value chunk
-ORDER_VERSION = 2  # bump when an order here changes: cached results of the exact profile (noise floors) then renew
+ORDER_VERSION = 3  # bump when an order here changes: cached results of the exact profile (noise floors) then renew
 
 
 def _fold(lanes: np.ndarray) -> np.ndarray:
@@ -102,6 +107,18 @@ def ternary_dot(x: np.ndarray, w: np.ndarray, scale: np.ndarray, row_chunk: int 
     return out
 
 
+def rms_norm(x: np.ndarray, gain: np.ndarray, eps: float) -> np.ndarray:
+    """x (T, K) float64 normalized by its root mean square in the order above, times gain (K,): float64 (T, K)."""
+    x = np.ascontiguousarray(x, dtype=np.float64)
+    t, k = x.shape
+    sq = np.square(x)
+    if k % LANES:
+        sq = np.concatenate([sq, np.zeros((t, -k % LANES))], axis=1)
+    lanes = np.add.accumulate(sq.reshape(t, -1, LANES), axis=1)[:, -1]  # lane l: values l, l + 8, ... in order
+    y = x * (1.0 / np.sqrt(_fold(lanes) / k + eps))[:, None]
+    return np.multiply(y, np.asarray(gain).astype(np.float64), out=y)
+
+
 def attention_scores(q: np.ndarray, k: np.ndarray) -> np.ndarray:
     """q (T, H, d) float64, k (S, KV, d) (float32 or float64) -> float64 (H, T, S): lane_dot of each query head
     with its KV head's keys."""
@@ -131,4 +148,5 @@ def attention_values(w: np.ndarray, v: np.ndarray, token_chunk: int = 64) -> np.
     return out
 
 
-__all__ = ["CHUNK", "LANES", "ORDER_VERSION", "attention_scores", "attention_values", "lane_dot", "ternary_dot"]
+__all__ = ["CHUNK", "LANES", "ORDER_VERSION", "attention_scores", "attention_values", "lane_dot", "rms_norm",
+           "ternary_dot"]

@@ -412,6 +412,58 @@ def exact_values(w, vc, s_len: int) -> np.ndarray:
     return _exact_attention(True, w, vc, s_len)
 
 
+def exact_rms(x, gain, eps: float) -> np.ndarray:
+    """The exact profile's RMS norm: float64 (T, K) = `exact_sum.rms_norm` (which computes it without the native
+    kernels) of x (T, K) float64 with a float32 gain (K,)."""
+    from .exact_sum import rms_norm
+
+    a = np.ascontiguousarray(x, dtype=np.float64)
+    g = np.asarray(gain)
+    if a.ndim != 2 or g.shape != (a.shape[1],):
+        raise ValueError(f"exact_rms: x must be (T, K) with a gain of K values, got {a.shape} and {g.shape}")
+    mod = _load()
+    if mod is None or g.dtype != np.float32:
+        return rms_norm(a, g, eps)
+    out = np.empty_like(a)
+    rc = mod.lib.bk_exact_rms(_ptr(mod, "double[]", a), a.shape[0], a.shape[1],
+                              _ptr(mod, "float[]", np.ascontiguousarray(g)), float(eps), _ptr(mod, "double[]", out),
+                              threads())
+    _check(rc, "exact_rms", a.shape[1], 1)
+    return out
+
+
+def exact_rope(x: np.ndarray, cos: np.ndarray, sin: np.ndarray) -> bool:
+    """Rotate x (T, heads, d) float64 in place in NeoX pairs, as Model._rope computes it, with cos/sin (T, d/2)
+    float64; False (x untouched) where the native kernels are not loaded or x is not a C-contiguous float64 array."""
+    mod = _load()
+    if mod is None or x.dtype != np.float64 or not x.flags.c_contiguous or x.ndim != 3:
+        return False
+    t, heads, d = x.shape
+    c = np.ascontiguousarray(cos, dtype=np.float64)
+    s = np.ascontiguousarray(sin, dtype=np.float64)
+    if d % 2 or c.shape != (t, d // 2) or s.shape != c.shape:
+        raise ValueError(f"exact_rope: x {x.shape} needs cos and sin of shape ({t}, {d // 2}), got {c.shape} and "
+                         f"{s.shape}")
+    rc = mod.lib.bk_exact_rope(_ptr(mod, "double[]", x), t, heads, d, _ptr(mod, "double[]", c),
+                               _ptr(mod, "double[]", s), threads())
+    _check(rc, "exact_rope", d, 2)
+    return True
+
+
+def exact_relu2_mul(gate: np.ndarray, up: np.ndarray) -> np.ndarray | None:
+    """max(gate, 0)^2 * up, float64 (T, N), as Model._ffn_act computes it, in a new array; None where the native
+    kernels are not loaded or the arrays are not C-contiguous float64 of one 2-D shape."""
+    mod = _load()
+    if (mod is None or gate.dtype != np.float64 or up.dtype != np.float64 or gate.shape != up.shape
+            or gate.ndim != 2 or not (gate.flags.c_contiguous and up.flags.c_contiguous)):
+        return None
+    out = np.empty_like(gate)
+    rc = mod.lib.bk_exact_relu2_mul(_ptr(mod, "double[]", gate), _ptr(mod, "double[]", up), gate.shape[0],
+                                    gate.shape[1], _ptr(mod, "double[]", out), threads())
+    _check(rc, "exact_relu2_mul", gate.shape[1], 1)
+    return out
+
+
 F16_VEC_DOT, F16_GEMM = 0, 1
 F16_MODES = {"vec_dot": F16_VEC_DOT, "gemm": F16_GEMM}
 

@@ -579,8 +579,17 @@ class Model:
         theta = pos.astype(np.float64)[:, None] * inv[None, :]
         return np.cos(theta).astype(self.dtype), np.sin(theta).astype(self.dtype)
 
+    def _norm(self, x: np.ndarray, gain: np.ndarray) -> np.ndarray:
+        """The profile's RMS norm: the exact profile's in exact_sum's order (native where loaded), else _rms."""
+        if self._exact_math:
+            return kernels.exact_rms(x, gain, self.cfg.rms_eps)
+        return _rms(x, gain, self.cfg.rms_eps, self.profile.ggml_cpu)
+
     def _rope(self, x: np.ndarray, cos: np.ndarray, sin: np.ndarray) -> np.ndarray:
-        """NeoX rotation: pairs (i, i + d/2). x is (T, heads, d); cos/sin are (T, d/2)."""
+        """NeoX rotation: pairs (i, i + d/2). x is (T, heads, d); cos/sin are (T, d/2). The exact profile rotates
+        its own (fresh) q and k in place in C where the kernels are loaded, with the same bits."""
+        if self._exact_math and kernels.exact_rope(x, cos, sin):
+            return x
         half = x.shape[-1] // 2
         x0, x1 = x[..., :half], x[..., half:]
         c, s = cos[:, None, :], sin[:, None, :]
@@ -719,6 +728,10 @@ class Model:
             return np.multiply(y, up, out=y)
         if self.profile.ggml_cpu:  # ggml_vec_relu_f32 (x > 0 ? x : 0), ggml_sqr, ggml_mul in float32
             return np.square(np.where(gate > 0, gate, np.float32(0))) * up
+        if self._exact_math:  # in C where the kernels are loaded: the same bits
+            y = kernels.exact_relu2_mul(gate, up)
+            if y is not None:
+                return y
         y = np.maximum(gate, 0)  # relu(gate)^2 * up in one array
         np.square(y, out=y)
         return np.multiply(y, up, out=y)
@@ -755,7 +768,7 @@ class Model:
         the last logits are asked for (llama-cli, llama-bench): its last layer drops the other rows after the
         attention, and the lm_head sees one row (for bitnet.cpp's F16 lm_head, its one-row path)."""
         ids = self._check_ids(ids, state)
-        cfg, eps, g = self.cfg, self.cfg.rms_eps, self.profile.ggml_cpu
+        cfg = self.cfg
         t = ids.size
         pos = np.arange(state.pos, state.pos + t)
         cos, sin = self._rope_angles(pos)
@@ -766,7 +779,7 @@ class Model:
         n_layers = len(self.layers)
         for i, layer in enumerate(self.layers):
             n, p = layer.norms, layer.proj
-            h = _rms(x, n["attn_norm"], eps, g)
+            h = self._norm(x, n["attn_norm"])
             q, k, v = self._mm_same_x(h, [p["attn_q"], p["attn_k"], p["attn_v"]])
             q = q.reshape(t, cfg.heads, cfg.head_dim)
             k = k.reshape(t, cfg.kv_heads, cfg.head_dim)
@@ -774,14 +787,14 @@ class Model:
             q, k = self._rope(q, cos, sin), self._rope(k, cos, sin)
             keys, values = self._cache(state, i, k, v)
             a = self._attention(q, keys, values, pos)
-            a_norm = _rms(a, n["attn_sub_norm"], eps, g)
+            a_norm = self._norm(a, n["attn_sub_norm"])
             attn_out = self._mm(a_norm, p["attn_output"])
             x_attn = x + attn_out
             x = x_attn[-1:] if last_only and i == n_layers - 1 else x_attn
-            h2 = _rms(x, n["ffn_norm"], eps, g)
+            h2 = self._norm(x, n["ffn_norm"])
             gate, up = self._mm_same_x(h2, [p["ffn_gate"], p["ffn_up"]])
             act = self._ffn_act(gate, up)
-            f_norm = _rms(act, n["ffn_sub_norm"], eps, g)
+            f_norm = self._norm(act, n["ffn_sub_norm"])
             down = self._mm(f_norm, p["ffn_down"])
             x = x + down
             if state.taps is not None:  # llama.cpp's node names (mainline's bitnet graph), in graph order
@@ -791,7 +804,7 @@ class Model:
                                   ("ffn_sub_out", act), ("ffn_sub_norm", f_norm), ("ffn_down", down), ("l_out", x)):
                     state.taps[f"{name}-{i}"] = np.array(val, dtype=np.float32)
         state.pos += t
-        out = _rms(x, self.output_norm, eps, g)
+        out = self._norm(x, self.output_norm)
         logits = self._lm_head(out)
         if state.taps is not None:
             state.taps["result_norm"] = np.array(out, dtype=np.float32)

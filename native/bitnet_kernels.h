@@ -96,6 +96,17 @@ int bk_exact_scores(const double *q, int64_t t, int64_t heads, int64_t kv_heads,
 int bk_exact_values(const double *w, int64_t t, int64_t heads, int64_t kv_heads, int64_t d, const float *vc,
                     int64_t s_len, double *out, int nthreads);
 
+/* The exact profile's elementwise steps (bk_exact.c), float64, bit for bit bitnet_ref's numpy definitions
+ * (exact_sum.rms_norm, Model._rope, Model._ffn_act); rows are split over the threads. BK_EBADARG.
+ * bk_exact_rms: out (t, k) = (x * (1 / sqrt(ms + eps))) * gain, ms = (x . x in 8 lanes, folded) / k.
+ * bk_exact_rope: x (t, heads, d), d even, rotated in place in NeoX pairs (i, i + d/2): (a c - b s, a s + b c),
+ * cos/sin (t, d/2).
+ * bk_exact_relu2_mul: out (t, n) = max(gate, 0)^2 * up (a NaN gate stays NaN, as numpy's maximum). */
+int bk_exact_rms(const double *x, int64_t t, int64_t k, const float *gain, double eps, double *out, int nthreads);
+int bk_exact_rope(double *x, int64_t t, int64_t heads, int64_t d, const double *cos, const double *sin,
+                  int nthreads);
+int bk_exact_relu2_mul(const double *gate, const double *up, int64_t t, int64_t n, double *out, int nthreads);
+
 /* cosf and sinf of n float32 angles, from the C math library this module links (ggml's RoPE calls them) */
 int bk_cos_sin(const float *theta, int64_t n, float *c, float *s);
 

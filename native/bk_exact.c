@@ -21,6 +21,7 @@
  * Float rows: the threads take contiguous row ranges; each walks token tiles, row panels and k slices: the
  * slice of the panel is converted to double into a per-thread buffer, and a register-blocked micro-kernel adds
  * it into the (row, token) lanes. One token on AVX-512 reads the rows directly. */
+#include <math.h>
 #include <stdlib.h>
 #include <string.h>
 
@@ -264,6 +265,16 @@ static inline __attribute__((always_inline)) void add_span(const exact_ctx *c, i
                 int64_t srow = c->scale_rows == 1 ? 0 : b0 + i;
                 double sc = (double)c->scale[srow * c->nb + b];
                 double *o = bf->out + (b0 - r0 + i) * TT;
+                if (TT >= 8) { /* the same expression, 8 tokens a vector */
+                    for (int v = 0; v < TT / 8; v++) {
+                        v8d a, prev = {0.0, 0.0, 0.0, 0.0, 0.0, 0.0, 0.0, 0.0};
+                        memcpy(&a, acc + i * TT + 8 * v, sizeof a);
+                        if (b != 0) memcpy(&prev, o + 8 * v, sizeof prev);
+                        v8d sum = prev + a * sc;
+                        memcpy(o + 8 * v, &sum, sizeof sum);
+                    }
+                    continue;
+                }
                 for (int u = 0; u < TT; u++) {
                     double prod = acc[i * TT + u] * sc;
                     o[u] = (b == 0 ? 0.0 : o[u]) + prod;
@@ -849,4 +860,88 @@ int bk_exact_scores(const double *q, int64_t t, int64_t heads, int64_t kv_heads,
 int bk_exact_values(const double *w, int64_t t, int64_t heads, int64_t kv_heads, int64_t d, const float *vc,
                     int64_t s_len, double *out, int nthreads) {
     return exact_attention(1, w, t, heads, kv_heads, d, vc, s_len, out, nthreads);
+}
+
+/* ================================================================ elementwise steps (RMS norm, RoPE, ReLU^2)
+ * Plain C on rows split over the threads; nothing is reassociated, so every ISA gives numpy's bits. */
+
+typedef struct {
+    double *x;
+    const double *y;
+    const float *gain;
+    const double *cos, *sin;
+    int64_t t, n, heads, d;
+    double eps;
+    double *out;
+} elem_ctx;
+
+static void rms_task(void *arg, int ith, int nth) {
+    const elem_ctx *c = arg;
+    const int64_t k = c->n;
+    for (int64_t i = c->t * ith / nth; i < c->t * (ith + 1) / nth; i++) {
+        const double *x = c->x + i * k;
+        v8d lane = {0.0, 0.0, 0.0, 0.0, 0.0, 0.0, 0.0, 0.0}, v;
+        for (int64_t p = 0; p < k; p += 8) { /* value p + l into lane l, in order; a tail of k % 8 adds +0.0 */
+            load8_f64(&v, x + p, k - p < 8 ? (int)(k - p) : 8);
+            lane = lane + v * v;
+        }
+        double ms = (((lane[0] + lane[1]) + (lane[2] + lane[3])) + ((lane[4] + lane[5]) + (lane[6] + lane[7]))) / (double)k;
+        double inv = 1.0 / sqrt(ms + c->eps);
+        double *o = c->out + i * k;
+        for (int64_t p = 0; p < k; p++) o[p] = (x[p] * inv) * (double)c->gain[p];
+    }
+}
+
+static void rope_task(void *arg, int ith, int nth) {
+    const elem_ctx *c = arg;
+    const int64_t half = c->d / 2, units = c->t * c->heads;
+    for (int64_t u = units * ith / nth; u < units * (ith + 1) / nth; u++) {
+        double *x = c->x + u * c->d;
+        const double *cs = c->cos + u / c->heads * half, *sn = c->sin + u / c->heads * half;
+        for (int64_t i = 0; i < half; i++) {
+            double a = x[i], b = x[i + half];
+            x[i] = a * cs[i] - b * sn[i];
+            x[i + half] = a * sn[i] + b * cs[i];
+        }
+    }
+}
+
+static void relu2_task(void *arg, int ith, int nth) {
+    const elem_ctx *c = arg;
+    for (int64_t i = c->t * ith / nth; i < c->t * (ith + 1) / nth; i++) {
+        const double *g = c->x + i * c->n, *u = c->y + i * c->n;
+        double *o = c->out + i * c->n;
+        for (int64_t p = 0; p < c->n; p++) {
+            double r = g[p] >= 0.0 || g[p] != g[p] ? g[p] : 0.0;
+            o[p] = (r * r) * u[p];
+        }
+    }
+}
+
+/* one thread for a row or two: a decoded token's steps are too small to share */
+static int elem_threads(int64_t rows, int nthreads) {
+    int n = nthreads < 1 ? 1 : nthreads;
+    return rows < 4 ? 1 : (rows < n ? (int)rows : n);
+}
+
+int bk_exact_rms(const double *x, int64_t t, int64_t k, const float *gain, double eps, double *out, int nthreads) {
+    if (t < 1 || k < 1) return BK_EBADARG;
+    elem_ctx c = {.x = (double *)x, .gain = gain, .t = t, .n = k, .eps = eps, .out = out};
+    bk_parallel(rms_task, &c, elem_threads(t, nthreads));
+    return 0;
+}
+
+int bk_exact_rope(double *x, int64_t t, int64_t heads, int64_t d, const double *cos, const double *sin,
+                  int nthreads) {
+    if (t < 1 || heads < 1 || d < 2 || d % 2) return BK_EBADARG;
+    elem_ctx c = {.x = x, .cos = cos, .sin = sin, .t = t, .heads = heads, .d = d};
+    bk_parallel(rope_task, &c, elem_threads(t, nthreads));
+    return 0;
+}
+
+int bk_exact_relu2_mul(const double *gate, const double *up, int64_t t, int64_t n, double *out, int nthreads) {
+    if (t < 1 || n < 1) return BK_EBADARG;
+    elem_ctx c = {.x = (double *)gate, .y = up, .t = t, .n = n, .out = out};
+    bk_parallel(relu2_task, &c, elem_threads(t, nthreads));
+    return 0;
 }

@@ -40,9 +40,10 @@ def swap_activation(eng) -> None:
 
 def skip_sub_norm(eng) -> None:
     """layer 0's ffn_sub_norm is not applied (the activations go to ffn_down un-normalized)."""
-    gain = eng.model.layers[0].norms["ffn_sub_norm"]
-    rms = bm._rms
-    bm._rms = lambda x, g, eps, ggml=False: x if g is gain else rms(x, g, eps, ggml)
+    m = eng.model
+    gain = m.layers[0].norms["ffn_sub_norm"]
+    norm = m._norm
+    m._norm = lambda x, g: x if g is gain else norm(x, g)
 
 
 def rope_normal_pairing(eng) -> None:

@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 
 from bitnet_ref import kernels
-from bitnet_ref.exact_sum import attention_scores, attention_values, lane_dot, ternary_dot
+from bitnet_ref.exact_sum import attention_scores, attention_values, lane_dot, rms_norm, ternary_dot
 from bitnet_ref.formats import get_format
 from bitnet_ref.formats.i2s import I2S_X86
 from bitnet_ref.model import Model
@@ -278,3 +278,77 @@ def test_exact_tl_formats_run_repacked(fmt, tmp_path):
         with Model.load(path, "exact") as m:
             want = m.logits(ids)
     assert same_bits(got, want)
+
+
+@needs_native
+def test_exact_forward_native_equals_numpy_relu2(tmp_path):
+    """bitnet-b1.58 (ReLU^2 gating: bk_exact_relu2_mul) through the native exact steps, bit for bit numpy"""
+    path = synthesize(SynthSpec(arch="bitnet-b1.58", format="i2_s"), tmp_path)
+    ids = [5, 1, 2, 3, 200, 7, 9, 44, 300, 12] * 2
+    every, last, steps, _ = _run(path, ids)
+    with kernels.numpy_only():
+        ref_every, ref_last, ref_steps, _ = _run(path, ids)
+    assert same_bits(every, ref_every) and same_bits(last, ref_last)
+    assert all(same_bits(a, b) for a, b in zip(steps, ref_steps))
+
+
+def _specials(rng, shape):
+    """normal values across 60 binades, with NaN, +-inf, -0.0, subnormals and values whose squares overflow"""
+    x = rng.standard_normal(shape) * np.exp2(rng.integers(-30, 30, shape))
+    flat = x.reshape(-1)
+    picks = rng.choice(flat.size, size=min(12, flat.size // 4), replace=False)
+    flat[picks] = [np.nan, np.inf, -np.inf, -0.0, 0.0, 5e-324, -3e-310, 1e200, -1e300, 1.5, -2.5, 7.0][:picks.size]
+    return x
+
+
+@needs_native
+@pytest.mark.parametrize("k", [8, 35, 2560])
+def test_exact_rms_equals_numpy_definition(k):
+    rng = np.random.default_rng(k)
+    x = rng.standard_normal((5, k)) * np.exp2(rng.integers(-30, 30, (5, k)))
+    x[1] = _specials(rng, (k,))  # one row with NaN/inf: its own result, not its neighbours'
+    x[2, :3] = [1e200, -1e200, 1e-300]  # squares overflow to inf
+    x[3] = 0.0  # ms = 0: 1 / sqrt(eps)
+    gain = (rng.standard_normal(k) * 3).astype(np.float32)
+    with np.errstate(all="ignore"), kernels.numpy_only():
+        want = kernels.exact_rms(x, gain, 1e-5)
+    got = kernels.exact_rms(x, gain, 1e-5)
+    assert same_bits(got, want)
+    assert np.isfinite(got[0]).all() and np.isnan(got[1]).all() and not np.isfinite(x[1]).all()
+
+
+def test_rms_norm_is_the_defined_order():
+    """rms_norm: squares into 8 lanes in order, folded, / K; then (x * (1 / sqrt(ms + eps))) * gain (plain floats)"""
+    rng = np.random.default_rng(3)
+    k, eps = 203, 1e-6  # 25 values a lane and a tail of 3
+    x = rng.standard_normal((2, k)) * np.exp2(rng.integers(-20, 20, (2, k)))
+    gain = rng.standard_normal(k).astype(np.float32)
+    got = rms_norm(x, gain, eps)
+    for r in range(2):
+        lane = [0.0] * 8
+        for p in range(k):
+            lane[p % 8] = lane[p % 8] + float(x[r, p]) * float(x[r, p])
+        ms = (((lane[0] + lane[1]) + (lane[2] + lane[3])) + ((lane[4] + lane[5]) + (lane[6] + lane[7]))) / k
+        inv = 1.0 / math.sqrt(ms + eps)
+        assert [(float(x[r, p]) * inv) * float(gain[p]) for p in range(k)] == got[r].tolist()
+
+
+@needs_native
+def test_exact_rope_and_relu2_equal_numpy():
+    rng = np.random.default_rng(8)
+    t, heads, d = 6, 3, 10
+    x = _specials(rng, (t, heads, d))
+    cos, sin = rng.uniform(-1, 1, (t, d // 2)), rng.uniform(-1, 1, (t, d // 2))
+    x0, x1, c, s = x[..., :d // 2], x[..., d // 2:], cos[:, None, :], sin[:, None, :]
+    want = np.concatenate([x0 * c - x1 * s, x0 * s + x1 * c], axis=-1)  # Model._rope's exact-profile expression
+    got = x.copy()
+    assert kernels.exact_rope(got, cos, sin) and same_bits(got, want)
+    gate, up = _specials(rng, (4, 33)), _specials(rng, (4, 33))
+    with np.errstate(all="ignore"):
+        want = np.square(np.maximum(gate, 0)) * up  # Model._ffn_act's numpy steps
+    assert same_bits(kernels.exact_relu2_mul(gate, up), want)
+    assert kernels.exact_relu2_mul(gate[:, ::2], up[:, ::2]) is None  # not contiguous: numpy computes it
+    with pytest.raises(ValueError, match="exact_rope: x .* needs cos and sin of shape \\(6, 5\\)"):
+        kernels.exact_rope(got, cos[:, :4], sin)
+    with pytest.raises(ValueError, match="exact_rms: x must be \\(T, K\\) with a gain of K values"):
+        kernels.exact_rms(gate, np.ones(5, np.float32), 1e-5)
