@@ -236,7 +236,8 @@ static ternary_bufs ternary_carve(char *buf, int64_t k, int64_t rows, int TT) {
 /* Rows [r0, r1) over the values [ks, ks + span) (whole chunks; bf.tab holds their groups' tables from ks on): a
  * row's block sum s goes on in bf.acc, and at the end of its scale block into bf.out. Blocks of RB rows go
  * chunk by chunk (the next block's bytes prefetched meanwhile); within a chunk, slices of SG groups go through
- * the block's rows RP at a time, so that the slice's tables stay in L1 while the rows use them. */
+ * the block's rows RP at a time, so that the slice's tables stay in L1 while the rows use them. RP must divide 8:
+ * the buffers hold a thread's rows padded to 8 and RB rows of codes. */
 static inline __attribute__((always_inline)) void add_span(const exact_ctx *c, int64_t r0, int64_t r1, int64_t ks,
                                                             int64_t span, const ternary_bufs *bf, const int TT,
                                                             const int RP, const int SG) {
