@@ -56,6 +56,7 @@ def _with_kernels(native: bool, fn, *args):
 
 
 def bench_bitnet_ref(path, prompt, n_decode, profile):
+    """prefill and decode tok/s, and what ran the layers where a ggml profile's one-call layer kernel did not"""
     with Model.load(path, profile) as m:
         times = []
         t = time.perf_counter()
@@ -63,7 +64,11 @@ def bench_bitnet_ref(path, prompt, n_decode, profile):
             now = time.perf_counter()
             times.append(now - t)
             t = now
-    return len(prompt) / times[0], (n_decode - 1) / sum(times[1:])
+        op_by_op = m.profile.ggml_cpu and kernels.available() and not m._layer_plans()
+        note = (f"the {m.profile.name} profile's layer kernel does not apply to this model (head_dim "
+                f"{m.cfg.head_dim}; it needs a multiple of 64 and packed weights of the profile's formats): its "
+                f"layers ran op by op in numpy") if op_by_op else None
+    return len(prompt) / times[0], (n_decode - 1) / sum(times[1:]), note
 
 
 def _peak_rss_mib() -> float:
@@ -329,6 +334,8 @@ def main() -> None:
                 print(f"{preset:<14}{'ratio native/numpy':<26}{ours[0] / slow[0]:>15.3f}{ours[1] / slow[1]:>15.3f}")
             print(f"{preset:<14}{'llama.cpp':<26}{ref[0]:>15.1f}{ref[1]:>15.1f}")
             print(f"{preset:<14}{'ratio ours/llama.cpp':<26}{ours[0] / ref[0]:>15.3f}{ours[1] / ref[1]:>15.3f}")
+            if ours[2]:
+                print(f"{preset:<14}note: {ours[2]}")
             os.unlink(path)
     if args.i2s:
         size = os.path.getsize(args.i2s) / 2**20
