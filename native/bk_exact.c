@@ -886,7 +886,8 @@ static void rms_task(void *arg, int ith, int nth) {
             load8_f64(&v, x + p, k - p < 8 ? (int)(k - p) : 8);
             lane = lane + v * v;
         }
-        double ms = (((lane[0] + lane[1]) + (lane[2] + lane[3])) + ((lane[4] + lane[5]) + (lane[6] + lane[7]))) / (double)k;
+        double sum = ((lane[0] + lane[1]) + (lane[2] + lane[3])) + ((lane[4] + lane[5]) + (lane[6] + lane[7]));
+        double ms = sum / (double)k;
         double inv = 1.0 / sqrt(ms + c->eps);
         double *o = c->out + i * k;
         for (int64_t p = 0; p < k; p++) o[p] = (x[p] * inv) * (double)c->gain[p];
