@@ -12,7 +12,9 @@ computes is integer-exact or bit-defined, so every result here equals the numpy 
 - `f16_matmul`: F16 rows (read in place) x float32 activations in ggml's float32 lane order (the F16 lm_head)
 - `attention_f16`: bitnet-cpp's attention over an f16 KV cache (ggml's non-flash float32 order; no fallback)
 - `layer_plan` / `bitnet_layer`: a whole decoder layer as the bitnet-cpp profile computes it, one call
-- `exact_matmul`: the exact profile's float64 products in `exact_sum`'s order, weights read packed
+- `exact_matmul` / `exact_matmul_many`: the exact profile's float64 products in `exact_sum`'s order, weights read
+  packed; `exact_scores` / `exact_values`: its attention products; `exact_rms`, `exact_rope`, `exact_relu2_mul`:
+  its RMS norm, RoPE and ReLU² gating
 - `llama_layer_plan` / `llama_cpp_layer`: the same for the llama-cpp profile (TQ1_0/TQ2_0 x Q8_K as a GEMM, F16/F32
   weights, the F32-KV attention `attention_f32`); `f64_matmul`: its F16/F32 products (and lm_head)
 - `cos_sin`: the C library's cosf/sinf (ggml's RoPE angles)
@@ -727,6 +729,6 @@ def llama_cpp_layer(plan: LayerPlan, x: np.ndarray, s_len: int, kc: np.ndarray, 
 
 
 __all__ = ["active", "attention_f16", "attention_f32", "available", "bitnet_layer", "cos_sin", "exact_matmul",
-           "exact_matmul_many", "exact_scores", "exact_values", "f16_matmul", "f64_matmul", "i2s_raw", "layer_plan",
-           "llama_cpp_layer", "llama_layer_plan", "numpy_only", "reload", "quantize_i8_s", "quantize_q8_k_blocks",
-           "set_isa", "tq_dot", "tq_lanes", "unavailable_reason"]
+           "exact_matmul_many", "exact_relu2_mul", "exact_rms", "exact_rope", "exact_scores", "exact_values",
+           "f16_matmul", "f64_matmul", "i2s_raw", "layer_plan", "llama_cpp_layer", "llama_layer_plan", "numpy_only",
+           "reload", "quantize_i8_s", "quantize_q8_k_blocks", "set_isa", "tq_dot", "tq_lanes", "unavailable_reason"]
